@@ -1,0 +1,300 @@
+"""Typed run configuration: dataclasses, YAML in and out, validation that lists every problem.
+
+A recipe is data. ``load_config`` merges a YAML file and command-line overrides into one
+:class:`RunConfig`, checking unknown keys, wrong types and impossible values together so the
+user sees every problem in one message before anything heavy starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration the user must fix; the message lists every problem found."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion-mnist"
+    """A dataset name (``fashion-mnist``, ``digits``, ``cifar10``, ``cifar100``) or a path
+    (an image folder, or a folder of CIFAR python batches)."""
+    root: str | None = None
+    """Where a named dataset's files lie; ``None`` uses its default location."""
+    limit: int | None = None
+    """Train on the first N images only (for quick runs)."""
+    val_size: int = 5000
+    """Images held out of pretraining for the online kNN monitor (at most 10% of the data)."""
+    image_size: int | None = None
+    """Side length images are resized to (image folders only); ``None`` keeps the dataset's own."""
+
+
+@dataclass
+class ModelConfig:
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    """``sgd``, ``lars`` or ``adamw``."""
+    lr: float = 0.3
+    """Base learning rate, before scaling by batch size."""
+    lr_scaling: str = "linear"
+    """``linear`` (lr × B/256), ``sqrt`` (lr × √B, the SimCLR paper's rule for small batches) or ``none``."""
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.0
+    """The cosine schedule ends at ``lr × min_lr_ratio``."""
+    clip_grad: float | None = None
+    """Clip the global gradient norm to this value; ``None`` disables clipping."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 256
+    seed: int = 0
+    device: str = "auto"
+    """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``."""
+    precision: str = "auto"
+    """``auto`` (bf16 on CUDA GPUs that support it, fp32 elsewhere), ``fp32`` or ``bf16``."""
+    channels_last: str = "auto"
+    """``auto`` (on for CUDA), ``on`` or ``off``."""
+    compile: bool = False
+    threads: int | None = None
+    """CPU threads for torch; ``None`` uses every core."""
+    log_every: int = 20
+    knn_every: int = 1
+    """Run the online kNN monitor every N epochs (0 disables it)."""
+    checkpoint_every: int = 1
+    """Write ``checkpoints/epoch_N.pt`` every N epochs (``last.pt`` is written every epoch)."""
+    max_bad_steps: int = 5
+    """Stop after this many consecutive steps with a NaN/Inf loss or gradient."""
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    method: ModelConfig = field(default_factory=lambda: ModelConfig("simclr"))
+    backbone: ModelConfig = field(default_factory=lambda: ModelConfig("small_resnet"))
+    data: DataConfig = field(default_factory=DataConfig)
+    views: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the method's view recipe, applied to every view (see ``selfsup.views.Augment``);
+    ``local_crops``/``local_size`` set multi-crop."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _plain(obj: Any) -> Any:
+    """Tuples become lists so the dict is YAML- and ``weights_only``-safe."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+# ---------------------------------------------------------------- parsing and validation
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats, lists for tuples."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            sub: list[str] = []
+            out = _coerce(value, arg, where, sub)
+            if not sub:
+                return out
+        problems.append(f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            problems.append(f"{where}: expected a list of {len(args)} values, got {value!r}")
+            return value
+        return tuple(_coerce(v, a, f"{where}[{i}]", problems) for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{where}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _from_dict(cls: type, data: Any, where: str, problems: list[str]) -> Any:
+    if not isinstance(data, dict):
+        problems.append(f"{where or 'config'}: expected a mapping, got {data!r}")
+        return cls() if cls is not ModelConfig else ModelConfig("?")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(names)})"
+            problems.append(f"unknown key '{path}'{hint}")
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _from_dict(tp, value, path, problems)
+        else:
+            kwargs[key] = _coerce(value, tp, path, problems)
+    if cls is ModelConfig and "name" not in kwargs:
+        problems.append(f"{where}.name: missing")
+        kwargs["name"] = "?"
+    return cls(**kwargs)
+
+
+def _model_from_value(value: Any) -> Any:
+    """``method: simclr`` is shorthand for ``method: {name: simclr}``."""
+    return {"name": value} if isinstance(value, str) else value
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    problems: list[str] = []
+    data = dict(data or {})
+    for key in ("method", "backbone"):
+        if key in data:
+            data[key] = _model_from_value(data[key])
+    cfg = _from_dict(RunConfig, data, "", problems)
+    problems += check_values(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def check_values(cfg: RunConfig) -> list[str]:
+    """Range checks that need no dataset or model; method-specific checks live with the method."""
+    p: list[str] = []
+    t, o, d = cfg.train, cfg.optim, cfg.data
+    if isinstance(t.epochs, int) and t.epochs < 1:
+        p.append(f"train.epochs must be ≥ 1, got {t.epochs}")
+    if isinstance(t.batch_size, int) and t.batch_size < 2:
+        p.append(f"train.batch_size must be ≥ 2, got {t.batch_size}")
+    if t.precision not in ("auto", "fp32", "bf16"):
+        p.append(f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
+    if t.channels_last not in ("auto", "on", "off"):
+        p.append(f"train.channels_last must be auto, on or off, got {t.channels_last!r}")
+    if isinstance(t.max_bad_steps, int) and t.max_bad_steps < 1:
+        p.append(f"train.max_bad_steps must be ≥ 1, got {t.max_bad_steps}")
+    if isinstance(t.log_every, int) and t.log_every < 1:
+        p.append(f"train.log_every must be ≥ 1, got {t.log_every}")
+    if t.threads is not None and isinstance(t.threads, int) and t.threads < 1:
+        p.append(f"train.threads must be ≥ 1, got {t.threads}")
+    if o.name not in ("sgd", "lars", "adamw"):
+        p.append(f"optim.name must be sgd, lars or adamw, got {o.name!r}")
+    if o.lr_scaling not in ("linear", "sqrt", "none"):
+        p.append(f"optim.lr_scaling must be linear, sqrt or none, got {o.lr_scaling!r}")
+    if isinstance(o.lr, float) and o.lr <= 0:
+        p.append(f"optim.lr must be > 0, got {o.lr}")
+    if isinstance(o.weight_decay, float) and o.weight_decay < 0:
+        p.append(f"optim.weight_decay must be ≥ 0, got {o.weight_decay}")
+    if isinstance(o.warmup_epochs, float) and o.warmup_epochs < 0:
+        p.append(f"optim.warmup_epochs must be ≥ 0, got {o.warmup_epochs}")
+    if isinstance(o.min_lr_ratio, float) and not 0 <= o.min_lr_ratio <= 1:
+        p.append(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    if o.clip_grad is not None and isinstance(o.clip_grad, float) and o.clip_grad <= 0:
+        p.append(f"optim.clip_grad must be > 0 or null, got {o.clip_grad}")
+    if d.limit is not None and isinstance(d.limit, int) and d.limit < 2:
+        p.append(f"data.limit must be ≥ 2, got {d.limit}")
+    if isinstance(d.val_size, int) and d.val_size < 0:
+        p.append(f"data.val_size must be ≥ 0, got {d.val_size}")
+    if d.image_size is not None and isinstance(d.image_size, int) and d.image_size < 8:
+        p.append(f"data.image_size must be ≥ 8, got {d.image_size}")
+    return p
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """``set_dotted(d, "optim.lr", 0.1)``; ``method.X``/``backbone.X`` for anything but ``name`` go to ``params``."""
+    keys = dotted.split(".")
+    if keys[0] in ("method", "backbone"):
+        data[keys[0]] = _model_from_value(data.get(keys[0], {"name": "?"}))
+        if len(keys) == 2 and keys[1] not in ("name", "params"):
+            keys = [keys[0], "params", keys[1]]
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError([f"cannot set '{dotted}': '{k}' is not a mapping"])
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"optim.lr=0.1"`` → ``("optim.lr", 0.1)``; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError([f"--set expects KEY=VALUE, got {text!r}"])
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"config file not found: {path}"])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path} is not valid YAML: {exc}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping"])
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """A recipe from YAML (optional), then dotted overrides on top (flags win)."""
+    data = read_yaml(path) if path else {}
+    for key, value in (overrides or {}).items():
+        set_dotted(data, key, value)
+    return config_from_dict(data)

@@ -1,0 +1,75 @@
+"""One entry point from a data config to (train, test) image sets."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from selfsup.config import DataConfig
+from selfsup.data.cifar import is_cifar_dir, load_cifar
+from selfsup.data.fashion_mnist import load_fashion_mnist
+from selfsup.data.folder import load_image_folder
+from selfsup.data.imageset import DataError, ImageSet
+from selfsup.data.splits import stratified_subset
+
+NAMED = ("fashion-mnist", "digits", "cifar10", "cifar100")
+DEFAULT_FOLDER_SIZE = 64
+
+
+def load_digits() -> tuple[ImageSet, ImageSet]:
+    """scikit-learn's bundled 8×8 digits (1,797 images), split 80/20 stratified with a fixed seed."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    images = torch.from_numpy((d.images * (255.0 / 16.0)).round().astype(np.uint8))[:, None]
+    full = ImageSet(images, torch.from_numpy(d.target.astype(np.int64)), [str(i) for i in range(10)], "digits")
+    return split_labelled(full, test_fraction=0.2)
+
+
+def split_labelled(full: ImageSet, test_fraction: float = 0.2, seed: int = 0) -> tuple[ImageSet, ImageSet]:
+    """A deterministic train/test split; stratified when labels exist."""
+    n = len(full)
+    if full.labels is not None:
+        test = stratified_subset(full.labels, test_fraction, seed) if n >= 10 else torch.arange(0)
+    else:
+        test = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: int(n * test_fraction)].sort().values
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[test] = False
+    train, test_set = full.subset(keep.nonzero().flatten()), full.subset(test)
+    train.name, test_set.name = f"{full.name}/train", f"{full.name}/test"
+    return train, test_set
+
+
+def load_dataset(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
+    """(train, test). ``cfg.limit`` keeps the first N training images."""
+    name = cfg.name
+    if name == "fashion-mnist":
+        train, test = load_fashion_mnist(cfg.root)
+    elif name == "digits":
+        train, test = load_digits()
+    elif name in ("cifar10", "cifar100"):
+        if not cfg.root:
+            raise DataError(f"{name}: pass --data-root DIR (or --data DIR) with the unpacked python-version batches; "
+                            "nothing is downloaded at run time")
+        train, test = load_cifar(cfg.root)
+    else:
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise DataError(f"unknown dataset {name!r}: not one of {', '.join(NAMED)} and no such path")
+        if path.is_dir() and is_cifar_dir(path):
+            train, test = load_cifar(path)
+        else:
+            full = load_image_folder(path, cfg.image_size or DEFAULT_FOLDER_SIZE)
+            train, test = split_labelled(full) if full.labels is not None else (full, full.subset([]))
+    if cfg.image_size and cfg.image_size != train.image_size and not Path(name).is_dir():
+        train, test = resize(train, cfg.image_size), resize(test, cfg.image_size)
+    return train.head(cfg.limit), test
+
+
+def resize(images: ImageSet, size: int) -> ImageSet:
+    x = torch.nn.functional.interpolate(images.images.float(), size=(size, size), mode="bilinear",
+                                        antialias=True, align_corners=False)
+    out = images.subset(torch.arange(len(images)))
+    out.images = x.round().clamp(0, 255).to(torch.uint8)
+    return out

@@ -1,0 +1,36 @@
+"""Frozen features of an image set, computed in batches without augmentation."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from selfsup.data.imageset import ImageSet
+from selfsup.views import normalize, to_float
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, images: ImageSet, mean: Sequence[float], std: Sequence[float],
+                     device: torch.device | str = "cpu", batch_size: int = 1024,
+                     channels_last: bool = False) -> Tensor:
+    """(N, D) float32 features on the CPU; the model runs in eval mode and is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for start in range(0, len(images), batch_size):
+            x = normalize(to_float(images.images[start : start + batch_size].to(device, non_blocking=True)), mean, std)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            out.append(model(x).float().cpu())
+    finally:
+        model.train(was_training)
+    if not out:
+        return torch.zeros(0, getattr(model, "num_features", 0))
+    return torch.cat(out)
+
+
+def pixel_features(images: ImageSet, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """Raw-pixel baseline: the normalised image, flattened."""
+    return normalize(to_float(images.images), mean, std).flatten(1)

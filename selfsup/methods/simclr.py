@@ -1,0 +1,47 @@
+"""SimCLR: contrast two augmented views of each image against every other view in the batch.
+
+Chen, Kornblith, Norouzi, Hinton. A Simple Framework for Contrastive Learning of Visual
+Representations. ICML 2020, arXiv:2002.05709.
+
+Defaults follow the paper: a 2-layer MLP projector with BN (appendix B.9 uses hidden = feature
+width, output 128), NT-Xent with τ = 0.5 (CIFAR-10 setting, table 5 / B.9), LARS, lr = 0.075·√B.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from selfsup.losses.contrastive import nt_xent
+from selfsup.methods.base import Progress
+from selfsup.methods.registry import register
+from selfsup.nn.heads import mlp
+from selfsup.views import Augment, ViewRecipe
+
+
+@register("simclr", "contrastive", "Chen et al. 2020, A Simple Framework for Contrastive Learning, arXiv:2002.05709")
+class SimCLR(nn.Module):
+    views = ViewRecipe(globals_=(Augment(), Augment()))
+    min_batch_size = 2
+
+    def __init__(self, backbone: nn.Module, *, temperature: float = 0.5, proj_hidden: int = 2048,
+                 proj_dim: int = 128, proj_layers: int = 2, gather: bool = False):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"simclr: temperature must be > 0, got {temperature}")
+        if proj_layers < 1:
+            raise ValueError(f"simclr: proj_layers must be ≥ 1, got {proj_layers}")
+        self.backbone = backbone
+        dims = [backbone.num_features] + [proj_hidden] * (proj_layers - 1) + [proj_dim]
+        self.projector = mlp(dims, norm="bn")
+        self.temperature = temperature
+        self.gather = gather
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.backbone(x)
+
+    def training_step(self, views: list[Tensor], progress: Progress) -> tuple[Tensor, dict[str, float]]:
+        x1, x2 = views
+        z = self.projector(self.backbone(torch.cat([x1, x2])))  # both views through the backbone together
+        z1, z2 = z.chunk(2)
+        loss = nt_xent(z1, z2, self.temperature, gather=self.gather)
+        return loss, {"z": z1.detach(), "z_pair": z2.detach()}

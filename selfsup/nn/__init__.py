@@ -1,0 +1,8 @@
+"""Networks: backbones, the MLP head builder, EMA teachers and memory queues."""
+from selfsup.nn.backbones import BACKBONES, BackboneError, build_backbone, register_backbone
+from selfsup.nn.ema import cosine_schedule, ema_update_, frozen_copy
+from selfsup.nn.heads import mlp
+from selfsup.nn.queue import MemoryQueue
+
+__all__ = ["BACKBONES", "BackboneError", "build_backbone", "register_backbone", "cosine_schedule", "ema_update_",
+           "frozen_copy", "mlp", "MemoryQueue"]

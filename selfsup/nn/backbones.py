@@ -1,0 +1,120 @@
+"""Backbones: a small residual CNN for CPU runs, and torchvision ResNets with a small-image stem.
+
+Contract (as timm's): every backbone is an ``nn.Module`` whose ``forward(x)`` maps
+(B, C, H, W) → (B, num_features) pooled features, with ``num_features`` as an attribute.
+Backbones are registered by name; ``build_backbone`` is the one way to make one.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_backbone(name: str):
+    def wrap(fn):
+        BACKBONES[name] = fn
+        return fn
+
+    return wrap
+
+
+class BasicBlock(nn.Module):
+    """Pre-activation-free basic residual block (He et al. 2016, arXiv:1512.03385)."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """A residual CNN sized for CPU pretraining on 28×28–64×64 images.
+
+    Stem conv at full resolution, then one stage per width, each halving the resolution,
+    global average pooling. The default (32, 64, 128, 256) has 1.2 M parameters.
+    """
+
+    def __init__(self, in_chans: int = 1, widths: tuple[int, ...] = (32, 64, 128, 256), blocks: int = 1):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
+                                  nn.ReLU(inplace=True))
+        layers: list[nn.Module] = []
+        cin = widths[0]
+        for i, w in enumerate(widths[1:]):
+            for j in range(blocks):
+                layers.append(BasicBlock(cin, w, 2 if j == 0 else 1))
+                cin = w
+        self.stages = nn.Sequential(*layers)
+        self.num_features = cin
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.stages(self.stem(x)).mean(dim=(2, 3))
+
+
+class TorchvisionResNet(nn.Module):
+    """torchvision's ResNet-18/50 without its classifier; ``small_images`` swaps the 7×7/2 stem and
+    max-pool for a 3×3/1 conv (the CIFAR variant of SimCLR, arXiv:2002.05709 appendix B.9)."""
+
+    def __init__(self, arch: str, in_chans: int = 3, small_images: bool = True):
+        super().__init__()
+        net = getattr(torchvision.models, arch)(weights=None)
+        if small_images:
+            net.conv1 = nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False)
+            net.maxpool = nn.Identity()
+        elif in_chans != 3:
+            net.conv1 = nn.Conv2d(in_chans, 64, 7, 2, 3, bias=False)
+        self.num_features = net.fc.in_features
+        net.fc = nn.Identity()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+@register_backbone("small_resnet")
+def small_resnet(in_chans: int, image_size: int, widths: tuple[int, ...] = (32, 64, 128, 256), blocks: int = 1):
+    return SmallResNet(in_chans, tuple(widths), blocks)
+
+
+@register_backbone("resnet18")
+def resnet18(in_chans: int, image_size: int, small_images: bool | None = None):
+    return TorchvisionResNet("resnet18", in_chans, image_size <= 64 if small_images is None else small_images)
+
+
+@register_backbone("resnet50")
+def resnet50(in_chans: int, image_size: int, small_images: bool | None = None):
+    return TorchvisionResNet("resnet50", in_chans, image_size <= 64 if small_images is None else small_images)
+
+
+class BackboneError(ValueError):
+    pass
+
+
+def build_backbone(name: str, in_chans: int, image_size: int, **params) -> nn.Module:
+    """A registered backbone; unknown names or parameters raise :class:`BackboneError` naming the options."""
+    if name not in BACKBONES:
+        raise BackboneError(f"unknown backbone {name!r}; choose one of: {', '.join(sorted(BACKBONES))}")
+    fn = BACKBONES[name]
+    allowed = [p for p in inspect.signature(fn).parameters if p not in ("in_chans", "image_size")]
+    unknown = [k for k in params if k not in allowed]
+    if unknown:
+        raise BackboneError(f"backbone {name!r} has no parameter(s) {', '.join(unknown)}; it takes: {', '.join(allowed) or 'none'}")
+    model = fn(in_chans, image_size, **params)
+    if not isinstance(getattr(model, "num_features", None), int):
+        raise BackboneError(f"backbone {name!r} does not report num_features")
+    return model

@@ -1,0 +1,57 @@
+"""From a validated config to the model and view recipe of a run (shared by pretrain and evaluate)."""
+from __future__ import annotations
+
+from torch import nn
+
+from selfsup.config import ConfigError, RunConfig
+from selfsup.methods import check_method_params, get_method
+from selfsup.nn.backbones import BACKBONES, BackboneError, build_backbone
+from selfsup.views import ViewRecipe, apply_overrides, resolve_sizes
+
+
+def check_names(cfg: RunConfig) -> None:
+    """Cheap checks that need no data: the method, its parameters, the backbone name."""
+    problems: list[str] = []
+    try:
+        cfg.method.params = check_method_params(cfg.method.name, cfg.method.params)
+    except ConfigError as exc:
+        problems += exc.problems
+    if cfg.backbone.name not in BACKBONES:
+        problems.append(f"unknown backbone {cfg.backbone.name!r}; choose one of: {', '.join(sorted(BACKBONES))}")
+    if problems:
+        raise ConfigError(problems)
+
+
+def build_encoder(cfg: RunConfig, in_chans: int, image_size: int) -> nn.Module:
+    try:
+        return build_backbone(cfg.backbone.name, in_chans, image_size, **cfg.backbone.params)
+    except (BackboneError, TypeError, ValueError) as exc:
+        raise ConfigError([f"backbone: {exc}"]) from None
+
+
+def build_method(cfg: RunConfig, in_chans: int, image_size: int) -> nn.Module:
+    """The method around a freshly initialised backbone; constructor ``ValueError``s become config errors."""
+    info = get_method(cfg.method.name)
+    backbone = build_encoder(cfg, in_chans, image_size)
+    try:
+        return info.cls(backbone, **cfg.method.params)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError([f"method {cfg.method.name!r}: {exc}"]) from None
+
+
+def view_recipe(cfg: RunConfig, method_cls: type, image_size: int) -> ViewRecipe:
+    recipe = apply_overrides(method_cls.views, cfg.views)
+    return resolve_sizes(recipe, image_size)
+
+
+def check_batch(cfg: RunConfig, method_cls: type, n_train: int, world: int) -> None:
+    b = cfg.train.batch_size
+    problems = []
+    if b < getattr(method_cls, "min_batch_size", 2):
+        problems.append(f"batch size {b} is too small for {cfg.method.name} (needs ≥ {method_cls.min_batch_size})")
+    if b % world:
+        problems.append(f"batch size {b} is not divisible by the {world} processes")
+    if b > n_train:
+        problems.append(f"batch size {b} is larger than the {n_train} training images; lower --batch-size or --limit")
+    if problems:
+        raise ConfigError(problems)

@@ -1,0 +1,137 @@
+"""Batched image augmentations with per-sample randomness, on whatever device the batch lives.
+
+Every function takes a float batch (B, C, H, W) in [0, 1] and draws one set of random parameters
+per sample from torch's global generator, so a whole batch is augmented in a handful of kernel
+launches and a resumed run replays the same draws once the RNG state is restored. Parameter
+ranges follow SimCLR (Chen et al. 2020, arXiv:2002.05709, appendix A) and torchvision.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _uniform(n: int, low: float, high: float, device: torch.device) -> Tensor:
+    return torch.rand(n, device=device) * (high - low) + low
+
+
+def sample_crop_boxes(n: int, scale: tuple[float, float], ratio: tuple[float, float], device: torch.device,
+                      tries: int = 10) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Crop boxes as fractions of the image: (centre x, centre y, width, height), each (n,).
+
+    Area fraction ~ U(scale), log aspect ratio ~ U(log ratio), as torchvision's RandomResizedCrop;
+    a draw that does not fit is drawn again (up to ``tries`` rounds), then falls back to the whole image.
+    """
+    w = torch.ones(n, device=device)
+    h = torch.ones(n, device=device)
+    pending = torch.ones(n, dtype=torch.bool, device=device)
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(tries):
+        area = _uniform(n, scale[0], scale[1], device)
+        aspect = torch.exp(_uniform(n, log_lo, log_hi, device))
+        cw, ch = torch.sqrt(area * aspect), torch.sqrt(area / aspect)
+        fits = pending & (cw <= 1) & (ch <= 1)
+        w, h = torch.where(fits, cw, w), torch.where(fits, ch, h)
+        pending = pending & ~fits
+    cx = (1 - w) * torch.rand(n, device=device) + w / 2
+    cy = (1 - h) * torch.rand(n, device=device) + h / 2
+    return cx, cy, w, h
+
+
+def resized_crop_flip(x: Tensor, size: int, scale: tuple[float, float], ratio: tuple[float, float],
+                      flip_p: float) -> Tensor:
+    """Random resized crop to ``size``×``size`` and horizontal flip, as one affine resampling."""
+    b = x.shape[0]
+    cx, cy, w, h = sample_crop_boxes(b, scale, ratio, x.device)
+    flip = torch.where(torch.rand(b, device=x.device) < flip_p, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0] = w * flip
+    theta[:, 0, 2] = 2 * cx - 1
+    theta[:, 1, 1] = h
+    theta[:, 1, 2] = 2 * cy - 1
+    grid = F.affine_grid(theta, [b, x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _luma(x: Tensor) -> Tensor:
+    if x.shape[1] == 1:
+        return x
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def _per_sample(values: Tensor) -> Tensor:
+    return values.view(-1, 1, 1, 1)
+
+
+def _rotate_hue(x: Tensor, angle: Tensor) -> Tensor:
+    """Hue shift by ``angle`` radians: a rotation of the chroma plane in YIQ space."""
+    to_yiq = x.new_tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    from_yiq = torch.linalg.inv(to_yiq)
+    yiq = torch.einsum("ij,bjhw->bihw", to_yiq, x)
+    cos, sin = torch.cos(angle).view(-1, 1, 1), torch.sin(angle).view(-1, 1, 1)
+    i, q = yiq[:, 1], yiq[:, 2]
+    yiq = torch.stack([yiq[:, 0], cos * i - sin * q, sin * i + cos * q], dim=1)
+    return torch.einsum("ij,bjhw->bihw", from_yiq, yiq)
+
+
+def color_jitter(x: Tensor, p: float, brightness: float, contrast: float, saturation: float, hue: float) -> Tensor:
+    """Brightness, contrast, saturation, then hue, each factor drawn per sample; applied with probability p.
+
+    Saturation and hue need colour and are skipped for one-channel images.
+    """
+    b, dev = x.shape[0], x.device
+    on = (torch.rand(b, device=dev) < p).to(x.dtype)
+
+    def factor(strength: float) -> Tensor:
+        f = _uniform(b, max(0.0, 1 - strength), 1 + strength, dev)
+        return _per_sample(1 + on * (f - 1))
+
+    if brightness > 0:
+        x = (x * factor(brightness)).clamp_(0, 1)
+    if contrast > 0:
+        mean = _luma(x).mean(dim=(1, 2, 3), keepdim=True)
+        x = ((x - mean) * factor(contrast) + mean).clamp_(0, 1)
+    if x.shape[1] == 3 and saturation > 0:
+        gray = _luma(x)
+        x = ((x - gray) * factor(saturation) + gray).clamp_(0, 1)
+    if x.shape[1] == 3 and hue > 0:
+        angle = _uniform(b, -hue, hue, dev) * 2 * math.pi * on
+        x = _rotate_hue(x, angle).clamp_(0, 1)
+    return x
+
+
+def random_grayscale(x: Tensor, p: float) -> Tensor:
+    if x.shape[1] == 1 or p <= 0:
+        return x
+    on = _per_sample(torch.rand(x.shape[0], device=x.device) < p)
+    return torch.where(on, _luma(x).expand_as(x), x)
+
+
+def gaussian_blur(x: Tensor, p: float, sigma: tuple[float, float], kernel_fraction: float = 0.1) -> Tensor:
+    """Separable Gaussian blur, sigma ~ U(sigma) per sample; the kernel spans ~10% of the image (SimCLR)."""
+    if p <= 0:
+        return x
+    b, c, h, w = x.shape
+    radius = max(1, int(kernel_fraction * min(h, w)) // 2)
+    s = _uniform(b, sigma[0], sigma[1], x.device)
+    on = torch.rand(b, device=x.device) < p
+    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-offsets[None] ** 2 / (2 * s[:, None] ** 2))
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)
+    identity = (offsets == 0).to(x.dtype).expand(b, -1)
+    kernel = torch.where(on[:, None], kernel, identity)  # (B, K)
+    k = kernel.repeat_interleave(c, dim=0)  # (B*C, K)
+    y = F.pad(x.reshape(1, b * c, h, w), (radius, radius, radius, radius), mode="reflect")
+    y = F.conv2d(y, k.view(b * c, 1, 1, -1), groups=b * c)
+    y = F.conv2d(y, k.view(b * c, 1, -1, 1), groups=b * c)
+    return y.view(b, c, h, w)
+
+
+def solarize(x: Tensor, p: float, threshold: float = 0.5) -> Tensor:
+    if p <= 0:
+        return x
+    on = _per_sample(torch.rand(x.shape[0], device=x.device) < p)
+    return torch.where(on & (x >= threshold), 1 - x, x)
