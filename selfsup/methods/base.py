@@ -3,7 +3,9 @@
 There is no method base class. A method is a plain ``nn.Module`` with
 ``forward(x) -> (B, D)`` features, ``training_step(views, progress) -> (loss, logs)``, an optional
 ``after_step(progress)``, and two class attributes: ``views`` (a :class:`ViewRecipe`) and
-``min_batch_size``. Optimiser parameter groups come from an optional ``param_groups()`` returning
+``min_batch_size``. Optional hooks: ``check_run(n_train, batch_size, recipe) -> list[str]`` (problems
+found before training starts), ``ema_pairs() -> [(teacher, student)]`` with ``momentum(progress)`` for
+methods with EMA teachers, and ``default_backbone`` (a registered backbone name). Optimiser parameter groups come from an optional ``param_groups()`` returning
 ``[{"params": [...], "lr_scale": float, ...}]`` (e.g. a predictor with its own learning rate).
 
 ``logs`` holds scalar tensors (logged without forcing a device sync every step) and, optionally,

@@ -55,3 +55,13 @@ def check_batch(cfg: RunConfig, method_cls: type, n_train: int, world: int) -> N
         problems.append(f"batch size {b} is larger than the {n_train} training images; lower --batch-size or --limit")
     if problems:
         raise ConfigError(problems)
+
+
+def check_run(model: nn.Module, cfg: RunConfig, n_train: int, recipe: ViewRecipe) -> None:
+    """A method's own checks against the data and views (``check_run(n_train, batch_size, recipe)``,
+    optional, returns a list of problems): e.g. a queue larger than the dataset, a two-view method
+    given another number of views."""
+    hook = getattr(model, "check_run", None)
+    problems = hook(n_train, cfg.train.batch_size, recipe) if hook else []
+    if problems:
+        raise ConfigError([f"{cfg.method.name}: {p}" for p in problems])

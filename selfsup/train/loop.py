@@ -29,7 +29,7 @@ from selfsup.eval.knn import knn_accuracy
 from selfsup.methods import get_method
 from selfsup.methods.base import Progress
 from selfsup.train import distributed as dist
-from selfsup.train.build import build_method, check_batch, check_names, view_recipe
+from selfsup.train.build import build_method, check_batch, check_names, check_run, view_recipe
 from selfsup.train.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, check_compatible, safe_load
 from selfsup.train.optim import build_optimizer, set_lr
 from selfsup.train.rundir import MetricsLog, check_resumable, write_env
@@ -182,6 +182,7 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False) -> di
     check_batch(cfg, method_cls, len(data.train), world)
     recipe = view_recipe(cfg, method_cls, data.train.image_size)
     model = build_method(cfg, data.train.channels, data.train.image_size).to(device)
+    check_run(model, cfg, len(data.train), recipe)
     amp_dtype = resolve_precision(t.precision, device)
     channels_last = t.channels_last == "on" or (t.channels_last == "auto" and data.train.image_size >= 8)
     if channels_last:
@@ -253,7 +254,7 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False) -> di
                 x = train_images[idx.to(train_images.device)].to(device, non_blocking=True)
                 progress = Progress(step, total_steps, epoch, steps_per_epoch)
                 lr = warmup_cosine(step, total_steps, warmup_steps, base_lr, base_lr * cfg.optim.min_lr_ratio)
-                set_lr(optimizer, lr)
+                set_lr(optimizer, lr, base_lr)
                 with torch.no_grad():
                     views = make_views(x, recipe, data.mean, data.std)
                 if channels_last:

@@ -53,8 +53,8 @@ def _is_exempt(name: str, p: nn.Parameter) -> bool:
 def param_groups(model: nn.Module) -> list[dict]:
     """Groups carry ``lr_scale`` (multiplies the scheduled lr) and ``exempt`` (no decay / no LARS).
 
-    A method may define ``param_groups()`` returning ``[{"params": [...], "lr_scale": s, ...}, …]`` for
-    parts that need their own rate (a predictor, say); the remaining parameters form the default group.
+    A method may define ``param_groups()`` returning ``[{"params": [...], "lr_scale": s, "fixed_lr": bool}, …]``
+    for parts that need their own rate (a predictor, say); the remaining parameters form the default group.
     Each group is split into decayed weights and exempt biases/norms.
     """
     custom = model.param_groups() if hasattr(model, "param_groups") else []
@@ -89,6 +89,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opti
     raise ValueError(f"unknown optimizer {cfg.name!r}")
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, base_lr: float) -> None:
+    """The scheduled ``lr`` times each group's ``lr_scale``; groups with ``fixed_lr`` keep ``base_lr``
+    (SimSiam's predictor, arXiv:2011.10566 §4.4)."""
     for g in optimizer.param_groups:
-        g["lr"] = lr * g.get("lr_scale", 1.0)
+        g["lr"] = (base_lr if g.get("fixed_lr") else lr) * g.get("lr_scale", 1.0)

@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny real data (scikit-learn digits) and tiny backbones, so tests run in seconds."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# Small settings per backbone, used wherever a test needs "a real backbone, but small".
+TINY_BACKBONES: dict[str, dict] = {
+    "small_resnet": {"widths": [8, 16, 32]},
+    "resnet18": {},
+}
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from selfsup.data.load import load_digits
+
+    return load_digits()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,114 @@
+"""Every registered method, parametrised over the registry (as timm's tests/test_models.py).
+
+Checks: a finite loss; every trainable parameter gets a gradient and no teacher parameter does;
+EMA teachers follow θ_t ← m·θ_t + (1 − m)·θ_s; a few optimiser steps on a fixed batch lower the loss.
+
+A method may declare ``default_backbone`` (a registered backbone name, e.g. a ViT for masked
+methods); the tiny settings for each backbone come from ``conftest.TINY_BACKBONES``.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import TINY_BACKBONES
+from selfsup.methods import METHODS
+from selfsup.methods.base import Progress
+from selfsup.nn.backbones import build_backbone
+from selfsup.views import make_views, resolve_sizes
+
+IMAGE_SIZE, BATCH = 16, 16
+
+
+def tiny_method(name: str, in_chans: int = 1):
+    cls = METHODS[name].cls
+    bb_name = getattr(cls, "default_backbone", "small_resnet")
+    backbone = build_backbone(bb_name, in_chans, IMAGE_SIZE, **TINY_BACKBONES.get(bb_name, {}))
+    return cls(backbone, **getattr(cls, "test_params", {}))
+
+
+def fixed_views(method, images: torch.Tensor) -> list[torch.Tensor]:
+    recipe = resolve_sizes(type(method).views, IMAGE_SIZE)
+    torch.manual_seed(1)
+    return make_views(images, recipe, [0.5] * images.shape[1], [0.25] * images.shape[1])
+
+
+def tiny_batch(digits, in_chans: int = 1) -> torch.Tensor:
+    train, _ = digits
+    x = torch.nn.functional.interpolate(train.images[:BATCH].float(), size=IMAGE_SIZE, mode="bilinear")
+    x = x.round().clamp(0, 255).to(torch.uint8)
+    return x.repeat(1, in_chans, 1, 1)
+
+
+def _in_chans(name: str) -> int:
+    return getattr(METHODS[name].cls, "test_in_chans", 1)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_loss_finite_and_gradients_reach_student_only(name, digits):
+    method = tiny_method(name, _in_chans(name))
+    views = fixed_views(method, tiny_batch(digits, _in_chans(name)))
+    loss, logs = method.training_step(views, Progress(0, 100, 0, 10))
+    assert loss.ndim == 0 and torch.isfinite(loss), f"{name}: loss {loss}"
+    loss.backward()
+    teacher_ids = {id(p) for t, _ in getattr(method, "ema_pairs", lambda: [])() for p in t.parameters()}
+    missing = [n for n, p in method.named_parameters() if p.requires_grad and id(p) not in teacher_ids
+               and (p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0)]
+    assert not missing, f"{name}: no gradient reached {missing}"
+    leaked = [n for n, p in method.named_parameters() if id(p) in teacher_ids and (p.requires_grad or p.grad is not None)]
+    assert not leaked, f"{name}: teacher parameters take gradients: {leaked}"
+    if "z" in logs:
+        assert logs["z"].ndim == 2 and not logs["z"].requires_grad
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_ema_follows_formula(name, digits):
+    method = tiny_method(name, _in_chans(name))
+    pairs = getattr(method, "ema_pairs", lambda: [])()
+    if not pairs:
+        pytest.skip(f"{name} has no EMA teacher")
+    views = fixed_views(method, tiny_batch(digits, _in_chans(name)))
+    opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.1)
+    progress = Progress(3, 100, 0, 10)
+    loss, _ = method.training_step(views, progress)
+    loss.backward()
+    opt.step()
+    before = [[p.detach().clone() for p in t.parameters()] for t, _ in pairs]
+    m = method.momentum(progress)
+    method.after_step(progress)
+    for (teacher, student), old in zip(pairs, before):
+        for t_new, t_old, s in zip(teacher.parameters(), old, student.parameters()):
+            torch.testing.assert_close(t_new, m * t_old + (1 - m) * s.detach())
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_a_few_steps_lower_the_loss(name, digits):
+    method = tiny_method(name, _in_chans(name))
+    views = fixed_views(method, tiny_batch(digits, _in_chans(name)))
+    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-3, weight_decay=0)
+    losses = []
+    for step in range(12):
+        progress = Progress(step, 1000, 0, 100)
+        torch.manual_seed(step)  # methods that draw masks or crops draw the same ones each run
+        loss, _ = method.training_step(views, progress)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if hasattr(method, "after_step"):
+            method.after_step(progress)
+        losses.append(float(loss.detach()))
+    assert min(losses[-3:]) < losses[0], f"{name}: loss did not go down: {losses}"
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_declares_contract(name):
+    info = METHODS[name]
+    cls = info.cls
+    assert hasattr(cls, "views") and hasattr(cls, "training_step") and hasattr(cls, "min_batch_size")
+    assert info.paper and "arXiv" in info.paper or "doi" in info.paper.lower() or info.family == "pretext"
+    method = tiny_method(name, _in_chans(name))
+    x = torch.randn(4, _in_chans(name), IMAGE_SIZE, IMAGE_SIZE)
+    method.eval()
+    assert method(x).shape == (4, method.backbone.num_features)
