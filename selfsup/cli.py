@@ -1,4 +1,4 @@
-"""The ``selfsup`` command: pretrain, evaluate, methods.
+"""The ``selfsup`` command: pretrain, evaluate, embed, neighbors, export, report, bench, methods.
 
 Every error a user can act on (bad config, missing data, unreadable checkpoint, diverging run)
 is printed as one clear message without a traceback, with exit status 2.
@@ -53,7 +53,16 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         print(cfg.to_yaml(), end="")
         return 0
     out = args.out or f"runs/{cfg.method.name}"
-    summary = pretrain(cfg, out, overwrite=args.overwrite)
+    from selfsup.train import distributed
+
+    distributed.init_from_env(cfg.train.device)
+    main_process = distributed.is_main()
+    try:
+        summary = pretrain(cfg, out, overwrite=args.overwrite)
+    finally:
+        distributed.shutdown()
+    if not main_process:
+        return 0
     knn = summary.get("knn")
     print(f"done: {out}  final loss {summary.get('loss', float('nan')):.4f}"
           + (f"  online kNN {100 * knn:.2f}%" if knn is not None else ""))
@@ -64,13 +73,124 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from selfsup.eval.evaluate import evaluate_run, format_table
 
     protocols = [p.strip() for p in args.protocol.split(",") if p.strip()]
+    _set_threads(args.threads)
+    settings = None
+    if args.finetune_steps is not None:
+        from selfsup.eval.finetune import FinetuneSettings
+
+        if args.finetune_steps < 1:
+            raise ConfigError([f"--finetune-steps must be ≥ 1, got {args.finetune_steps}"])
+        settings = FinetuneSettings(min_steps=args.finetune_steps, max_steps=args.finetune_steps)
     results = evaluate_run(args.run_dir, protocols, data=args.data, data_root=args.data_root, labels=args.labels,
-                           device=args.device, seed=args.seed)
+                           device=args.device, seed=args.seed, finetune_settings=settings)
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     else:
         print(format_table(results))
     return 0
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        if threads < 1:
+            raise ConfigError([f"--threads must be ≥ 1, got {threads}"])
+        torch.set_num_threads(threads)
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from selfsup.eval.embed import embed_folder, write_embeddings
+    from selfsup.eval.evaluate import load_run
+
+    _set_threads(args.threads)
+    emb = embed_folder(load_run(args.run_dir, args.device), args.data, args.device)
+    out = write_embeddings(emb, args.out)
+    skipped = f"; skipped {emb.skipped} unreadable file(s)" if emb.skipped else ""
+    print(f"wrote {len(emb.paths)} embeddings of dimension {emb.vectors.shape[1]} to {out}{skipped}")
+    return 0
+
+
+def cmd_neighbors(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from selfsup.eval.embed import embed_folder, encode, load_query_image
+    from selfsup.eval.evaluate import load_run
+    from selfsup.eval.neighbors import cosine_topk, duplicate_groups
+
+    if (args.query is None) == (not args.duplicates):
+        raise ConfigError(["give either --query IMAGE or --duplicates"])
+    if args.k < 1:
+        raise ConfigError([f"--k must be ≥ 1, got {args.k}"])
+    _set_threads(args.threads)
+    run = load_run(args.run_dir, args.device)
+    emb = embed_folder(run, args.data, args.device)
+    note = f" ({emb.skipped} unreadable file(s) skipped)" if emb.skipped else ""
+    if args.duplicates:
+        groups = [[emb.paths[i] for i in g] for g in duplicate_groups(emb.vectors, args.threshold)]
+        if args.json:
+            print(json.dumps({"threshold": args.threshold, "images": len(emb.paths), "skipped": emb.skipped,
+                              "groups": groups}, indent=2))
+            return 0
+        print(f"{len(groups)} group(s) of near-duplicates (cosine similarity ≥ {args.threshold}) "
+              f"among {len(emb.paths)} images{note}")
+        for n, group in enumerate(groups, 1):
+            print(f"group {n} ({len(group)} images):")
+            print("".join(f"  {p}\n" for p in group), end="")
+        return 0
+    query = load_query_image(run, args.query)
+    # the query file itself, when it lies in the folder, is not its own neighbour
+    same = {i for i, p in enumerate(emb.paths) if Path(p).resolve() == Path(args.query).resolve()}
+    sims, idx = cosine_topk(encode(run, query, args.device), emb.vectors, args.k + len(same))
+    hits = [(emb.paths[i], s) for s, i in zip(sims[0].tolist(), idx[0].tolist()) if i not in same][: args.k]
+    if args.json:
+        print(json.dumps({"query": args.query, "skipped": emb.skipped,
+                          "neighbors": [{"path": p, "similarity": s} for p, s in hits]}, indent=2))
+        return 0
+    print(f"{len(hits)} nearest neighbours of {args.query} among {len(emb.paths)} images{note}:")
+    for rank, (path, sim) in enumerate(hits, 1):
+        print(f"{rank:>3}  {sim:.4f}  {path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from selfsup.eval.evaluate import load_run
+    from selfsup.eval.export import FORMATS, export_encoder, resolve_format
+
+    fmt = resolve_format(args.format, args.out)
+    out = args.out or str(Path(args.run_dir) / "export" / f"encoder{FORMATS[fmt]}")
+    weights, sidecar = export_encoder(load_run(args.run_dir), out, fmt)
+    print(f"wrote {weights} ({fmt}) and {sidecar} (architecture and normalisation)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from selfsup.report.html import ReportOptions, write_report
+
+    _set_threads(args.threads)
+    opts = ReportOptions(map_method=args.map, map_size=args.map_size, embeddings=not args.no_embeddings,
+                         device=args.device, seed=args.seed)
+    print(f"wrote {write_report(args.run_dir, args.out, opts)}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from selfsup.report.bench import Budget, run_bench
+
+    budget = Budget.parse(args.budget) if args.budget else Budget()
+    for key in ("epochs", "limit", "batch_size"):
+        if getattr(args, key) is not None:
+            setattr(budget, key, getattr(args, key))
+    results = run_bench(args.methods.split(","), args.out, budget, data=args.data, data_root=args.data_root,
+                        config_dir=args.config_dir, finetune=args.finetune, finetune_steps=args.finetune_steps,
+                        eval_limit=args.eval_limit, device=args.device, threads=args.threads, seed=args.seed,
+                        baseline=not args.no_baseline)
+    print(Path(args.out, "results.md").read_text(), end="")
+    return 1 if any("error" in r for r in results["rows"]) else 0
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -101,14 +221,73 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="evaluate a run's encoder on frozen features, beside baselines")
     e.add_argument("run_dir")
-    e.add_argument("--protocol", default="knn,linear", help="knn, linear, or a comma-separated list")
+    e.add_argument("--protocol", default="knn,linear",
+                   help="knn, linear, finetune (end to end, beside from-scratch), or a comma-separated list")
     e.add_argument("--labels", help="label fraction ('1%%', '10%%') or few-shot count ('5-shot')")
     e.add_argument("--data", help="evaluate on another dataset (transfer)")
     e.add_argument("--data-root")
     e.add_argument("--device", default="cpu")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.add_argument("--threads", type=int, help="CPU threads for torch")
+    e.add_argument("--finetune-steps", type=int, help="fine-tuning steps (default: scaled to the label count)")
     e.set_defaults(func=cmd_evaluate)
+
+    em = sub.add_parser("embed", help="embeddings of a folder of images, with their paths (.npz or .parquet)")
+    em.add_argument("run_dir")
+    em.add_argument("--data", required=True, help="image folder (class subfolders optional)")
+    em.add_argument("--out", required=True, help="output file: .npz (default) or .parquet (needs pyarrow)")
+    em.add_argument("--device", default="cpu")
+    em.add_argument("--threads", type=int, help="CPU threads for torch")
+    em.set_defaults(func=cmd_embed)
+
+    nb = sub.add_parser("neighbors", help="nearest neighbours of an image, or near-duplicate groups, in a folder")
+    nb.add_argument("run_dir")
+    nb.add_argument("--data", required=True, help="image folder to search")
+    nb.add_argument("--query", help="image file whose neighbours to list")
+    nb.add_argument("--duplicates", action="store_true", help="list groups of near-duplicate images")
+    nb.add_argument("--threshold", type=float, default=0.95, help="cosine similarity for --duplicates (default 0.95)")
+    nb.add_argument("--k", type=int, default=5, help="neighbours per query (default 5)")
+    nb.add_argument("--device", default="cpu")
+    nb.add_argument("--threads", type=int, help="CPU threads for torch")
+    nb.add_argument("--json", action="store_true", help="print the result as JSON")
+    nb.set_defaults(func=cmd_neighbors)
+
+    ex = sub.add_parser("export", help="the encoder as a plain state dict (.pt) or safetensors")
+    ex.add_argument("run_dir")
+    ex.add_argument("--format", choices=["pt", "safetensors"], help="default: from --out's suffix, else pt")
+    ex.add_argument("--out", help="output file (default RUN/export/encoder.<format>)")
+    ex.set_defaults(func=cmd_export)
+
+    rp = sub.add_parser("report", help="an HTML report of a run: curves, diagnostics, embedding map, retrieval")
+    rp.add_argument("run_dir")
+    rp.add_argument("--out", help="output folder (default RUN/report)")
+    rp.add_argument("--map", default="tsne", choices=["tsne", "umap"], help="2-D map method (umap needs umap-learn)")
+    rp.add_argument("--map-size", type=int, default=2000, help="test images on the map")
+    rp.add_argument("--no-embeddings", action="store_true", help="curves only: no map, no retrieval grid")
+    rp.add_argument("--device", default="cpu")
+    rp.add_argument("--threads", type=int)
+    rp.add_argument("--seed", type=int, default=0)
+    rp.set_defaults(func=cmd_report)
+
+    bn = sub.add_parser("bench", help="pretrain and evaluate several methods under one budget; a results table")
+    bn.add_argument("--methods", required=True, help="comma-separated method names (see `selfsup methods`)")
+    bn.add_argument("--data", help="dataset for every method (default: each recipe's)")
+    bn.add_argument("--data-root")
+    bn.add_argument("--budget", help="epochs=N,limit=M[,batch_size=B]; --epochs/--limit/--batch-size override it")
+    bn.add_argument("--epochs", type=int, help="epochs for every method (default: each recipe's)")
+    bn.add_argument("--limit", type=int, help="pretrain on the first N training images")
+    bn.add_argument("--batch-size", type=int, help="batch size for every method (default: each recipe's)")
+    bn.add_argument("--out", default="runs/bench", help="folder for results.{md,json,png}, runs/ and logs/")
+    bn.add_argument("--config-dir", default="configs", help="where <method>_fashion_mnist.yaml recipes lie")
+    bn.add_argument("--finetune", action="store_true", help="add fine-tuning at 1%% and 10%% of the labels")
+    bn.add_argument("--finetune-steps", type=int, help="fixed number of fine-tuning steps (default: the recipe's)")
+    bn.add_argument("--eval-limit", type=int, help="labelled training images for kNN/linear/fine-tune (default all)")
+    bn.add_argument("--no-baseline", action="store_true", help="no random-init / from-scratch reference row")
+    bn.add_argument("--device")
+    bn.add_argument("--threads", type=int, help="CPU threads per method")
+    bn.add_argument("--seed", type=int)
+    bn.set_defaults(func=cmd_bench)
 
     m = sub.add_parser("methods", help="list the registered methods")
     m.set_defaults(func=cmd_methods)

@@ -83,8 +83,12 @@ class TrainConfig:
     """Run the online kNN monitor every N epochs (0 disables it)."""
     checkpoint_every: int = 1
     """Write ``checkpoints/epoch_N.pt`` every N epochs (``last.pt`` is written every epoch)."""
+    checkpoint_steps: int = 0
+    """Also write ``last.pt`` every N optimiser steps within an epoch (0: only at epoch ends)."""
     max_bad_steps: int = 5
     """Stop after this many consecutive steps with a NaN/Inf loss or gradient."""
+    stop_on_collapse: bool = False
+    """Stop the run when the collapse monitor warns (spread or effective rank low for several logged steps)."""
     progress: bool = True
 
 
@@ -203,9 +207,12 @@ def _model_from_value(value: Any) -> Any:
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     problems: list[str] = []
     data = dict(data or {})
+    defaults = RunConfig()
     for key in ("method", "backbone"):
         if key in data:
             data[key] = _model_from_value(data[key])
+            if isinstance(data[key], dict) and "name" not in data[key]:  # only params given: default model
+                data[key] = {"name": getattr(defaults, key).name, **data[key]}
     cfg = _from_dict(RunConfig, data, "", problems)
     problems += check_values(cfg)
     if problems:
@@ -227,6 +234,8 @@ def check_values(cfg: RunConfig) -> list[str]:
         p.append(f"train.channels_last must be auto, on or off, got {t.channels_last!r}")
     if isinstance(t.max_bad_steps, int) and t.max_bad_steps < 1:
         p.append(f"train.max_bad_steps must be ≥ 1, got {t.max_bad_steps}")
+    if isinstance(t.checkpoint_steps, int) and t.checkpoint_steps < 0:
+        p.append(f"train.checkpoint_steps must be ≥ 0, got {t.checkpoint_steps}")
     if isinstance(t.log_every, int) and t.log_every < 1:
         p.append(f"train.log_every must be ≥ 1, got {t.log_every}")
     if t.threads is not None and isinstance(t.threads, int) and t.threads < 1:
@@ -258,7 +267,7 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     """``set_dotted(d, "optim.lr", 0.1)``; ``method.X``/``backbone.X`` for anything but ``name`` go to ``params``."""
     keys = dotted.split(".")
     if keys[0] in ("method", "backbone"):
-        data[keys[0]] = _model_from_value(data.get(keys[0], {"name": "?"}))
+        data[keys[0]] = _model_from_value(data.get(keys[0], {}))
         if len(keys) == 2 and keys[1] not in ("name", "params"):
             keys = [keys[0], "params", keys[1]]
     node = data

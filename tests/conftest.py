@@ -12,6 +12,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 TINY_BACKBONES: dict[str, dict] = {
     "small_resnet": {"widths": [8, 16, 32]},
     "resnet18": {},
+    "vit_tiny": {"depth": 2, "embed_dim": 48, "num_heads": 3},
 }
 
 

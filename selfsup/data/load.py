@@ -11,10 +11,12 @@ from selfsup.data.cifar import is_cifar_dir, load_cifar
 from selfsup.data.fashion_mnist import load_fashion_mnist
 from selfsup.data.folder import load_image_folder
 from selfsup.data.imageset import DataError, ImageSet
+from selfsup.data.sample_photos import sample_photo_crops
 from selfsup.data.splits import stratified_subset
 
-NAMED = ("fashion-mnist", "digits", "cifar10", "cifar100")
+NAMED = ("fashion-mnist", "digits", "cifar10", "cifar100", "sample-photos")
 DEFAULT_FOLDER_SIZE = 64
+SAMPLE_PHOTO_CROPS, SAMPLE_PHOTO_SIZE = 10000, 32
 
 
 def load_digits() -> tuple[ImageSet, ImageSet]:
@@ -48,6 +50,9 @@ def load_dataset(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
         train, test = load_fashion_mnist(cfg.root)
     elif name == "digits":
         train, test = load_digits()
+    elif name == "sample-photos":  # RGB crops of scikit-learn's two bundled photos (colour without a download)
+        full = sample_photo_crops(SAMPLE_PHOTO_CROPS, cfg.image_size or SAMPLE_PHOTO_SIZE, seed=0)
+        train, test = split_labelled(full)
     elif name in ("cifar10", "cifar100"):
         if not cfg.root:
             raise DataError(f"{name}: pass --data-root DIR (or --data DIR) with the unpacked python-version batches; "

@@ -2,10 +2,13 @@
 
 Protocols: ``knn`` (weighted kNN, k = 20, T = 0.07) and ``linear`` (logistic regression on
 standardised features). Both baselines are measured in the same call on the same split, so a
-table never compares against a number from elsewhere.
+table never compares against a number from elsewhere. ``finetune`` (asked for by name) trains the
+encoder end to end with a linear head, beside the same architecture trained from scratch on the
+same labels with the same recipe (:mod:`selfsup.eval.finetune`).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -15,16 +18,21 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from selfsup import __version__
 from selfsup.config import ConfigError, DataConfig, RunConfig, config_from_dict
 from selfsup.data import DataError, ImageSet, load_dataset
 from selfsup.data.splits import parse_fraction, stratified_subset
 from selfsup.eval.features import extract_features, pixel_features
+from selfsup.eval.finetune import FinetuneSettings, finetune_accuracy
 from selfsup.eval.knn import knn_accuracy
 from selfsup.eval.linear import linear_probe
 from selfsup.train.build import build_encoder
 from selfsup.train.checkpoint import CheckpointError, safe_load
 
 PROTOCOLS = ("knn", "linear")
+"""The default protocols (frozen features)."""
+ALL_PROTOCOLS = PROTOCOLS + ("finetune",)
+ENCODER_META_KEYS = ("in_chans", "image_size", "mean", "std")
 
 
 @dataclasses.dataclass
@@ -42,8 +50,16 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> LoadedR
     for name in ("config.yaml", "encoder.json"):
         if not (run_dir / name).is_file():
             raise CheckpointError(f"{run_dir} is not a selfsup run directory (no {name})")
-    cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    meta = json.loads((run_dir / "encoder.json").read_text())
+    try:
+        cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        meta = json.loads((run_dir / "encoder.json").read_text())
+    except (ConfigError, yaml.YAMLError, json.JSONDecodeError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{run_dir} cannot be read by selfsup {__version__}{_written_by(run_dir)}: "
+                              f"{exc}") from None
+    missing = [k for k in ENCODER_META_KEYS if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise CheckpointError(f"{run_dir}/encoder.json lacks {', '.join(missing)}{_written_by(run_dir)}; "
+                              f"re-run `selfsup pretrain` with selfsup {__version__} to evaluate it")
     if not (run_dir / "encoder.pt").is_file():
         raise CheckpointError(f"{run_dir} has no encoder.pt: pretraining did not finish. Run the same "
                               "`selfsup pretrain` command again to resume it from its last checkpoint.")
@@ -52,9 +68,18 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> LoadedR
     try:
         encoder.load_state_dict(state)
     except RuntimeError as exc:
-        raise CheckpointError(f"{run_dir}/encoder.pt does not fit backbone {cfg.backbone.name!r}: "
-                              f"{str(exc).splitlines()[0]}") from None
+        raise CheckpointError(f"{run_dir}/encoder.pt does not fit backbone {cfg.backbone.name!r}"
+                              f"{_written_by(run_dir)}: {str(exc).splitlines()[0]}") from None
     return LoadedRun(cfg, encoder.to(device), meta)
+
+
+def _written_by(run_dir: Path) -> str:
+    """`` (written by selfsup X)`` from the run's env.json, or nothing when unknown."""
+    try:
+        version = json.loads((run_dir / "env.json").read_text())["versions"]["selfsup"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    return f" (written by selfsup {version})" if version != __version__ else ""
 
 
 def _check_compatible(images: ImageSet, meta: dict[str, Any]) -> None:
@@ -74,11 +99,16 @@ def evaluate_features(protocol: str, train_x: Tensor, train_y: Tensor, test_x: T
 
 def evaluate_run(run_dir: str | Path, protocols: Sequence[str] = PROTOCOLS, data: str | None = None,
                  data_root: str | None = None, labels: str | None = None, device: str = "cpu",
-                 seed: int = 0, write: bool = True) -> list[dict[str, Any]]:
-    """One result dict per protocol; each is also written to ``RUN/eval_<protocol>.json``."""
-    unknown = [p for p in protocols if p not in PROTOCOLS]
+                 seed: int = 0, write: bool = True,
+                 finetune_settings: FinetuneSettings | None = None) -> list[dict[str, Any]]:
+    """One result dict per protocol; each is also written to ``RUN/eval_<protocol>[_<labels>].json``.
+
+    ``labels`` is a fraction (``"1%"``) or a few-shot count (``"5-shot"``) of the training split,
+    drawn class by class with ``seed``. Features are extracted only for what the protocols need.
+    """
+    unknown = [p for p in protocols if p not in ALL_PROTOCOLS]
     if unknown:
-        raise ConfigError([f"unknown protocol(s) {', '.join(unknown)}; choose from {', '.join(PROTOCOLS)}"])
+        raise ConfigError([f"unknown protocol(s) {', '.join(unknown)}; choose from {', '.join(ALL_PROTOCOLS)}"])
     run = load_run(run_dir, device)
     data_cfg = dataclasses.replace(run.cfg.data, limit=None)
     if data:
@@ -88,29 +118,63 @@ def evaluate_run(run_dir: str | Path, protocols: Sequence[str] = PROTOCOLS, data
         raise DataError(f"{data_cfg.name} has no labelled test split to evaluate on (image folders need class subfolders)")
     _check_compatible(train, run.meta)
     amount = parse_fraction(labels) if labels else None
-    if amount is not None and amount != 1.0:
+    # an int is a shot count: 1-shot must subsample even though 1 == 1.0
+    if amount is not None and (isinstance(amount, int) or amount != 1.0):
         train = train.subset(stratified_subset(train.labels, amount, seed))
     mean, std = run.meta["mean"], run.meta["std"]
     torch.manual_seed(seed)
     random_encoder = build_encoder(run.cfg, run.meta["in_chans"], run.meta["image_size"]).to(device)
-    features = {
-        "selfsup": [extract_features(run.encoder, s, mean, std, device) for s in (train, test)],
-        "random_encoder": [extract_features(random_encoder, s, mean, std, device) for s in (train, test)],
-        "raw_pixels": [pixel_features(s, mean, std) for s in (train, test)],
+    extractors = {
+        "selfsup": lambda s: extract_features(run.encoder, s, mean, std, device),
+        "random_encoder": lambda s: extract_features(random_encoder, s, mean, std, device),
+        "raw_pixels": lambda s: pixel_features(s, mean, std),
     }
+    features: dict[str, list[Tensor]] = {}
+    accuracies: dict[tuple[str, str], float] = {}
+
+    def accuracy(protocol: str, name: str) -> float:
+        if (protocol, name) not in accuracies:
+            if name not in features:
+                features[name] = [extractors[name](s) for s in (train, test)]
+            tr, te = features[name]
+            accuracies[protocol, name] = evaluate_features(protocol, tr, train.labels, te, test.labels,
+                                                           train.num_classes, seed)
+        return accuracies[protocol, name]
+
     results = []
     for protocol in protocols:
-        acc = {name: evaluate_features(protocol, tr, train.labels, te, test.labels, train.num_classes, seed)
-               for name, (tr, te) in features.items()}
-        result = {"protocol": protocol, "accuracy": acc["selfsup"],
-                  "baselines": {"raw_pixels": acc["raw_pixels"], "random_encoder": acc["random_encoder"]},
-                  "method": run.cfg.method.name, "backbone": run.cfg.backbone.name, "dataset": data_cfg.name,
+        common = {"method": run.cfg.method.name, "backbone": run.cfg.backbone.name, "dataset": data_cfg.name,
                   "labels": labels or "100%", "n_train": len(train), "n_test": len(test)}
+        if protocol == "finetune":
+            result = _finetune(run, train, test, seed, device, finetune_settings or FinetuneSettings())
+            # the frozen baselines of a fine-tune result are linear probes on the same labels
+            result["baselines"].update(raw_pixels=accuracy("linear", "raw_pixels"),
+                                       random_encoder=accuracy("linear", "random_encoder"))
+            result.update(common)
+        else:
+            result = {"protocol": protocol, "accuracy": accuracy(protocol, "selfsup"),
+                      "baselines": {"raw_pixels": accuracy(protocol, "raw_pixels"),
+                                    "random_encoder": accuracy(protocol, "random_encoder")}, **common}
         results.append(result)
         if write:
             suffix = "" if not labels else f"_{str(labels).replace('%', 'pct')}"
             (Path(run_dir) / f"eval_{protocol}{suffix}.json").write_text(json.dumps(result, indent=2))
     return results
+
+
+def _finetune(run: LoadedRun, train: ImageSet, test: ImageSet, seed: int, device: str,
+              settings: FinetuneSettings) -> dict[str, Any]:
+    """The pretrained encoder (a copy: the run's stays untouched) and a from-scratch one, one recipe."""
+    mean, std, d = run.meta["mean"], run.meta["std"], run.meta.get("num_features")
+    pretrained = copy.deepcopy(run.encoder)
+    torch.manual_seed(seed)
+    scratch = build_encoder(run.cfg, run.meta["in_chans"], run.meta["image_size"]).to(device)
+    d = d or scratch.num_features
+    ft = finetune_accuracy(pretrained, d, train, test, mean, std, settings, seed, device)
+    base = finetune_accuracy(scratch, d, train, test, mean, std, settings, seed, device)
+    return {"protocol": "finetune", "accuracy": ft["accuracy"], "baselines": {"from_scratch": base["accuracy"]},
+            "margin_over_scratch": ft["accuracy"] - base["accuracy"], "settings": settings.to_dict(len(train)),
+            "time_s": {"pretrained": ft["time_s"], "from_scratch": base["time_s"]}}
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
@@ -119,6 +183,10 @@ def format_table(results: list[dict[str, Any]]) -> str:
     rows = [[r["protocol"], r["dataset"], r["labels"], f"{100 * r['accuracy']:.2f}%",
              f"{100 * r['baselines']['random_encoder']:.2f}%", f"{100 * r['baselines']['raw_pixels']:.2f}%"]
             for r in results]
+    if any("from_scratch" in r["baselines"] for r in results):
+        header.append("from scratch (fine-tuned)")
+        for row, r in zip(rows, results):
+            row.append(f"{100 * r['baselines']['from_scratch']:.2f}%" if "from_scratch" in r["baselines"] else "-")
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])

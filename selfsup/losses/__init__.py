@@ -2,3 +2,9 @@
 from selfsup.losses.contrastive import info_nce, nt_xent
 
 __all__ = ["info_nce", "nt_xent"]
+from selfsup.losses.contrastive import dcl_loss, vmf_weights
+__all__ += ["dcl_loss", "vmf_weights"]
+from selfsup.losses.redundancy import barlow_twins_loss, vicreg_loss, wmse_loss
+__all__ += ["barlow_twins_loss", "vicreg_loss", "wmse_loss"]
+from selfsup.losses.clustering import deepcluster_loss, sinkhorn_knopp, spherical_kmeans, swav_loss
+__all__ += ["deepcluster_loss", "sinkhorn_knopp", "spherical_kmeans", "swav_loss"]

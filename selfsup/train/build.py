@@ -5,6 +5,7 @@ from torch import nn
 
 from selfsup.config import ConfigError, RunConfig
 from selfsup.methods import check_method_params, get_method
+from selfsup.methods.registry import method_params
 from selfsup.nn.backbones import BACKBONES, BackboneError, build_backbone
 from selfsup.views import ViewRecipe, apply_overrides, resolve_sizes
 
@@ -29,12 +30,19 @@ def build_encoder(cfg: RunConfig, in_chans: int, image_size: int) -> nn.Module:
         raise ConfigError([f"backbone: {exc}"]) from None
 
 
-def build_method(cfg: RunConfig, in_chans: int, image_size: int) -> nn.Module:
-    """The method around a freshly initialised backbone; constructor ``ValueError``s become config errors."""
+def build_method(cfg: RunConfig, in_chans: int, image_size: int, world: int = 1) -> nn.Module:
+    """The method around a freshly initialised backbone; constructor ``ValueError``s become config errors.
+
+    With several processes, a method whose loss compares samples (it takes ``gather``) gathers
+    embeddings across them, so its loss is the one of the global batch.
+    """
     info = get_method(cfg.method.name)
     backbone = build_encoder(cfg, in_chans, image_size)
+    params = dict(cfg.method.params)
+    if world > 1 and "gather" in method_params(info.cls):
+        params.setdefault("gather", True)
     try:
-        return info.cls(backbone, **cfg.method.params)
+        return info.cls(backbone, **params)
     except (ValueError, TypeError) as exc:
         raise ConfigError([f"method {cfg.method.name!r}: {exc}"]) from None
 

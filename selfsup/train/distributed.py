@@ -33,18 +33,55 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def gather(x: Tensor) -> Tensor:
-    """Concatenate ``x`` (N, …) from every rank along dim 0, rank order, keeping autograd.
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
 
-    With one process this is the identity. The backward of ``torch.distributed.nn.all_gather``
-    all-reduces (sums) the incoming gradients, so each rank receives the gradient of the global
-    loss with respect to its own rows.
+
+def init_from_env(device: str = "auto") -> bool:
+    """Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs); False when not under torchrun."""
+    if not launched_by_torchrun() or is_distributed():
+        return is_distributed()
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return True
+
+
+def shutdown() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient and returns this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.rows = x.shape[0]
+        out = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(out, x)
+        return torch.cat(out, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's loss depends on these rows: sum their gradients
+        start = rank() * ctx.rows
+        return grad[start : start + ctx.rows]
+
+
+def gather(x: Tensor) -> Tensor:
+    """Concatenate ``x`` (N, …) from every rank along dim 0, in rank order, keeping autograd.
+
+    With one process this is the identity. The backward sums the gradients every rank's loss sends
+    to these rows, so after DDP averages parameter gradients over ranks the result equals the
+    single-process gradient of the global batch (tests/test_distributed.py checks it). Every rank
+    must pass the same number of rows.
     """
     if not is_distributed() or world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    return _GatherWithGrad.apply(x.contiguous())
 
 
 @torch.no_grad()

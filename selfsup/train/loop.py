@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from selfsup.config import ConfigError, RunConfig
 from selfsup.data import DataError, ImageSet, holdout_split, load_dataset
+from selfsup.eval.collapse import CollapseMonitor
 from selfsup.eval.diagnostics import batch_diagnostics
 from selfsup.eval.features import extract_features
 from selfsup.eval.knn import knn_accuracy
@@ -45,8 +46,11 @@ class TrainingError(RuntimeError):
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when present. Under torchrun each process takes the GPU of its local rank."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and dist.is_distributed():
+        name = f"cuda:{dist.local_rank()}"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError([f"train.device is {name!r} but no CUDA GPU is available; use --device cpu"])
@@ -70,8 +74,8 @@ class _Stepper(nn.Module):
         super().__init__()
         self.method = method
 
-    def forward(self, views: list[Tensor], progress: Progress):
-        return self.method.training_step(views, progress)
+    def forward(self, views: list[Tensor], progress: Progress, **extra: Tensor):
+        return self.method.training_step(views, progress, **extra)
 
 
 @dataclass
@@ -121,19 +125,49 @@ class _StopFlag:
     def _handle(self, signum, frame) -> None:
         self.set = True
 
+    def requested(self, device: torch.device) -> bool:
+        """True on every rank once any rank was signalled, so all stop at the same step."""
+        if dist.world_size() == 1:
+            return self.set
+        flag = torch.tensor([float(self.set)], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _rng_state(device: torch.device) -> dict[str, Tensor]:
+def _sync_batchnorm(model: nn.Module, device: torch.device, main: bool) -> nn.Module:
+    """Batch statistics over the global batch (SimCLR §B.9 "global BN"): SyncBatchNorm on GPUs. torch has
+    no SyncBatchNorm for CPU tensors, so CPU processes keep per-process statistics, with a warning."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if main:
+        log.warning("SyncBatchNorm needs GPUs: on CPU each process normalises with its own batch statistics "
+                    "(the method's loss still uses the global batch)")
+    return model
+
+
+def _rng_state(device: torch.device) -> list[dict[str, Tensor]]:
+    """Every rank's RNG state (augmentations draw from it), so each rank resumes its own stream."""
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+        state["cuda"] = torch.cuda.get_rng_state(device).cpu()
+    if dist.world_size() == 1:
+        return [state]
+    states: list = [None] * dist.world_size()
+    torch.distributed.all_gather_object(states, state)
+    return states
 
 
-def _set_rng_state(state: dict[str, Tensor], device: torch.device) -> None:
+def _set_rng_state(states: list[dict[str, Tensor]], device: torch.device) -> None:
+    if len(states) != dist.world_size():
+        log.warning("checkpoint holds RNG states of %d process(es), this run has %d: augmentation draws differ "
+                    "from the uninterrupted run", len(states), dist.world_size())
+    state = states[dist.rank() % len(states)]
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
@@ -181,7 +215,9 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False) -> di
     data = prepare_data(cfg)
     check_batch(cfg, method_cls, len(data.train), world)
     recipe = view_recipe(cfg, method_cls, data.train.image_size)
-    model = build_method(cfg, data.train.channels, data.train.image_size).to(device)
+    model = build_method(cfg, data.train.channels, data.train.image_size, world).to(device)
+    if world > 1:
+        model = _sync_batchnorm(model, device, main)
     check_run(model, cfg, len(data.train), recipe)
     amp_dtype = resolve_precision(t.precision, device)
     channels_last = t.channels_last == "on" or (t.channels_last == "auto" and data.train.image_size >= 8)
@@ -211,6 +247,10 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False) -> di
     elif main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a run killed before its first checkpoint
+    if main:
+        for stale in (run_dir / "checkpoints").glob(".*.tmp"):  # writes a kill interrupted; never loaded
+            stale.unlink(missing_ok=True)
     if main:
         write_env(run_dir, device, t.seed, world, {"precision": str(amp_dtype or "fp32"),
                                                    "channels_last": channels_last, "resumed_from_step": start_step})
@@ -224,11 +264,12 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False) -> di
         stepper = torch.nn.parallel.DistributedDataParallel(stepper, device_ids=[device] if device.type == "cuda" else None)
 
     def save(step: int, epoch_done: bool) -> None:
+        rng = _rng_state(device)  # a collective: every rank takes part
         if not main:
             return
         state = {"meta": {"format": FORMAT_VERSION, "method": cfg.method.name, "backbone": cfg.backbone.name},
                  "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                 "bad_steps": bad_total, "rng": _rng_state(device), "config": cfg.to_dict()}
+                 "bad_steps": bad_total, "rng": rng, "config": cfg.to_dict()}
         atomic_save(state, ckpt_path)
         epoch = step // steps_per_epoch
         if epoch_done and t.checkpoint_every and epoch % t.checkpoint_every == 0:
@@ -240,6 +281,7 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False) -> di
 
     summary: dict[str, Any] = {}
     bad_in_row = 0
+    collapse = CollapseMonitor(verbose=main)
     step = start_step
     with _StopFlag() as stop:
         for epoch in range(start_step // steps_per_epoch, t.epochs):
@@ -260,7 +302,10 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False) -> di
                 if channels_last:
                     views = [v.contiguous(memory_format=torch.channels_last) for v in views]
                 with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                    loss, logs = stepper(views, progress)
+                    # a method with ``needs_indices`` (a per-sample memory, DeepCluster-v2) also gets the batch's
+                    # positions in the training set
+                    extra = {"indices": idx} if getattr(model, "needs_indices", False) else {}
+                    loss, logs = stepper(views, progress, **extra)
                 loss = loss.float()
                 optimizer.zero_grad(set_to_none=True)
                 finite = bool(torch.isfinite(loss))
@@ -301,12 +346,18 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False) -> di
                               **{k: v for k, v in _scalar_logs(logs).items()}}
                     if "z" in logs:
                         record.update(batch_diagnostics(logs["z"], logs.get("z_pair")))
+                        record.update(collapse.update(step, record, logs["z"]))  # {"collapse_warning": …} when it fires
                     metrics.write(record)
+                    if t.stop_on_collapse and collapse.should_stop():
+                        raise TrainingError(f"stopped at step {step}: {collapse.stop_message()}. Checkpoints of finished "
+                                            f"epochs are kept in {ckpt_path.parent}; fix the recipe (see the warning).")
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{ips:.0f}")
                 if bar is not None:
                     bar.update(1)
-                if stop.set:
+                if t.checkpoint_steps and step % t.checkpoint_steps == 0 and i < steps_per_epoch - 1:
+                    save(step, epoch_done=False)
+                if stop.requested(device):
                     save(step, epoch_done=False)
                     if bar is not None:
                         bar.close()

@@ -14,7 +14,8 @@ import yaml
 from selfsup.config import ConfigError, RunConfig
 
 # Keys that may differ between a run and its resumption without changing what is computed.
-RESUME_FREE_KEYS = {("train", "progress"), ("train", "log_every"), ("train", "device"), ("train", "threads")}
+RESUME_FREE_KEYS = {("train", "progress"), ("train", "log_every"), ("train", "device"), ("train", "threads"),
+                    ("train", "stop_on_collapse")}
 
 
 def versions() -> dict[str, str]:

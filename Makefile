@@ -1,0 +1,38 @@
+# selfsup — set-up, demo and tests. `make demo` and `make test` work on a fresh machine.
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+FMNIST  := /usr/share/datasets/fashion-mnist
+DEMO    ?= runs/demo
+
+.PHONY: setup dataset demo test test-fast bench clean
+
+setup: $(VENV)/.installed dataset
+
+# torch/torchvision are pinned (this machine's pip caps them at these releases, which lie on its disk).
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+dataset:
+	@test -f $(FMNIST)/train-images-idx3-ubyte.gz || { \
+	  echo "installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
+
+# Pretrain the default recipe (SimCLR, small CNN, Fashion-MNIST), then evaluate it beside the baselines.
+demo: setup
+	$(VENV)/bin/selfsup pretrain --config configs/simclr_fashion_mnist.yaml --out $(DEMO)
+	$(VENV)/bin/selfsup evaluate $(DEMO) --protocol knn,linear
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/bench_vs_lightly.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

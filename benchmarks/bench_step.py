@@ -1,0 +1,176 @@
+"""How fast is one SimCLR training step, and where does its time go?
+
+For each model (the default recipe's small CNN on 28×28 Fashion-MNIST-shaped batches, and ResNet-18
+at 32×32 RGB) and each setting (fp32 contiguous as the baseline, channels-last, bf16 autocast,
+torch.compile), one subprocess per setting so peak memory is its own, this prints:
+
+- images/s of the whole step (augmentation + forward + backward + optimiser),
+- the share of the step spent making the views (batched augmentation on the device),
+- achieved training FLOP/s (FLOPs counted by ``torch.utils.flop_counter``) and its ratio to the
+  fp32 matmul peak measured in the same process,
+- peak memory (CUDA: max allocated; CPU: the subprocess's max resident set),
+- torch.compile's compile time where used.
+
+    python benchmarks/bench_step.py [--device cpu|cuda] [--steps 8] [--models small,resnet18]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+MODELS = {
+    "small": {"backbone": "small_resnet", "params": {"widths": [16, 32, 64, 128]}, "chans": 1, "size": 28,
+              "head": {"proj_hidden": 512, "proj_dim": 128}},
+    "resnet18": {"backbone": "resnet18", "params": {}, "chans": 3, "size": 32,
+                 "head": {"proj_hidden": 2048, "proj_dim": 128}},
+}
+SETTINGS = {
+    "fp32": {"channels_last": False, "bf16": False, "compile": False},
+    "channels_last": {"channels_last": True, "bf16": False, "compile": False},
+    "channels_last+bf16": {"channels_last": True, "bf16": True, "compile": False},
+    "channels_last+compile": {"channels_last": True, "bf16": False, "compile": True},
+}
+
+
+def matmul_peak(device: torch.device, dtype=torch.float32, n: int = 2048, reps: int = 10) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_one(model_name: str, setting: str, device: torch.device, steps: int, batch: int) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from selfsup.methods.base import Progress
+    from selfsup.methods.simclr import SimCLR
+    from selfsup.nn.backbones import build_backbone
+    from selfsup.train.optim import LARS
+    from selfsup.views import Augment, ViewRecipe, make_views, resolve_sizes
+
+    m, s = MODELS[model_name], SETTINGS[setting]
+    torch.manual_seed(0)
+    model = SimCLR(build_backbone(m["backbone"], m["chans"], m["size"], **m["params"]), **m["head"]).to(device)
+    if s["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    opt = LARS(model.parameters(), lr=0.1, weight_decay=1e-6)
+    recipe = resolve_sizes(ViewRecipe(globals_=(Augment(scale=(0.2, 1.0), blur_p=0.0),) * 2), m["size"])
+    images = torch.randint(0, 256, (batch, m["chans"], m["size"], m["size"]), dtype=torch.uint8, device=device)
+    mean, std = [0.5] * m["chans"], [0.25] * m["chans"]
+    step_fn = model.training_step
+    compile_s = None
+    if s["compile"]:
+        step_fn = torch.compile(model.training_step)
+    progress = Progress(0, 100, 0, 10)
+
+    def views():
+        with torch.no_grad():
+            v = make_views(images, recipe, mean, std)
+        return [x.contiguous(memory_format=torch.channels_last) for x in v] if s["channels_last"] else v
+
+    def train_step(v):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s["bf16"]):
+            loss, _ = step_fn(v, progress)
+        opt.zero_grad(set_to_none=True)
+        loss.float().backward()
+        opt.step()
+
+    t0 = time.perf_counter()
+    train_step(views())  # warm-up (and compilation)
+    _sync(device)
+    if s["compile"]:
+        compile_s = time.perf_counter() - t0
+    train_step(views())
+    flops_counter = FlopCounterMode(display=False)
+    with flops_counter:
+        train_step(views())
+    flops_per_step = flops_counter.get_total_flops()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    aug, total = [], []
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        v = views()
+        _sync(device)
+        t1 = time.perf_counter()
+        train_step(v)
+        _sync(device)
+        t2 = time.perf_counter()
+        aug.append(t1 - t0)
+        total.append(t2 - t0)
+    step_s = statistics.median(total)
+    peak = matmul_peak(device)
+    memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"model": model_name, "setting": setting, "batch": batch, "images_per_s": batch / step_s,
+            "aug_share": statistics.median(aug) / step_s, "train_flops_per_s": flops_per_step / step_s,
+            "matmul_peak_flops_per_s": peak, "peak_ratio": flops_per_step / step_s / peak,
+            "peak_memory_mb": memory / 2**20, "compile_s": compile_s, "device": str(device),
+            "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--models", default="small,resnet18")
+    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--batch", type=int, default=None, help="default: 256 (small), 128 on CPU / 512 on GPU (resnet18)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.one:
+        model_name, setting = args.one.split(":")
+        batch = args.batch or (256 if model_name == "small" else (512 if device.type == "cuda" else 128))
+        print(json.dumps(run_one(model_name, setting, device, args.steps, batch)))
+        return
+    rows = []
+    for model_name in args.models.split(","):
+        for setting in args.settings.split(","):
+            cmd = [sys.executable, __file__, "--one", f"{model_name}:{setting}", "--device", args.device,
+                   "--steps", str(args.steps)] + (["--batch", str(args.batch)] if args.batch else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"{model_name} {setting}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+                continue
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            r = rows[-1]
+            print(f"{model_name:9s} {setting:22s} {r['images_per_s']:8.0f} img/s  aug {100 * r['aug_share']:4.1f}%  "
+                  f"{r['train_flops_per_s'] / 1e9:7.1f} GFLOP/s = {100 * r['peak_ratio']:5.1f}% of matmul peak "
+                  f"({r['matmul_peak_flops_per_s'] / 1e9:.0f})  peak mem {r['peak_memory_mb']:.0f} MB"
+                  + (f"  compile {r['compile_s']:.1f}s" if r["compile_s"] else ""), flush=True)
+    print("\n| model | setting | batch | images/s | aug share | GFLOP/s | % of matmul peak | peak MB | compile s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        compile_s = "" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
+        print(f"| {r['model']} | {r['setting']} | {r['batch']} | {r['images_per_s']:.0f} | {100 * r['aug_share']:.1f}% "
+              f"| {r['train_flops_per_s'] / 1e9:.1f} | {100 * r['peak_ratio']:.1f}% | {r['peak_memory_mb']:.0f} "
+              f"| {compile_s} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Embeddings of a folder of images with a run's encoder (``selfsup embed``), as NumPy or Parquet.
+
+The folder is read by :func:`selfsup.data.folder.load_image_folder` (resized and centre-cropped
+to the encoder's image size; unreadable files skipped and counted), brought to the encoder's
+number of channels, normalised with the pretraining statistics and encoded in batches.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from selfsup.data.folder import load_image_folder, read_image
+from selfsup.data.imageset import DataError, ImageSet
+from selfsup.eval.evaluate import LoadedRun
+from selfsup.eval.features import extract_features
+
+
+@dataclass
+class Embeddings:
+    vectors: Tensor
+    """(N, D) float32 encoder features (not normalised)."""
+    paths: list[str]
+    labels: Tensor | None = None
+    """(N,) class indices when the folder has class subfolders."""
+    classes: list[str] = field(default_factory=list)
+    skipped: int = 0
+    """Files in the folder that could not be read."""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def match_channels(images: ImageSet, in_chans: int) -> ImageSet:
+    """Grayscale images for an RGB encoder are repeated over 3 channels; RGB images for a grayscale
+    encoder become their luma (ITU-R 601), so the encoder can be used on any folder."""
+    c = images.channels
+    if c == in_chans:
+        return images
+    x = images.images
+    if c == 1 and in_chans == 3:
+        x = x.expand(-1, 3, -1, -1).contiguous()
+    elif c == 3 and in_chans == 1:
+        w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        x = (x.float() * w).sum(dim=1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+    else:
+        raise DataError(f"the encoder takes {in_chans}-channel images, {images.name} has {c}")
+    return ImageSet(x, images.labels, images.classes, images.name, images.paths, images.skipped)
+
+
+def load_folder_for(run: LoadedRun, folder: str | Path) -> ImageSet:
+    """The folder's readable images, at the encoder's size and channels."""
+    images = load_image_folder(folder, run.meta["image_size"])
+    return match_channels(images, run.meta["in_chans"])
+
+
+def load_query_image(run: LoadedRun, path: str | Path) -> ImageSet:
+    """One image file, prepared as the folder images are; unreadable files raise :class:`DataError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"query image not found: {path}")
+    try:
+        array, _ = read_image(path, run.meta["image_size"])
+    except Exception as exc:  # PIL raises many types for broken files; all mean "cannot use this query"
+        raise DataError(f"query image {path} could not be read ({type(exc).__name__}: {exc})") from None
+    x = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None].contiguous()
+    return match_channels(ImageSet(x, name=str(path), paths=[str(path)]), run.meta["in_chans"])
+
+
+def encode(run: LoadedRun, images: ImageSet, device: str = "cpu", batch_size: int = 512) -> Tensor:
+    return extract_features(run.encoder, images, run.meta["mean"], run.meta["std"], device, batch_size)
+
+
+def embed_folder(run: LoadedRun, folder: str | Path, device: str = "cpu", batch_size: int = 512) -> Embeddings:
+    images = load_folder_for(run, folder)
+    meta = {"method": run.cfg.method.name, "backbone": run.cfg.backbone.name, "image_size": run.meta["image_size"],
+            "in_chans": run.meta["in_chans"], "folder": str(folder)}
+    return Embeddings(encode(run, images, device, batch_size), list(images.paths or []), images.labels,
+                      images.classes, images.skipped, meta)
+
+
+def write_embeddings(emb: Embeddings, out: str | Path) -> Path:
+    """``out`` ending in ``.parquet``: a Parquet table (needs pyarrow); otherwise a ``.npz`` archive
+    (``.npz`` is appended when missing) with ``embeddings`` (N, D), ``paths`` (N,) and, for class
+    folders, ``labels`` and ``classes``. Returns the path written."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {**emb.meta, "skipped": emb.skipped, "classes": emb.classes}
+    vectors = emb.vectors.float().numpy()
+    if out.suffix.lower() == ".parquet":
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError("writing Parquet needs pyarrow, which is not installed: `pip install pyarrow`, "
+                            "or write NumPy with --out FILE.npz") from None
+        columns: dict[str, Any] = {
+            "path": pa.array(emb.paths, pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1]),
+        }
+        if emb.labels is not None:
+            columns["label"] = pa.array(emb.labels.numpy())
+        table = pa.table(columns).replace_schema_metadata({"selfsup": json.dumps(meta)})
+        pq.write_table(table, out)
+        return out
+    if out.suffix.lower() != ".npz":
+        out = out.with_name(out.name + ".npz")
+    arrays: dict[str, np.ndarray] = {"embeddings": vectors, "paths": np.array(emb.paths, dtype=str),
+                                     "meta": np.array(json.dumps(meta))}
+    if emb.labels is not None:
+        arrays["labels"] = emb.labels.numpy()
+        arrays["classes"] = np.array(emb.classes, dtype=str)
+    with out.open("wb") as f:
+        np.savez(f, **arrays)
+    return out
+
+
+def read_embeddings(path: str | Path) -> Embeddings:
+    """An ``.npz`` written by :func:`write_embeddings` (no pickles are loaded)."""
+    with np.load(Path(path), allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+        labels = torch.from_numpy(z["labels"]) if "labels" in z else None
+        return Embeddings(torch.from_numpy(z["embeddings"]), z["paths"].tolist(), labels, meta.get("classes", []),
+                          int(meta.get("skipped", 0)), meta)

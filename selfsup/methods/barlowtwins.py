@@ -1,0 +1,73 @@
+"""Barlow Twins: make the cross-correlation of two views' embeddings the identity matrix.
+
+Zbontar, Jing, Misra, LeCun, Deny. Barlow Twins: Self-Supervised Learning via Redundancy Reduction.
+ICML 2021, arXiv:2103.03230.
+
+Paper defaults: a 3-layer projector (Linear–BN–ReLU twice, then Linear) of width 8192, λ = 5·10⁻³,
+LARS with lr 0.2 × B/256 for weights and 0.0048 × B/256 for biases and BN parameters
+(``bias_lr_scale`` = 0.0048 / 0.2), the BYOL augmentations (asymmetric blur and solarisation).
+The width is a constructor parameter: the paper's accuracy grows with it (fig. 4), CPU recipes
+scale it down.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from selfsup.losses.redundancy import barlow_twins_loss
+from selfsup.methods.base import Progress
+from selfsup.methods.registry import register
+from selfsup.nn.heads import mlp
+from selfsup.views import Augment, ViewRecipe
+
+# BYOL's pair of view pipelines (arXiv:2006.07733, table 6), which Barlow Twins adopts (§B).
+_VIEW_1 = Augment(saturation=0.2, blur_p=1.0)
+_VIEW_2 = Augment(saturation=0.2, blur_p=0.1, solarize_p=0.2)
+
+
+@register("barlowtwins", "redundancy-reduction",
+          "Zbontar et al. 2021, Barlow Twins: Self-Supervised Learning via Redundancy Reduction, arXiv:2103.03230")
+class BarlowTwins(nn.Module):
+    views = ViewRecipe(globals_=(_VIEW_1, _VIEW_2))
+    min_batch_size = 2
+    test_params = {"proj_hidden": 64, "proj_dim": 64}
+
+    def __init__(self, backbone: nn.Module, *, lambd: float = 5e-3, proj_hidden: int = 8192, proj_dim: int = 8192,
+                 proj_layers: int = 3, bias_lr_scale: float = 0.024, gather: bool = False):
+        super().__init__()
+        if lambd < 0:
+            raise ValueError(f"barlowtwins: lambd (the off-diagonal weight λ) must be ≥ 0, got {lambd}")
+        if proj_layers < 1:
+            raise ValueError(f"barlowtwins: proj_layers must be ≥ 1, got {proj_layers}")
+        if min(proj_hidden, proj_dim) < 1:
+            raise ValueError(f"barlowtwins: projector widths must be ≥ 1, got {proj_hidden} and {proj_dim}")
+        if bias_lr_scale <= 0:
+            raise ValueError(f"barlowtwins: bias_lr_scale must be > 0, got {bias_lr_scale}")
+        self.backbone = backbone
+        dims = [backbone.num_features] + [proj_hidden] * (proj_layers - 1) + [proj_dim]
+        # No bias on the last layer: the loss standardises each dimension, which would cancel it.
+        self.projector = mlp(dims, norm="bn", last_bias=False)
+        self.lambd = lambd
+        self.bias_lr_scale = bias_lr_scale
+        self.gather = gather
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.backbone(x)
+
+    def param_groups(self) -> list[dict]:
+        """Biases and BN parameters (every 1-D parameter) at the paper's lower rate (§B, 0.0048 vs 0.2)."""
+        return [{"params": [p for p in self.parameters() if p.ndim <= 1], "lr_scale": self.bias_lr_scale}]
+
+    def check_run(self, n_train: int, batch_size: int, recipe: ViewRecipe) -> list[str]:
+        if recipe.num_views != 2:
+            return [f"needs exactly 2 views, the view recipe gives {recipe.num_views} (set views.local_crops to 0)"]
+        return []
+
+    def training_step(self, views: list[Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
+        x1, x2 = views
+        # One pass per view, as the reference code: BatchNorm statistics are those of one view.
+        z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
+        # Batch statistics and the D×D correlation in fp32 even under bf16 autocast.
+        with torch.autocast(z1.device.type, enabled=False):
+            loss = barlow_twins_loss(z1.float(), z2.float(), self.lambd, gather=self.gather)
+        return loss, {"z": z1.detach(), "z_pair": z2.detach()}

@@ -1,0 +1,86 @@
+"""BYOL: an online network predicts the projection an EMA target network gives another view.
+
+Grill et al. Bootstrap Your Own Latent: A New Approach to Self-Supervised Learning. NeurIPS 2020,
+arXiv:2006.07733.
+
+Defaults follow the paper (§3.3, appendix C/J): projector and predictor are 2-layer MLPs with BN
+(hidden 4096, output 256); the target's momentum rises from τ_base = 0.996 to 1 as
+``τ = 1 − (1 − τ_base)·(cos(πk/K) + 1)/2``; the loss is the normalised MSE ``2 − 2·cos`` summed over
+both view orders; view 1 is always blurred and never solarised, view 2 blurred with p = 0.1 and
+solarised with p = 0.2 (table 6). ``predictor_lr_scale`` > 1 updates the predictor faster, which
+Tian et al. (arXiv:2102.06810, §4) find helps non-contrastive learning.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from selfsup.losses.distillation import byol_loss
+from selfsup.methods.base import Progress
+from selfsup.methods.registry import register
+from selfsup.nn.ema import cosine_schedule, ema_update_, frozen_copy
+from selfsup.nn.heads import mlp
+from selfsup.views import Augment, ViewRecipe
+
+
+def check_two_views(name: str, recipe: ViewRecipe) -> list[str]:
+    """Problems for a method that compares exactly two views (BYOL, SimSiam)."""
+    if recipe.num_views == 2:
+        return []
+    return [f"{name} compares exactly 2 views, but the view recipe gives {recipe.num_views} "
+            f"({len(recipe.globals_)} global + views.local_crops={recipe.local_crops}); remove views.local_crops"]
+
+
+@register("byol", "self-distillation", "Grill et al. 2020, Bootstrap Your Own Latent, arXiv:2006.07733")
+class BYOL(nn.Module):
+    views = ViewRecipe(globals_=(Augment(blur_p=1.0, solarize_p=0.0), Augment(blur_p=0.1, solarize_p=0.2)))
+    min_batch_size = 2
+    test_params = {"proj_hidden": 32, "proj_dim": 16, "pred_hidden": 32}
+
+    def __init__(self, backbone: nn.Module, *, proj_hidden: int = 4096, proj_dim: int = 256, pred_hidden: int = 4096,
+                 base_momentum: float = 0.996, final_momentum: float = 1.0, predictor_lr_scale: float = 1.0):
+        super().__init__()
+        for name, m in (("base_momentum", base_momentum), ("final_momentum", final_momentum)):
+            if not 0.0 <= m <= 1.0:
+                raise ValueError(f"byol: {name} must be in [0, 1], got {m}")
+        if predictor_lr_scale <= 0:
+            raise ValueError(f"byol: predictor_lr_scale must be > 0, got {predictor_lr_scale}")
+        if min(proj_hidden, proj_dim, pred_hidden) < 1:
+            raise ValueError(f"byol: head widths must be ≥ 1, got {proj_hidden}, {proj_dim}, {pred_hidden}")
+        self.backbone = backbone
+        self.projector = mlp([backbone.num_features, proj_hidden, proj_dim], norm="bn")
+        self.predictor = mlp([proj_dim, pred_hidden, proj_dim], norm="bn")
+        self.target_backbone = frozen_copy(self.backbone)
+        self.target_projector = frozen_copy(self.projector)
+        self.base_momentum, self.final_momentum = base_momentum, final_momentum
+        self.predictor_lr_scale = predictor_lr_scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.backbone(x)
+
+    def training_step(self, views: list[Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
+        # Each view goes through the networks alone, so BatchNorm statistics are per view as in the paper.
+        z = [self.projector(self.backbone(v)) for v in views]
+        p = [self.predictor(zi) for zi in z]
+        with torch.no_grad():
+            t = [self.target_projector(self.target_backbone(v)) for v in views]
+        loss = byol_loss(p[0], t[1]) + byol_loss(p[1], t[0])
+        return loss, {"z": z[0].detach(), "z_pair": z[1].detach()}
+
+    def momentum(self, progress: Progress) -> float:
+        return cosine_schedule(progress.fraction, self.base_momentum, self.final_momentum)
+
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.target_backbone, self.backbone), (self.target_projector, self.projector)]
+
+    @torch.no_grad()
+    def after_step(self, progress: Progress) -> None:
+        m = self.momentum(progress)
+        for teacher, student in self.ema_pairs():
+            ema_update_(teacher, student, m)
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": list(self.predictor.parameters()), "lr_scale": self.predictor_lr_scale}]
+
+    def check_run(self, n_train: int, batch_size: int, recipe: ViewRecipe) -> list[str]:
+        return check_two_views("byol", recipe)

@@ -1,0 +1,111 @@
+"""MoCo v2: contrast each query with its momentum-encoded key and a queue of past keys.
+
+He, Fan, Wu, Xie, Girshick. Momentum Contrast for Unsupervised Visual Representation Learning,
+arXiv:1911.05722 (Algorithm 1); Chen, Fan, Girshick, He. Improved Baselines with Momentum Contrastive
+Learning, arXiv:2003.04297 (MLP head, τ = 0.2, stronger augmentation, cosine lr).
+
+Defaults follow the papers: 2-layer MLP head without BN (2048 hidden, 128 out), τ = 0.2, key-encoder
+momentum 0.999, a queue of 65536 keys started from random unit vectors (as the reference code).
+
+Shuffling BN (arXiv:1911.05722 §3.3): with BN computed over the very batch that holds a query's
+positive, the model can "cheat" by reading batch statistics instead of learning the image. On one
+process, shuffling the key batch alone changes nothing (BN statistics are permutation invariant), so the
+single-process equivalent used here is split BN: the key batch is randomly permuted, cut into
+``bn_splits`` sub-batches that each go through the key encoder with their own BN statistics, and the keys
+are put back in order; queries see full-batch statistics, so a query and its key never share the same
+statistics. Across processes each rank splits its own batch; the cross-rank shuffle belongs to the
+distributed launcher.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from selfsup.losses.contrastive import info_nce
+from selfsup.methods.base import Progress
+from selfsup.methods.registry import register
+from selfsup.nn.ema import ema_update_, frozen_copy
+from selfsup.nn.heads import mlp
+from selfsup.nn.queue import MemoryQueue
+from selfsup.train.distributed import gather_no_grad
+from selfsup.views import Augment, ViewRecipe
+
+
+@register("mocov2", "contrastive", "Chen et al. 2020, Improved Baselines with Momentum Contrastive Learning, arXiv:2003.04297")
+class MoCoV2(nn.Module):
+    views = ViewRecipe(globals_=(Augment(scale=(0.2, 1.0)), Augment(scale=(0.2, 1.0))))  # MoCo v2's crops
+    min_batch_size = 2
+    test_params = {"queue_size": 16, "proj_hidden": 32, "proj_dim": 16, "bn_splits": 2}
+
+    def __init__(self, backbone: nn.Module, *, temperature: float = 0.2, momentum: float = 0.999,
+                 queue_size: int = 65536, proj_hidden: int = 2048, proj_dim: int = 128, bn_splits: int = 8,
+                 gather: bool = False):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"mocov2: temperature must be > 0, got {temperature}")
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"mocov2: momentum must be in [0, 1], got {momentum}")
+        if queue_size < 1:
+            raise ValueError(f"mocov2: queue_size must be ≥ 1, got {queue_size}")
+        if bn_splits < 1:
+            raise ValueError(f"mocov2: bn_splits must be ≥ 1, got {bn_splits}")
+        self.backbone = backbone
+        self.projector = mlp([backbone.num_features, proj_hidden, proj_dim], norm=None)
+        self.key_backbone = frozen_copy(backbone)
+        self.key_projector = frozen_copy(self.projector)
+        self.queue = MemoryQueue(queue_size, proj_dim)
+        self.temperature = temperature
+        self.base_momentum = momentum
+        self.bn_splits = bn_splits
+        self.gather = gather
+        self._new_keys: Tensor | None = None  # this step's keys, queued by after_step once the step is taken
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.backbone(x)
+
+    @torch.no_grad()
+    def _keys(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) → (B, proj_dim) keys, with BN statistics from random sub-batches (split BN)."""
+        perm = torch.randperm(x.shape[0], device=x.device)
+        parts = x[perm].tensor_split(self.bn_splits)
+        keys = torch.cat([self.key_projector(self.key_backbone(p)) for p in parts])
+        return keys[torch.argsort(perm)]
+
+    def training_step(self, views: list[Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
+        x_q, x_k = views
+        q = self.projector(self.backbone(x_q))
+        k = self._keys(x_k)
+        queued = self.queue.contents()
+        if queued.shape[0]:
+            loss = info_nce(q, k, self.temperature, negatives=queued, in_batch=False)
+        else:  # first step, nothing queued yet: the batch's other keys are the negatives (MoCo v3's form)
+            loss = info_nce(q, k, self.temperature, gather=self.gather)
+        self._new_keys = F.normalize(k.float(), dim=1)
+        return loss, {"z": q.detach(), "z_pair": k}
+
+    def momentum(self, progress: Progress) -> float:
+        return self.base_momentum
+
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.key_backbone, self.backbone), (self.key_projector, self.projector)]
+
+    def after_step(self, progress: Progress) -> None:
+        for teacher, student in self.ema_pairs():
+            ema_update_(teacher, student, self.momentum(progress))
+        if self._new_keys is not None:
+            self.queue.push(gather_no_grad(self._new_keys) if self.gather else self._new_keys)
+            self._new_keys = None
+
+    def check_run(self, n_train: int, batch_size: int, recipe: ViewRecipe) -> list[str]:
+        problems = []
+        if self.queue.size > n_train:
+            problems.append(f"the queue ({self.queue.size} keys) is larger than the {n_train} training images, so it "
+                            f"would hold keys of the query's own image as negatives; set method.params.queue_size "
+                            f"≤ {n_train}")
+        if batch_size // self.bn_splits < 2:
+            problems.append(f"bn_splits={self.bn_splits} leaves fewer than 2 images per BN sub-batch at batch size "
+                            f"{batch_size}; lower method.params.bn_splits")
+        if recipe.num_views != 2:
+            problems.append(f"MoCo uses exactly 2 views, the view recipe makes {recipe.num_views}")
+        return problems

@@ -1,0 +1,79 @@
+"""MoCo v3: symmetric in-batch InfoNCE between a predictor on the query side and a momentum encoder.
+
+Chen, Xie, He. An Empirical Study of Training Self-Supervised Vision Transformers, ICCV 2021,
+arXiv:2104.02057 (Algorithm 1, §3 and appendix; facebookresearch/moco-v3 for the ResNet recipe).
+
+No queue: the other keys of the (large) batch are the negatives. Loss ``ctr(q1, k2) + ctr(q2, k1)``,
+each term scaled by 2τ as in Algorithm 1. Defaults follow the ResNet-50 recipe: projector 2 layers
+(hidden 4096, output 256), predictor 2 layers, BN after every layer including the last (affine-free),
+τ = 1.0, momentum from 0.99 to 1 along a cosine.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from selfsup.losses.contrastive import info_nce
+from selfsup.methods.base import Progress
+from selfsup.methods.registry import register
+from selfsup.nn.ema import cosine_schedule, ema_update_, frozen_copy
+from selfsup.nn.heads import mlp
+from selfsup.views import Augment, ViewRecipe
+
+
+@register("mocov3", "contrastive", "Chen, Xie, He 2021, An Empirical Study of Training Self-Supervised ViTs, arXiv:2104.02057")
+class MoCoV3(nn.Module):
+    views = ViewRecipe(globals_=(Augment(scale=(0.08, 1.0), blur_p=1.0), Augment(blur_p=0.1, solarize_p=0.2)))  # BYOL's
+    min_batch_size = 2
+    test_params = {"proj_hidden": 32, "proj_dim": 16, "pred_hidden": 32}
+
+    def __init__(self, backbone: nn.Module, *, temperature: float = 1.0, base_momentum: float = 0.99,
+                 proj_hidden: int = 4096, proj_dim: int = 256, proj_layers: int = 2, pred_hidden: int = 4096,
+                 gather: bool = False):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"mocov3: temperature must be > 0, got {temperature}")
+        if not 0.0 <= base_momentum <= 1.0:
+            raise ValueError(f"mocov3: base_momentum must be in [0, 1], got {base_momentum}")
+        if proj_layers < 1:
+            raise ValueError(f"mocov3: proj_layers must be ≥ 1, got {proj_layers}")
+        self.backbone = backbone
+        dims = [backbone.num_features] + [proj_hidden] * (proj_layers - 1) + [proj_dim]
+        self.projector = mlp(dims, norm="bn", last_norm=True)
+        self.predictor = mlp([proj_dim, pred_hidden, proj_dim], norm="bn", last_norm=True)
+        self.momentum_backbone = frozen_copy(backbone)
+        self.momentum_projector = frozen_copy(self.projector)
+        self.temperature = temperature
+        self.base_momentum = base_momentum
+        self.gather = gather
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.backbone(x)
+
+    def training_step(self, views: list[Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
+        x1, x2 = views
+        # each view through the encoders on its own, as the reference code: BN statistics per view
+        z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
+        q1, q2 = self.predictor(z1), self.predictor(z2)
+        with torch.no_grad():
+            k1 = self.momentum_projector(self.momentum_backbone(x1))
+            k2 = self.momentum_projector(self.momentum_backbone(x2))
+        tau = self.temperature
+        loss = 2 * tau * (info_nce(q1, k2, tau, gather=self.gather) + info_nce(q2, k1, tau, gather=self.gather))
+        return loss, {"z": z1.detach(), "z_pair": z2.detach()}
+
+    def momentum(self, progress: Progress) -> float:
+        return cosine_schedule(progress.fraction, self.base_momentum, 1.0)
+
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.momentum_backbone, self.backbone), (self.momentum_projector, self.projector)]
+
+    def after_step(self, progress: Progress) -> None:
+        m = self.momentum(progress)
+        for teacher, student in self.ema_pairs():
+            ema_update_(teacher, student, m)
+
+    def check_run(self, n_train: int, batch_size: int, recipe: ViewRecipe) -> list[str]:
+        if recipe.num_views != 2:
+            return [f"MoCo v3 uses exactly 2 views, the view recipe makes {recipe.num_views}"]
+        return []

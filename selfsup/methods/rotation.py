@@ -1,0 +1,71 @@
+"""Rotation prediction (RotNet): which of 0°, 90°, 180°, 270° was the image turned by?
+
+Gidaris, Singh, Komodakis. Unsupervised Representation Learning by Predicting Image Rotations.
+ICLR 2018, arXiv:1803.07728.
+
+As in the paper (§3, table 2), every image of a batch is shown in all four rotations at once, so the
+classifier sees the four versions of one image side by side. The classifier is a small MLP on the
+pooled backbone features (the paper puts conv blocks of the network itself on top; with a pooled
+backbone a 2-layer MLP head plays that role). Views: random crop and flip only (the paper's CIFAR
+setting); colour jitter adds nothing a rotation label could use.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from selfsup.methods.base import Progress
+from selfsup.methods.registry import register
+from selfsup.nn.heads import mlp
+from selfsup.views import Augment, ViewRecipe
+
+ROTATIONS = 4
+
+
+def rotate_all(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, C, S, S) → (4B, C, S, S) rotated by k·90° counter-clockwise, with labels k: (4B,) int64.
+
+    Block k of B rows is the batch rotated by k·90°; :func:`unrotate` inverts it given the labels.
+    """
+    if x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"rotation needs square views, got {tuple(x.shape[-2:])}")
+    rotated = torch.cat([torch.rot90(x, k, dims=(-2, -1)) for k in range(ROTATIONS)])
+    labels = torch.arange(ROTATIONS, device=x.device).repeat_interleave(x.shape[0])
+    return rotated, labels
+
+
+def unrotate(x: Tensor, labels: Tensor) -> Tensor:
+    """Undo a rotation by ``labels[i]``·90° on each image of (N, C, S, S)."""
+    return torch.stack([torch.rot90(img, -int(k), dims=(-2, -1)) for img, k in zip(x, labels)])
+
+
+@register("rotation", "pretext", "Gidaris et al. 2018, Unsupervised Representation Learning by Predicting Image "
+          "Rotations, arXiv:1803.07728")
+class RotationPrediction(nn.Module):
+    views = ViewRecipe(globals_=(Augment(scale=(0.5, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0),))
+    min_batch_size = 2
+
+    def __init__(self, backbone: nn.Module, *, head_hidden: int = 512):
+        super().__init__()
+        if head_hidden < 1:
+            raise ValueError(f"rotation: head_hidden must be ≥ 1, got {head_hidden}")
+        self.backbone = backbone
+        self.classifier = mlp([backbone.num_features, head_hidden, ROTATIONS], norm="bn")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.backbone(x)
+
+    def check_run(self, n_train: int, batch_size: int, recipe: ViewRecipe) -> list[str]:
+        if recipe.num_views != 1:
+            return [f"uses one view per image (rotated four ways), got views with {recipe.num_views}"]
+        return []
+
+    def training_step(self, views: list[Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
+        x = views[0]
+        rotated, labels = rotate_all(x)
+        feats = self.backbone(rotated)  # all four rotations through the backbone together
+        logits = self.classifier(feats)
+        loss = F.cross_entropy(logits, labels)
+        acc = (logits.argmax(dim=1) == labels).float().mean()
+        return loss, {"pretext_acc": acc.detach(), "z": feats[: x.shape[0]].detach()}

@@ -1,0 +1,332 @@
+"""``selfsup bench``: several methods under one budget, one results table (markdown, JSON, bar chart).
+
+The budget is the same for every method: each starts from its recipe
+``configs/<method>_fashion_mnist.yaml`` (or the library defaults when it has none, flagged in the
+table) with ``--data``, ``--epochs``, ``--limit`` and ``--batch-size`` put over it. Every method runs
+in its own subprocess, so its peak memory is its own: the maximum resident set size of that process
+up to the end of pretraining (``getrusage``), and on CUDA ``torch.cuda.max_memory_allocated``.
+
+Evaluation, after pretraining, on the dataset's labelled train/test split (not the pretraining
+``limit``): weighted kNN and a linear probe on frozen features, the effective rank (RankMe) of the
+test embeddings, and optionally fine-tuning with 1% and 10% of the labels (``selfsup.eval.finetune``).
+A reference row evaluates a randomly initialised encoder of the same backbone the same way; its
+fine-tune columns are training from scratch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+log = logging.getLogger("selfsup")
+
+FINETUNE_FRACTIONS = ("1%", "10%")
+COLUMNS = [("method", "method"), ("family", "family"), ("epochs", "epochs"), ("wall_time_s", "wall time (s)"),
+           ("images_per_s", "images/s"), ("peak_memory_mb", "peak mem (MB)"), ("knn", "kNN"), ("linear", "linear"),
+           ("finetune_1%", "fine-tune 1%"), ("finetune_10%", "fine-tune 10%"), ("effective_rank", "eff. rank"),
+           ("collapse_warnings", "collapse warnings")]
+PCT_COLUMNS = {"knn", "linear", "finetune_1%", "finetune_10%"}
+
+
+@dataclasses.dataclass
+class Budget:
+    """What every method gets: epochs over the first ``limit`` training images, at ``batch_size``."""
+
+    epochs: int | None = None
+    limit: int | None = None
+    batch_size: int | None = None
+
+    @staticmethod
+    def parse(text: str) -> "Budget":
+        """``"epochs=1,limit=3000[,batch_size=128]"`` (the ``--budget`` form)."""
+        from selfsup.config import ConfigError
+
+        out = Budget()
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            key, _, value = part.partition("=")
+            key = key.strip().replace("-", "_")
+            if key not in ("epochs", "limit", "batch_size") or not value.strip().isdigit():
+                raise ConfigError([f"--budget expects epochs=N,limit=M[,batch_size=B] (positive integers), got {text!r}"])
+            setattr(out, key, int(value))
+        return out
+
+    def overrides(self) -> dict[str, Any]:
+        keys = {"epochs": "train.epochs", "limit": "data.limit", "batch_size": "train.batch_size"}
+        return {keys[k]: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def describe(self) -> str:
+        e = f"{self.epochs} epoch(s)" if self.epochs else "each recipe's epochs"
+        n = f"the first {self.limit} training images" if self.limit else "all training images"
+        b = f", batch size {self.batch_size}" if self.batch_size else ", each recipe's batch size"
+        return f"{e} on {n}{b}"
+
+
+@dataclasses.dataclass
+class BenchSpec:
+    """One subprocess's job (JSON on its command line)."""
+
+    method: str
+    recipe: str | None
+    overrides: dict[str, Any]
+    run_dir: str
+    result_path: str
+    finetune: bool = False
+    finetune_steps: int | None = None
+    eval_limit: int | None = None
+    baseline: bool = False
+    """Evaluate a randomly initialised encoder of the recipe's backbone instead of pretraining."""
+
+
+def recipe_for(method: str, config_dir: str | Path) -> Path | None:
+    path = Path(config_dir) / f"{method}_fashion_mnist.yaml"
+    return path if path.is_file() else None
+
+
+# ---------------------------------------------------------------- one method, in its own process
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def _training_figures(run_dir: Path) -> dict[str, Any]:
+    from selfsup.report.curves import split_metrics
+    from selfsup.train.rundir import read_metrics
+
+    m = split_metrics(read_metrics(run_dir))
+    seconds = sum(r.get("epoch_time_s", 0.0) for r in m.epochs)
+    images = sum(r.get("images_per_s", 0.0) * r.get("epoch_time_s", 0.0) for r in m.epochs)
+    last = m.epochs[-1] if m.epochs else {}
+    return {"images_per_s": images / seconds if seconds else None, "final_loss": last.get("loss"),
+            "online_knn": last.get("knn"), "collapse_warnings": len(m.warnings),
+            "spread": m.steps[-1].get("spread") if m.steps else None}
+
+
+def evaluate_encoder(encoder: torch.nn.Module, cfg, mean: Sequence[float], std: Sequence[float], spec: BenchSpec,
+                     device: str) -> dict[str, Any]:
+    """kNN, linear, effective rank of test embeddings, and fine-tune at 1%/10% when asked."""
+    import copy
+
+    from selfsup.data import load_dataset
+    from selfsup.data.splits import parse_fraction, stratified_subset
+    from selfsup.eval.diagnostics import effective_rank
+    from selfsup.eval.evaluate import evaluate_features
+    from selfsup.eval.features import extract_features
+    from selfsup.report.embeddings import sample_indices
+
+    train, test = load_dataset(dataclasses.replace(cfg.data, limit=None))
+    if train.labels is None or test.labels is None or len(test) == 0:
+        return {"error": f"{cfg.data.name} has no labelled test split: nothing to evaluate on"}
+    if spec.eval_limit:
+        train = train.subset(sample_indices(len(train), spec.eval_limit, cfg.train.seed))
+    tr = extract_features(encoder, train, mean, std, device)
+    te = extract_features(encoder, test, mean, std, device)
+    out: dict[str, Any] = {"n_eval_train": len(train), "n_test": len(test), "effective_rank": effective_rank(te),
+                           "feature_dim": int(te.shape[1])}
+    for protocol in ("knn", "linear"):
+        out[protocol] = evaluate_features(protocol, tr, train.labels, te, test.labels, train.num_classes, cfg.train.seed)
+    if spec.finetune:
+        from selfsup.eval.finetune import FinetuneSettings, finetune_accuracy
+
+        settings = FinetuneSettings()
+        if spec.finetune_steps:
+            settings = dataclasses.replace(settings, min_steps=spec.finetune_steps, max_steps=spec.finetune_steps)
+        for frac in FINETUNE_FRACTIONS:
+            sub = train.subset(stratified_subset(train.labels, parse_fraction(frac), cfg.train.seed))
+            ft = finetune_accuracy(copy.deepcopy(encoder), int(te.shape[1]), sub, test, mean, std, settings,
+                                   cfg.train.seed, device)
+            out[f"finetune_{frac}"] = ft["accuracy"]
+            out[f"finetune_{frac}_labels"] = len(sub)
+    return out
+
+
+def run_one(spec: BenchSpec) -> dict[str, Any]:
+    """Pretrain (or build a random encoder), then evaluate; what one bench subprocess does."""
+    from selfsup.config import load_config
+    from selfsup.eval.evaluate import load_run
+    from selfsup.methods import get_method
+    from selfsup.train.loop import pretrain, resolve_device
+
+    cfg = load_config(spec.recipe, spec.overrides)
+    device = resolve_device(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    row: dict[str, Any] = {"method": spec.method, "recipe": spec.recipe or "library defaults",
+                           "backbone": cfg.backbone.name, "device": str(device)}
+    if spec.baseline:
+        from selfsup.data import load_dataset
+        from selfsup.train.build import build_encoder
+
+        train, _ = load_dataset(cfg.data)
+        torch.manual_seed(cfg.train.seed)
+        encoder = build_encoder(cfg, train.channels, train.image_size).to(device)
+        mean, std = train.mean_std()
+        row.update(family="reference", epochs=0)
+    else:
+        row.update(family=get_method(cfg.method.name).family, epochs=cfg.train.epochs)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        pretrain(cfg, spec.run_dir, overwrite=True)
+        row["wall_time_s"] = time.perf_counter() - t0
+        row["peak_rss_mb"] = _peak_rss_mb()
+        # the figure that limits a run: host memory on the CPU, device memory on a GPU
+        row["peak_memory_mb"] = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+                                 else row["peak_rss_mb"])
+        row.update(_training_figures(Path(spec.run_dir)))
+        run = load_run(spec.run_dir, device)
+        encoder, mean, std = run.encoder, run.meta["mean"], run.meta["std"]
+    row.update(evaluate_encoder(encoder, cfg, mean, std, spec, str(device)))
+    return row
+
+
+def _child_main(argv: Sequence[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    spec = BenchSpec(**json.loads(argv[0]))
+    try:
+        row = run_one(spec)
+    except Exception as exc:  # recorded in the table, the matrix goes on
+        row = {"method": spec.method, "error": f"{type(exc).__name__}: {exc}"}
+        Path(spec.result_path).write_text(json.dumps(row, indent=2))
+        raise
+    Path(spec.result_path).write_text(json.dumps(row, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------- the matrix
+
+
+def run_bench(methods: Sequence[str], out_dir: str | Path, budget: Budget, data: str | None = None,
+              data_root: str | None = None, config_dir: str | Path = "configs", finetune: bool = False,
+              finetune_steps: int | None = None, eval_limit: int | None = None, device: str | None = None,
+              threads: int | None = None, seed: int | None = None, baseline: bool = True,
+              extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run every method (one subprocess each), write ``results.{json,md,png}`` in ``out_dir``; returns the JSON."""
+    from selfsup.config import ConfigError, load_config
+    from selfsup.methods import get_method
+
+    methods = [m.strip() for m in methods if m.strip()]
+    if not methods:
+        raise ConfigError(["--methods is empty; give a comma-separated list (see `selfsup methods`)"])
+    for m in methods:
+        get_method(m)  # an unknown name fails here, before any training
+    out = Path(out_dir)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    common: dict[str, Any] = dict(extra or {})
+    for key, value in (("data.name", data), ("data.root", data_root), ("train.device", device),
+                       ("train.threads", threads), ("train.seed", seed)):
+        if value is not None:
+            common[key] = value
+    common.update(budget.overrides())
+    common["train.progress"] = False
+    jobs = []
+    for m in methods:
+        recipe = recipe_for(m, config_dir)
+        overrides = {**common, "method.name": m}
+        load_config(recipe, overrides)  # every config error before the first subprocess starts
+        jobs.append(BenchSpec(m, str(recipe) if recipe else None, overrides, str(out / "runs" / m),
+                              str(out / "runs" / f"{m}.json"), finetune, finetune_steps, eval_limit))
+    if baseline:
+        first = jobs[0]
+        jobs.append(dataclasses.replace(first, method=f"random init ({load_config(first.recipe, first.overrides).backbone.name})",
+                                        run_dir=str(out / "runs" / "random_init"),
+                                        result_path=str(out / "runs" / "random_init.json"), baseline=True))
+    rows = []
+    for i, spec in enumerate(jobs, 1):
+        Path(spec.run_dir).parent.mkdir(parents=True, exist_ok=True)
+        Path(spec.result_path).unlink(missing_ok=True)
+        log_path = out / "logs" / f"{Path(spec.run_dir).name}.log"
+        print(f"[{i}/{len(jobs)}] {spec.method}: {'evaluating' if spec.baseline else 'pretraining'} "
+              f"(log: {log_path})", flush=True)
+        t0 = time.perf_counter()
+        with log_path.open("w") as logf:
+            proc = subprocess.run([sys.executable, "-m", "selfsup.report.bench", json.dumps(dataclasses.asdict(spec))],
+                                  stdout=logf, stderr=subprocess.STDOUT)
+        result = Path(spec.result_path)
+        row = json.loads(result.read_text()) if result.is_file() else {"method": spec.method}
+        if proc.returncode != 0 and "error" not in row:
+            tail = log_path.read_text().strip().splitlines()[-1:] or ["no output"]
+            row["error"] = f"exit status {proc.returncode}: {tail[0]}"
+        rows.append(row)
+        status = f"error: {row['error']}" if "error" in row else \
+            f"kNN {_cell('knn', row.get('knn'))}, linear {_cell('linear', row.get('linear'))}"
+        print(f"      {time.perf_counter() - t0:.0f}s  {status}", flush=True)
+    import platform
+
+    results = {"budget": dataclasses.asdict(budget), "budget_text": budget.describe(),
+               "data": common.get("data.name", "each recipe's"), "finetune": finetune,
+               "finetune_steps": finetune_steps, "eval_limit": eval_limit, "torch": torch.__version__,
+               "platform": platform.platform(), "threads": threads, "rows": rows}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(markdown_table(results))
+    plot_results(results, out / "results.png")
+    return results
+
+
+def _cell(key: str, value: Any) -> str:
+    if value is None:
+        return "–"
+    if key in PCT_COLUMNS:
+        return f"{100 * value:.1f}%"
+    if isinstance(value, float):
+        return f"{value:.1f}" if key != "images_per_s" else f"{value:.0f}"
+    return str(value)
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    cols = [(k, h) for k, h in COLUMNS if results["finetune"] or not k.startswith("finetune")]
+    lines = [f"Budget: {results['budget_text']}; data: {results['data']}; torch {results['torch']}; "
+             f"{results['platform']}" + (f"; {results['threads']} thread(s)" if results.get("threads") else ""), "",
+             "| " + " | ".join(h for _, h in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    notes = []
+    for r in results["rows"]:
+        lines.append("| " + " | ".join(_cell(k, r.get(k)) for k, _ in cols) + " |")
+        if "error" in r:
+            notes.append(f"- {r['method']}: {r['error']}")
+        if r.get("recipe") == "library defaults":
+            notes.append(f"- {r['method']}: no configs/{r['method']}_fashion_mnist.yaml; ran with the library defaults")
+    lines += ["", "kNN (k = 20, T = 0.07) and linear probe on frozen features over "
+              + (f"{results['eval_limit']} labelled training images" if results.get("eval_limit") else "the full labelled train split")
+              + "; eff. rank: RankMe of the test embeddings; wall time: pretraining (incl. the online kNN monitor); "
+              "peak mem: max RSS of the method's process (CUDA: max allocated)."]
+    if results["finetune"]:
+        lines.append("Fine-tune: the whole encoder plus a linear head on a stratified 1% / 10% of the labels "
+                     "(selfsup.eval.finetune); the random-init row is training from scratch with the same recipe.")
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def plot_results(results: dict[str, Any], path: Path) -> Path:
+    """Grouped bars: one group per method, one bar per accuracy column."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    keys = [k for k in ("knn", "linear", "finetune_1%", "finetune_10%") if any(r.get(k) is not None for r in results["rows"])]
+    rows = results["rows"]
+    fig = Figure(figsize=(max(6.0, 1.3 * len(rows) + 2), 4.2))
+    ax = fig.subplots()
+    width = 0.8 / max(len(keys), 1)
+    x = np.arange(len(rows))
+    for j, k in enumerate(keys):
+        vals = [100 * r[k] if r.get(k) is not None else 0.0 for r in rows]
+        bars = ax.bar(x + (j - (len(keys) - 1) / 2) * width, vals, width, label=dict(COLUMNS)[k])
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks(x, [r["method"] for r in rows], rotation=20, ha="right", fontsize=8)
+    ax.set(ylabel="test accuracy (%)", ylim=(0, 105), title=f"selfsup bench: {results['budget_text']}")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))

@@ -1,0 +1,202 @@
+"""``selfsup report RUN``: one self-contained HTML page about a run, and the PNGs behind it.
+
+The page (``RUN/report/index.html``) embeds every picture as a base64 data URI, so it can be mailed
+or archived alone; the same PNGs lie beside it in ``RUN/report/``. Sections: summary, loss and
+learning rate, online kNN, collapse diagnostics (with any warnings), a 2-D map of test embeddings,
+a nearest-neighbour retrieval grid, the method's own pictures (any ``RUN/*.png``, e.g.
+``reconstructions.png``), evaluation results (``RUN/eval_*.json``) and the resolved config.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from selfsup.data import DataError, load_dataset
+from selfsup.eval.diagnostics import effective_rank
+from selfsup.eval.features import extract_features
+from selfsup.report import curves, embeddings
+from selfsup.train.checkpoint import CheckpointError
+from selfsup.train.rundir import read_metrics
+
+log = logging.getLogger("selfsup")
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1100px; color: #222; background: #fff; }
+h1 { font-size: 26px; margin-bottom: 4px; } h2 { font-size: 19px; border-bottom: 1px solid #ddd; padding-bottom: 3px; }
+table { border-collapse: collapse; font-size: 14px; } td, th { padding: 3px 12px 3px 0; text-align: left; }
+th { color: #555; font-weight: 600; } img { max-width: 100%; border: 1px solid #eee; }
+.warn { background: #fdecea; border-left: 4px solid #d62728; padding: 8px 12px; margin: 8px 0; font-size: 14px; }
+.ok { background: #eaf7ea; border-left: 4px solid #2ca02c; padding: 8px 12px; margin: 8px 0; font-size: 14px; }
+.note { color: #666; font-size: 13px; } pre { background: #f6f6f6; padding: 10px; font-size: 12px; overflow-x: auto; }
+"""
+
+
+@dataclasses.dataclass
+class ReportOptions:
+    map_method: str = "tsne"
+    """``tsne`` (scikit-learn) or ``umap`` (needs umap-learn)."""
+    map_size: int = 2000
+    """Test images on the 2-D map."""
+    bank_size: int = 10000
+    """Training images searched for the retrieval grid."""
+    queries: int = 8
+    neighbors: int = 8
+    embeddings: bool = True
+    """False skips the map and the retrieval grid (no encoder or data needed)."""
+    device: str = "cpu"
+    seed: int = 0
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<p><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></p>'
+
+
+def _table(rows: list[tuple[str, Any]]) -> str:
+    cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    return f"<table>{cells}</table>"
+
+
+def _fmt(value: Any, pct: bool = False, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{100 * value:.2f}%" if pct else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _summary(run_dir: Path, m: curves.Metrics, cfg: dict[str, Any], env: dict[str, Any]) -> str:
+    last = m.epochs[-1] if m.epochs else {}
+    last_step = m.steps[-1] if m.steps else {}
+    method = cfg.get("method", {}).get("name", "?")
+    try:
+        from selfsup.methods import get_method
+
+        info = get_method(method)
+        family, paper = info.family, info.paper
+    except Exception:  # a run from a method not registered in this install still gets its report
+        family, paper = "?", "?"
+    epochs_total = cfg.get("train", {}).get("epochs", "?")
+    rows = [("method", f"{method} ({family})"), ("paper", paper), ("backbone", cfg.get("backbone", {}).get("name")),
+            ("data", cfg.get("data", {}).get("name")), ("epochs", f"{last.get('epoch', 0)} of {epochs_total}"),
+            ("final loss (epoch mean)", _fmt(last.get("loss"), digits=4)),
+            ("online kNN (last epoch)", _fmt(last.get("knn"), pct=True)),
+            ("spread / healthy", f"{_fmt(last_step.get('spread'), digits=4)} / {_fmt(last_step.get('spread_healthy'), digits=4)}"),
+            ("effective rank (batch)", _fmt(last_step.get("rank"), digits=1)),
+            ("images/s (last epoch)", _fmt(last.get("images_per_s"), digits=0)),
+            ("skipped steps (NaN/Inf)", len(m.skipped)), ("device", env.get("device", "?")),
+            ("torch", env.get("versions", {}).get("torch", "?")), ("run directory", run_dir.name)]
+    return _table(rows)
+
+
+def _warnings_html(m: curves.Metrics) -> str:
+    if not m.steps or "spread" not in m.steps[-1]:
+        return '<p class="note">No collapse monitoring: this method logs no embeddings.</p>'
+    if not m.warnings:
+        return '<div class="ok">No collapse warning: spread and effective rank stayed above their thresholds.</div>'
+    return "".join(f'<div class="warn">{html.escape(w["message"])}</div>' for w in m.warnings)
+
+
+def _eval_results(run_dir: Path) -> str:
+    rows = []
+    for path in sorted(run_dir.glob("eval_*.json")):
+        try:
+            r = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        base = r.get("baselines", {})
+        rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
+            r.get("protocol"), r.get("dataset"), r.get("labels"), _fmt(r.get("accuracy"), pct=True),
+            _fmt(base.get("random_encoder"), pct=True), _fmt(base.get("raw_pixels"), pct=True),
+            _fmt(base.get("scratch"), pct=True))) + "</tr>")
+    if not rows:
+        return '<p class="note">No evaluation yet: run <code>selfsup evaluate RUN</code>.</p>'
+    head = "".join(f"<th>{h}</th>" for h in ("protocol", "dataset", "labels", "accuracy", "random encoder",
+                                              "raw pixels", "from scratch"))
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def _embedding_pictures(run_dir: Path, out: Path, opts: ReportOptions) -> tuple[list[Path], str]:
+    """(map, retrieval) PNGs and a line about them; never raises for missing data or an unfinished run."""
+    from selfsup.eval.evaluate import load_run
+
+    try:
+        run = load_run(run_dir, opts.device)
+        train, test = load_dataset(dataclasses.replace(run.cfg.data, limit=None))
+    except (CheckpointError, DataError) as exc:
+        return [], f"Embedding pictures skipped: {exc}"
+    if len(test) == 0:
+        test = train
+    mean, std = run.meta["mean"], run.meta["std"]
+    sub = test.subset(embeddings.sample_indices(len(test), opts.map_size, opts.seed))
+    feats = extract_features(run.encoder, sub, mean, std, opts.device)
+    method = opts.map_method
+    coords = embeddings.project_2d(feats, method, opts.seed)
+    name = "UMAP" if method == "umap" else "t-SNE"
+    paths = [embeddings.plot_map(coords, sub.labels, test.classes, out / "embedding_map.png",
+                                 f"{name} of {len(sub)} test embeddings ({run.cfg.method.name}), coloured by class")]
+    bank = train.head(opts.bank_size)
+    bank_feats = extract_features(run.encoder, bank, mean, std, opts.device)
+    q_idx = embeddings.pick_queries(test, opts.queries, opts.seed)
+    q_feats = extract_features(run.encoder, test.subset(q_idx), mean, std, opts.device)
+    sims, idx = embeddings.nearest(bank_feats, q_feats, opts.neighbors)
+    paths.append(embeddings.plot_retrieval(test, q_idx, bank, sims, idx, out / "retrieval.png"))
+    note = (f"Map of {len(sub)} test images ({name} of l2-normalised encoder features, "
+            f"{feats.shape[1]}-D, effective rank {effective_rank(feats):.1f}). Retrieval: one test query per class, "
+            f"its {idx.shape[1]} nearest of {len(bank)} training images by cosine similarity (value under each); "
+            "green frame = same class, red = another class.")
+    return paths, note
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
+                 options: ReportOptions | None = None) -> Path:
+    """Write ``out_dir/index.html`` (default ``RUN/report/``) and its PNGs; returns the HTML path."""
+    opts = options or ReportOptions()
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory not found: {run_dir}")
+    if not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"{run_dir} is not a selfsup run directory (no metrics.jsonl / config.yaml); "
+                              "pass the --out folder of `selfsup pretrain`")
+    out = Path(out_dir) if out_dir else run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    import yaml
+
+    cfg_text = (run_dir / "config.yaml").read_text()
+    cfg = yaml.safe_load(cfg_text) or {}
+    env = json.loads((run_dir / "env.json").read_text()) if (run_dir / "env.json").is_file() else {}
+    m = curves.split_metrics(read_metrics(run_dir))
+    method = cfg.get("method", {}).get("name", "?")
+
+    parts = [f"<h1>selfsup run report: {html.escape(method)}</h1>",
+             f'<p class="note">{html.escape(str(run_dir.resolve().name))} · {len(m.steps)} logged steps, '
+             f"{len(m.epochs)} epochs</p>", "<h2>Summary</h2>", _summary(run_dir, m, cfg, env),
+             "<h2>Collapse monitor</h2>", _warnings_html(m),
+             "<h2>Loss and learning rate</h2>", _img(curves.plot_loss_lr(m, out / "loss_lr.png"), "loss and lr"),
+             "<h2>Online kNN accuracy</h2>", _img(curves.plot_knn(m, out / "knn.png"), "online kNN"),
+             "<h2>Diagnostics over training</h2>",
+             '<p class="note">Spread: std of l2-normalised embeddings, healthy ≈ 1/√D, → 0 under complete collapse. '
+             "Effective rank (RankMe): falls under dimensional collapse. Alignment/uniformity: Wang &amp; Isola 2020. "
+             "Energy gap: mean cosine of positive pairs minus that of the other pairs in the batch.</p>",
+             _img(curves.plot_diagnostics(m, out / "diagnostics.png"), "diagnostics")]
+    if opts.embeddings:
+        pics, note = _embedding_pictures(run_dir, out, opts)
+        parts += ["<h2>Embedding map and retrieval</h2>", f'<p class="note">{html.escape(note)}</p>']
+        parts += [_img(p, p.stem) for p in pics]
+    own = sorted(p for p in run_dir.glob("*.png"))
+    if own:
+        parts.append("<h2>The method's own pictures</h2>")
+        for p in own:
+            parts += [f'<p class="note">{html.escape(p.name)}</p>', _img(p, p.stem)]
+    parts += ["<h2>Evaluation</h2>", _eval_results(run_dir),
+              "<h2>Config</h2>", f"<details><summary>config.yaml</summary><pre>{html.escape(cfg_text)}</pre></details>"]
+    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>selfsup report: {html.escape(method)}"
+            f"</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n")
+    path = out / "index.html"
+    path.write_text(page, encoding="utf-8")
+    return path

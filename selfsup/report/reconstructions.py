@@ -1,0 +1,84 @@
+"""Reconstruction pictures for masked image modelling: inputs, masked inputs, reconstructions.
+
+A method that defines ``reconstruct(x) -> (masked_input, reconstruction)`` on normalised images
+(B, C, H, W) (MAE, SimMIM) gets a PNG grid in its run directory, in the style of MAE's figures
+(He et al. 2021, arXiv:2111.06377, fig. 2): one column per image, rows input / masked / reconstruction.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from selfsup.views import normalize, to_float
+
+FILENAME = "reconstructions.png"
+
+
+def _unnormalize(x: Tensor, mean: Sequence[float] | None, std: Sequence[float] | None) -> Tensor:
+    if mean is not None and std is not None:
+        m = torch.as_tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
+        s = torch.as_tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
+        x = x * s + m
+    return x.clamp(0, 1)
+
+
+def save_reconstruction_grid(rows: Sequence[Tensor], labels: Sequence[str], path: str | Path,
+                             title: str | None = None) -> Path:
+    """Save rows of (N, C, H, W) images in [0, 1] (C = 1 or 3) as one PNG grid, a label per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = rows[0].shape[0]
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.2 * n, 1.3 * len(rows)), squeeze=False)
+    for r, (images, label) in enumerate(zip(rows, labels)):
+        for i in range(n):
+            img = images[i].detach().float().cpu()
+            ax = axes[r][i]
+            if img.shape[0] == 1:
+                ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
+            else:
+                ax.imshow(img.permute(1, 2, 0).numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r][0].set_ylabel(label, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+@torch.no_grad()
+def save_method_pictures(model: nn.Module, images: Tensor, run_dir: str | Path, mean: Sequence[float] | None = None,
+                         std: Sequence[float] | None = None, seed: int = 0) -> Path | None:
+    """``run_dir/reconstructions.png`` for a method with ``reconstruct``; ``None`` (nothing written) otherwise.
+
+    ``images``: a few (N, C, H, W) images, uint8 or floats in [0, 1], normalised here with the
+    dataset's ``mean``/``std`` (as training views are). The masks are drawn under ``seed`` so the
+    picture is reproducible; the model's train/eval mode and the global RNG state are restored.
+    """
+    if not hasattr(model, "reconstruct"):
+        return None
+    device = next(model.parameters()).device
+    x = to_float(images.to(device))
+    x_in = normalize(x, mean, std) if mean is not None and std is not None else x
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            masked, recon = model.reconstruct(x_in.contiguous())
+    finally:
+        model.train(was_training)
+    rows = [x.cpu(), _unnormalize(masked.float().cpu(), mean, std), _unnormalize(recon.float().cpu(), mean, std)]
+    name = getattr(model, "method_name", type(model).__name__)
+    return save_reconstruction_grid(rows, ["input", "masked", "reconstruction"], Path(run_dir) / FILENAME,
+                                    title=f"{name}: reconstruction of hidden patches (visible patches pasted back)")

@@ -1,0 +1,380 @@
+"""Evaluation protocols and using the encoder: fine-tuning with few labels, few-shot probes, transfer
+to an image folder, embeddings, neighbours and near-duplicates, export; and the bad inputs of each.
+
+Runs are real: tiny SimCLR pretraining on scikit-learn's 8×8 digits (one epoch, tiny widths).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from selfsup.cli import main
+from selfsup.config import ConfigError, config_from_dict
+from selfsup.data import DataError
+from selfsup.eval.embed import embed_folder, read_embeddings, write_embeddings
+from selfsup.eval.evaluate import evaluate_run, format_table, load_run
+from selfsup.eval.export import export_encoder
+from selfsup.eval.finetune import FinetuneSettings, classifier_accuracy, train_classifier
+from selfsup.eval.neighbors import cosine_topk, duplicate_groups
+from selfsup.train.checkpoint import CheckpointError
+
+FAST = FinetuneSettings(min_steps=15, max_steps=15, batch_size=64)
+
+
+def _pretrain(out: Path, backbone: str, params: dict, limit: int | None = None, batch: int = 64) -> Path:
+    from selfsup.train.loop import pretrain
+
+    cfg = config_from_dict({
+        "method": {"name": "simclr", "params": {"proj_hidden": 32, "proj_dim": 16}},
+        "backbone": {"name": backbone, "params": params},
+        "data": {"name": "digits", "limit": limit, "val_size": 20},
+        "optim": {"name": "sgd", "lr": 0.05},
+        "train": {"epochs": 1, "batch_size": batch, "device": "cpu", "progress": False, "knn_every": 0,
+                  "threads": 1}})
+    pretrain(cfg, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return _pretrain(tmp_path_factory.mktemp("evalp") / "simclr", "small_resnet", {"widths": [8, 16, 32]})
+
+
+def _copy_run(run_dir: Path, dest: Path) -> Path:
+    shutil.copytree(run_dir, dest, ignore=shutil.ignore_patterns("checkpoints", "eval_*.json"))
+    return dest
+
+
+def _write_pngs(root: Path, images: torch.Tensor, labels: torch.Tensor | None, n: int) -> list[Path]:
+    """The first ``n`` images as 8-bit grayscale PNGs, in class subfolders when labels are given."""
+    paths = []
+    for i in range(n):
+        folder = root / f"class_{int(labels[i])}" if labels is not None else root
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"img_{i:04d}.png"
+        Image.fromarray(images[i, 0].numpy(), "L").save(path)
+        paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------- fine-tune
+
+
+def test_finetune_steps_scale_with_the_label_count() -> None:
+    s = FinetuneSettings()
+    assert s.steps_for(50) == s.min_steps  # 5-shot on 10 classes: the floor
+    assert s.steps_for(600) == s.min_steps  # 1% of Fashion-MNIST: 30 epochs would be 141 steps
+    assert s.steps_for(6000) == 1407  # 10%: 30 epochs of batch 128
+    assert s.steps_for(60000) == s.max_steps  # 100%: capped
+    assert s.to_dict(50)["effective_batch_size"] == 50
+
+
+def test_finetuning_from_scratch_learns_digits(digits) -> None:
+    """The recipe itself works: a tiny CNN trained from scratch on digits' 1,437 labels beats 80%."""
+    from selfsup.nn.backbones import SmallResNet
+
+    train, test = digits
+    mean, std = train.mean_std()
+    settings = FinetuneSettings(min_steps=120, max_steps=120, batch_size=64, lr=3e-3)
+    model = train_classifier(SmallResNet(1, (8, 16, 32)), 32, train, mean, std, settings)
+    assert not model.training  # evaluation uses BN running statistics
+    assert classifier_accuracy(model, test, mean, std) > 0.8
+
+
+def test_finetune_protocol_reports_pretrained_and_from_scratch(run_dir) -> None:
+    before = {k: v.clone() for k, v in load_run(run_dir).encoder.state_dict().items()}
+    (result,) = evaluate_run(run_dir, ["finetune"], labels="10%", finetune_settings=FAST)
+    assert result["protocol"] == "finetune" and result["labels"] == "10%"
+    assert set(result["baselines"]) == {"from_scratch", "raw_pixels", "random_encoder"}
+    assert all(0 <= v <= 1 for v in [result["accuracy"], *result["baselines"].values()])
+    assert result["margin_over_scratch"] == pytest.approx(result["accuracy"] - result["baselines"]["from_scratch"])
+    assert result["settings"]["steps"] == 15 and result["settings"]["batchnorm"] == "train mode"
+    assert result["n_train"] == pytest.approx(0.1 * 1437, abs=10)
+    assert json.loads((run_dir / "eval_finetune_10pct.json").read_text())["accuracy"] == result["accuracy"]
+    after = load_run(run_dir).encoder.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the run's encoder is not modified
+    assert "from scratch" in format_table([result])
+    # same seed, same recipe → the same numbers
+    (again,) = evaluate_run(run_dir, ["finetune"], labels="10%", finetune_settings=FAST, write=False)
+    assert again["accuracy"] == result["accuracy"]
+    assert again["baselines"]["from_scratch"] == result["baselines"]["from_scratch"]
+
+
+def test_a_label_fraction_that_empties_a_class_is_an_error(run_dir, capsys) -> None:
+    with pytest.raises(DataError, match="leaves class 0 with no example"):
+        evaluate_run(run_dir, ["finetune"], labels="0.1%", finetune_settings=FAST, write=False)
+    assert main(["evaluate", str(run_dir), "--protocol", "knn", "--labels", "0.1%"]) == 2
+    assert "leaves class 0 with no example" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------- label fractions
+
+
+@pytest.mark.parametrize("labels, n_train", [("5-shot", 50), ("1-shot", 10), ("10%", None)])
+def test_knn_and_linear_with_label_fractions_and_few_shot(run_dir, labels, n_train) -> None:
+    results = evaluate_run(run_dir, ["knn", "linear"], labels=labels)
+    for r in results:
+        assert r["labels"] == labels and 0 <= r["accuracy"] <= 1
+        assert set(r["baselines"]) == {"raw_pixels", "random_encoder"}
+        if n_train is not None:
+            assert r["n_train"] == n_train
+        else:
+            assert r["n_train"] == pytest.approx(143.7, abs=10)
+        suffix = labels.replace("%", "pct")
+        assert (run_dir / f"eval_{r['protocol']}_{suffix}.json").is_file()
+    # more labels cannot make the kNN classifier much worse: 5-shot is a real subset
+    assert results[0]["n_test"] == 360
+
+
+def test_unknown_protocol_names_the_choices(run_dir) -> None:
+    with pytest.raises(ConfigError, match="knn, linear, finetune"):
+        evaluate_run(run_dir, ["knn", "probe"])
+
+
+# ------------------------------------------------------------------------------------------------ transfer
+
+
+def test_transfer_to_an_image_folder(run_dir, digits, tmp_path) -> None:
+    """Pretrained on digits, evaluated on an image folder (class subfolders of PNGs)."""
+    _, test = digits
+    _write_pngs(tmp_path / "folder", test.images, test.labels, 200)
+    (r,) = evaluate_run(run_dir, ["knn"], data=str(tmp_path / "folder"), write=False)
+    assert r["dataset"] == str(tmp_path / "folder")
+    assert r["n_train"] + r["n_test"] == 200 and r["n_test"] == 40
+    assert r["accuracy"] > 0.5  # 10 classes: chance is 0.1
+
+
+# ---------------------------------------------------------------------------------------------- embeddings
+
+
+@pytest.fixture()
+def folder_with_broken_files(digits, tmp_path) -> tuple[Path, list[Path]]:
+    train, _ = digits
+    good = _write_pngs(tmp_path / "imgs", train.images, train.labels, 30)
+    (tmp_path / "imgs" / "class_0" / "empty.png").write_bytes(b"")
+    (tmp_path / "imgs" / "class_1" / "not_an_image.jpg").write_text("hello")
+    return tmp_path / "imgs", good
+
+
+def test_embed_skips_and_counts_unreadable_files(run_dir, folder_with_broken_files, tmp_path, capsys) -> None:
+    folder, good = folder_with_broken_files
+    emb = embed_folder(load_run(run_dir), folder)
+    assert emb.skipped == 2 and len(emb.paths) == 30 and emb.vectors.shape == (30, 32)
+    assert sorted(emb.paths) == sorted(str(p) for p in good)
+    out = write_embeddings(emb, tmp_path / "emb.npz")
+    back = read_embeddings(out)
+    assert torch.equal(back.vectors, emb.vectors) and back.paths == emb.paths and back.skipped == 2
+    assert torch.equal(back.labels, emb.labels)
+    # the embedding of a path is the encoder's output on that image alone
+    run = load_run(run_dir)
+    from selfsup.eval.embed import encode, load_query_image
+
+    i = emb.paths.index(str(good[7]))
+    torch.testing.assert_close(encode(run, load_query_image(run, good[7]))[0], emb.vectors[i], atol=1e-5, rtol=1e-5)
+
+    assert main(["embed", str(run_dir), "--data", str(folder), "--out", str(tmp_path / "cli.npz"), "--threads", "1"]) == 0
+    assert "wrote 30 embeddings of dimension 32" in capsys.readouterr().out
+    assert (tmp_path / "cli.npz").is_file()
+
+
+def test_embed_parquet_without_pyarrow_is_a_clear_error(run_dir, folder_with_broken_files, tmp_path,
+                                                        monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow → ImportError
+    emb = embed_folder(load_run(run_dir), folder_with_broken_files[0])
+    with pytest.raises(DataError, match="Parquet needs pyarrow"):
+        write_embeddings(emb, tmp_path / "emb.parquet")
+
+
+def test_embed_an_empty_folder_is_a_clear_error(run_dir, tmp_path, capsys) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no image files"):
+        embed_folder(load_run(run_dir), tmp_path / "empty")
+    assert main(["embed", str(run_dir), "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "e.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "selfsup: error:" in err and "no image files" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------------- neighbours, duplicates
+
+
+def test_cosine_topk_matches_a_brute_force_reference() -> None:
+    g = torch.Generator().manual_seed(1)
+    bank, queries = torch.randn(57, 6, generator=g), torch.randn(9, 6, generator=g)
+    sims, idx = cosine_topk(queries, bank, k=4, chunk=4)  # chunks smaller than the query count
+    for q in range(9):
+        ref = [float(queries[q] @ bank[j] / (queries[q].norm() * bank[j].norm())) for j in range(57)]
+        order = sorted(range(57), key=lambda j: -ref[j])[:4]
+        assert idx[q].tolist() == order
+        assert sims[q].tolist() == pytest.approx([ref[j] for j in order], abs=1e-5)
+    assert cosine_topk(queries, bank[:2], k=5)[1].shape == (9, 2)  # k capped at the collection size
+
+
+def test_duplicate_groups_are_connected_components() -> None:
+    e = torch.eye(4)
+    a, b, c = e[0], e[1], e[2]
+    mid_ab = torch.nn.functional.normalize(a + b, dim=0)
+    # a ~ mid_ab ~ b at cos 0.707 while a, b are orthogonal: one group through the chain
+    vectors = torch.stack([a, 2 * a, c, mid_ab, b, e[3], -c])
+    assert duplicate_groups(vectors, threshold=0.999) == [[0, 1]]  # scale does not matter, only direction
+    assert duplicate_groups(vectors, threshold=0.7) == [[0, 1, 3, 4]]
+    assert duplicate_groups(vectors, threshold=-1.0) == [list(range(7))]
+    with pytest.raises(DataError, match="cosine similarity in"):
+        duplicate_groups(vectors, threshold=1.5)
+
+
+def test_faiss_path_gives_the_exact_answer(monkeypatch) -> None:
+    """The faiss branch, through a stand-in with faiss's API (faiss is optional and not installed here)."""
+
+    class IndexFlatIP:
+        def __init__(self, d: int) -> None:
+            self.x = np.zeros((0, d), np.float32)
+
+        def add(self, x: np.ndarray) -> None:
+            self.x = np.concatenate([self.x, x])
+
+        def search(self, q: np.ndarray, k: int):
+            s = q @ self.x.T
+            i = np.argsort(-s, axis=1, kind="stable")[:, :k]
+            return np.take_along_axis(s, i, 1), i
+
+        def range_search(self, q: np.ndarray, r: float):
+            s = q @ self.x.T
+            hits = [np.nonzero(row > r)[0] for row in s]
+            lims = np.concatenate([[0], np.cumsum([len(h) for h in hits])])
+            idx = np.concatenate(hits) if hits else np.zeros(0, np.int64)
+            return lims, np.concatenate([row[h] for row, h in zip(s, hits)]), idx
+
+    monkeypatch.setitem(sys.modules, "faiss", types.SimpleNamespace(IndexFlatIP=IndexFlatIP))
+    g = torch.Generator().manual_seed(2)
+    bank = torch.randn(40, 5, generator=g)
+    bank[7] = 3 * bank[3]
+    bank[20] = bank[3] + 1e-4
+    queries = torch.randn(6, 5, generator=g)
+    exact = cosine_topk(queries, bank, 5, use_faiss=False)
+    fast = cosine_topk(queries, bank, 5, use_faiss=True)
+    assert torch.equal(exact[1], fast[1]) and torch.allclose(exact[0], fast[0], atol=1e-5)
+    assert duplicate_groups(bank, 0.99, use_faiss=True) == duplicate_groups(bank, 0.99, use_faiss=False) == [[3, 7, 20]]
+
+
+def test_neighbors_cli_query_and_duplicates(run_dir, digits, tmp_path, capsys) -> None:
+    train, _ = digits
+    paths = _write_pngs(tmp_path / "col", train.images, None, 25)
+    shutil.copy(paths[4], tmp_path / "col" / "copy_of_4.png")
+    shutil.copy(paths[4], tmp_path / "col" / "another_copy_of_4.png")
+
+    assert main(["neighbors", str(run_dir), "--data", str(tmp_path / "col"), "--query", str(paths[4]), "--k", "3",
+                 "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)["neighbors"]
+    assert len(hits) == 3 and str(paths[4]) not in [h["path"] for h in hits]  # the query is not its own neighbour
+    assert {h["path"] for h in hits[:2]} == {str(tmp_path / "col" / n) for n in ("copy_of_4.png", "another_copy_of_4.png")}
+    assert hits[0]["similarity"] == pytest.approx(1.0, abs=1e-5) and hits[0]["similarity"] >= hits[2]["similarity"]
+
+    assert main(["neighbors", str(run_dir), "--data", str(tmp_path / "col"), "--duplicates", "--threshold", "0.9999",
+                 "--json"]) == 0
+    groups = json.loads(capsys.readouterr().out)["groups"]
+    assert sorted(groups[0]) == sorted(str(tmp_path / "col" / n)
+                                       for n in ("copy_of_4.png", "another_copy_of_4.png", paths[4].name))
+
+    assert main(["neighbors", str(run_dir), "--data", str(tmp_path / "col")]) == 2  # neither --query nor --duplicates
+    assert "--query IMAGE or --duplicates" in capsys.readouterr().err
+    assert main(["neighbors", str(run_dir), "--data", str(tmp_path / "col"), "--query", str(tmp_path / "nope.png")]) == 2
+    assert "query image not found" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------- export
+
+
+def _check_export_roundtrip(run_dir: Path, tmp_path: Path, fresh: torch.nn.Module) -> None:
+    """Export both formats, load each with plain torch/safetensors into ``fresh`` (strict), compare outputs."""
+    from safetensors.torch import load_file
+
+    run = load_run(run_dir)
+    x = torch.randn(3, run.meta["in_chans"], run.meta["image_size"], run.meta["image_size"])
+    run.encoder.eval()
+    with torch.no_grad():
+        expected = run.encoder(x)
+    for fmt, loader in (("pt", lambda p: torch.load(p, weights_only=True)), ("safetensors", load_file)):
+        assert main(["export", str(run_dir), "--format", fmt, "--out", str(tmp_path / f"enc.{fmt}")]) == 0
+        state = loader(tmp_path / f"enc.{fmt}")
+        assert not any(k.startswith("net.") for k in state)
+        fresh.load_state_dict(state, strict=True)
+        fresh.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(x), expected)
+        meta = json.loads((tmp_path / f"enc.{fmt}.json").read_text())
+        assert meta["mean"] == run.meta["mean"] and meta["in_chans"] == run.meta["in_chans"]
+
+
+def test_export_small_resnet_loads_into_a_fresh_module(run_dir, tmp_path) -> None:
+    from selfsup.nn.backbones import SmallResNet
+
+    _check_export_roundtrip(run_dir, tmp_path, SmallResNet(1, (8, 16, 32)))
+
+
+def test_export_resnet18_loads_into_plain_torchvision(tmp_path) -> None:
+    import torchvision
+
+    run_dir = _pretrain(tmp_path / "r18", "resnet18", {}, limit=40, batch=16)
+    net = torchvision.models.resnet18(weights=None)
+    net.conv1 = torch.nn.Conv2d(1, 64, 3, 1, 1, bias=False)  # the small-image stem, as the export's JSON says
+    net.maxpool = torch.nn.Identity()
+    net.fc = torch.nn.Identity()
+    _check_export_roundtrip(run_dir, tmp_path, net)
+    arch = json.loads((tmp_path / "enc.pt.json").read_text())["architecture"]
+    assert "torchvision.models.resnet18" in arch and "maxpool = torch.nn.Identity()" in arch
+
+
+def test_export_vit_loads_into_plain_timm(tmp_path) -> None:
+    from timm.models.vision_transformer import VisionTransformer
+
+    run_dir = _pretrain(tmp_path / "vit", "vit_tiny", {"depth": 1, "embed_dim": 32, "num_heads": 2}, limit=40, batch=16)
+    net = VisionTransformer(img_size=8, patch_size=4, in_chans=1, num_classes=0, embed_dim=32, depth=1, num_heads=2,
+                            class_token=True, global_pool="token", fc_norm=False)
+    _check_export_roundtrip(run_dir, tmp_path, net)
+
+
+# ----------------------------------------------------------------------------------------------- bad runs
+
+
+def test_a_run_without_its_encoder_is_a_clear_error(run_dir, tmp_path, capsys) -> None:
+    broken = _copy_run(run_dir, tmp_path / "unfinished")
+    (broken / "encoder.pt").unlink()
+    with pytest.raises(CheckpointError, match="no encoder.pt: pretraining did not finish"):
+        load_run(broken)
+    for argv in (["export", str(broken)], ["evaluate", str(broken)],
+                 ["embed", str(broken), "--data", str(tmp_path), "--out", str(tmp_path / "x.npz")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "no encoder.pt" in err and "Traceback" not in err
+    with pytest.raises(CheckpointError, match="not found"):
+        load_run(tmp_path / "no_such_run")
+
+
+def test_a_run_from_another_version_is_a_clear_error(run_dir, tmp_path) -> None:
+    old = _copy_run(run_dir, tmp_path / "old")
+    env = json.loads((old / "env.json").read_text())
+    env["versions"]["selfsup"] = "0.0.1"
+    (old / "env.json").write_text(json.dumps(env))
+    meta = json.loads((old / "encoder.json").read_text())
+    del meta["in_chans"]
+    (old / "encoder.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"encoder.json lacks in_chans \(written by selfsup 0.0.1\)"):
+        load_run(old)
+
+    future = _copy_run(run_dir, tmp_path / "future")
+    (future / "config.yaml").write_text((future / "config.yaml").read_text() + "hyperdrive: {warp: 9}\n")
+    with pytest.raises(CheckpointError, match="cannot be read by selfsup .*hyperdrive"):
+        load_run(future)
+
+    other = _copy_run(run_dir, tmp_path / "other")
+    torch.save({"conv.weight": torch.zeros(1)}, other / "encoder.pt")
+    with pytest.raises(CheckpointError, match="does not fit backbone 'small_resnet'"):
+        load_run(other)

@@ -1,0 +1,123 @@
+"""``selfsup report``: the HTML page, its pictures, and a look at it in headless Chromium."""
+from __future__ import annotations
+
+import base64
+import functools
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from selfsup.cli import main
+from selfsup.eval.collapse import CollapseMonitor
+from selfsup.report.html import ReportOptions, write_report
+from selfsup.train.checkpoint import CheckpointError
+
+FAST = ReportOptions(map_size=300, bank_size=500, queries=4, neighbors=5)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A finished tiny run on digits, with one collapse warning (thresholds no run meets) and a method picture."""
+    from selfsup.config import load_config
+    from selfsup.train import loop
+
+    cfg = load_config(None, {"method.name": "simclr", "data.name": "digits", "data.limit": 320,
+                             "backbone.name": "small_resnet", "backbone.widths": [8, 16, 32], "train.epochs": 2,
+                             "train.batch_size": 32, "train.threads": 1, "train.log_every": 2,
+                             "train.progress": False, "train.device": "cpu"})
+    out = tmp_path_factory.mktemp("report") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop, "CollapseMonitor", functools.partial(CollapseMonitor, spread_fraction=0.999, min_rank=1e9))
+        loop.pretrain(cfg, out)
+    img = Image.fromarray((np.indices((40, 120)).sum(0) % 2 * 255).astype(np.uint8))
+    img.save(out / "reconstructions.png")
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(run_dir: Path) -> Path:
+    """The report of that run, written once for the tests that read it."""
+    return write_report(run_dir, options=FAST)
+
+
+def _embedded_pngs(page: str) -> list[bytes]:
+    return [base64.b64decode(b) for b in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)]
+
+
+def test_report_is_self_contained_with_every_section(run_dir: Path, report: Path) -> None:
+    assert report == run_dir / "report" / "index.html"
+    page = report.read_text()
+    for section in ("Summary", "Collapse monitor", "Loss and learning rate", "Online kNN accuracy",
+                    "Diagnostics over training", "Embedding map and retrieval", "The method's own pictures", "Config"):
+        assert f"<h2>{section}</h2>" in page
+    pngs = _embedded_pngs(page)
+    assert len(pngs) == 6  # loss/lr, kNN, diagnostics, map, retrieval and the run's reconstructions.png
+    assert all(p.startswith(b"\x89PNG") for p in pngs)
+    assert "<img" in page and 'src="http' not in page and 'src="file' not in page
+    for name in ("loss_lr", "knn", "diagnostics", "embedding_map", "retrieval"):
+        assert (run_dir / "report" / f"{name}.png").stat().st_size > 5000
+    assert "COLLAPSE WARNING" in page and 'class="warn"' in page
+    assert "simclr (contrastive)" in page and "arXiv:2002.05709" in page
+    assert "reconstructions.png" in page
+
+
+def test_retrieval_and_map_pictures_have_the_expected_size(report: Path) -> None:
+    grid = Image.open(report.parent / "retrieval.png")
+    assert grid.size == (int(1.15 * 6 * 100), int(1.3 * 4 * 100))  # (k + 1) columns × 4 queries at 100 dpi
+    assert Image.open(report.parent / "embedding_map.png").size == (750, 650)
+
+
+def test_report_of_an_unfinished_run_still_has_its_curves(run_dir: Path, tmp_path: Path) -> None:
+    partial = tmp_path / "partial"
+    shutil.copytree(run_dir, partial, ignore=shutil.ignore_patterns("report", "encoder.pt"))
+    page = write_report(partial, options=FAST).read_text()
+    assert "Embedding pictures skipped" in page and "encoder.pt" in page
+    assert len(_embedded_pngs(page)) == 4  # three curve figures and the method's picture
+
+
+def test_report_rejects_what_is_not_a_run(tmp_path: Path, capsys) -> None:
+    with pytest.raises(CheckpointError, match="not found"):
+        write_report(tmp_path / "missing")
+    with pytest.raises(CheckpointError, match="not a selfsup run directory"):
+        write_report(tmp_path)
+    assert main(["report", str(tmp_path)]) == 2
+    assert "not a selfsup run directory" in capsys.readouterr().err
+
+
+def test_report_cli_curves_only(run_dir: Path, tmp_path: Path, capsys) -> None:
+    assert main(["report", str(run_dir), "--out", str(tmp_path / "cli"), "--no-embeddings"]) == 0
+    assert "index.html" in capsys.readouterr().out
+    page = (tmp_path / "cli" / "index.html").read_text()
+    assert "Embedding map" not in page and len(_embedded_pngs(page)) == 4
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="headless Chromium is not installed (Debian: apt-get install -y "
+                    "chromium, or `make chromium`); the screenshot check needs it")
+def test_report_renders_in_headless_chromium(report: Path, tmp_path: Path) -> None:
+    """Open the page the way a person would and check the screenshot shows something, not a blank page."""
+    shot = tmp_path / "screenshot.png"
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    try:
+        subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                        f"--user-data-dir={profile}", f"--screenshot={shot}", "--window-size=1200,3000",
+                        report.resolve().as_uri()], capture_output=True, timeout=120, check=False)
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    assert shot.is_file(), "Chromium wrote no screenshot"
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert pixels.shape == (3000, 1200)
+    inked = (pixels < 200).mean()
+    assert pixels.std() > 20 and inked > 0.03, f"screenshot looks blank (std {pixels.std():.1f}, inked {inked:.3f})"
+    # the plots render: the top of the page (text) and further down (figures) both have ink
+    assert (pixels[:600] < 200).mean() > 0.01 and (pixels[1200:2400] < 200).mean() > 0.02
