@@ -112,3 +112,14 @@ def test_method_declares_contract(name):
     x = torch.randn(4, _in_chans(name), IMAGE_SIZE, IMAGE_SIZE)
     method.eval()
     assert method(x).shape == (4, method.backbone.num_features)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, m in METHODS.items() if not m.cls.views.local_crops))
+def test_fixed_view_methods_refuse_local_crops(name):
+    """A method that compares a fixed set of views is never handed extra crops it would ignore."""
+    from selfsup.config import ConfigError, load_config
+    from selfsup.train.build import view_recipe
+
+    cfg = load_config(None, {"method.name": name, "views.local_crops": 2})
+    with pytest.raises(ConfigError, match="no local crops"):
+        view_recipe(cfg, METHODS[name].cls, 28)

@@ -164,7 +164,7 @@ def test_vicreg_bad_inputs():
 # --- W-MSE ----------------------------------------------------------------------------------------
 
 def naive_whiten(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """arXiv:2007.06346 eq. 5–6 by hand: covariance as a sum of outer products, its Cholesky factor
+    """arXiv:2007.06346 by hand: covariance as a sum of outer products, its Cholesky factor
     by the Cholesky–Banachiewicz recursion, W = L⁻¹ by forward substitution per sample."""
     n, d = x.shape
     mean = sum(x[b] for b in range(n)) / n
@@ -280,7 +280,3 @@ def test_method_check_run_problems():
     assert wmse.check_run(1000, 256, two_views) == []
     problems = wmse.check_run(1000, 64, two_views)
     assert len(problems) == 1 and "batch of 64 is smaller than the whitening sub-batch w_size=128" in problems[0]
-    for name in ("barlowtwins", "vicreg", "wmse"):
-        problems = _method(name, proj_hidden=32, proj_dim=16, **({"w_size": 32} if name == "wmse" else {})) \
-            .check_run(1000, 256, ViewRecipe(local_crops=2))
-        assert any("exactly 2 views" in p for p in problems), name

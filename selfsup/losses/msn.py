@@ -12,33 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from selfsup.losses.clustering import sinkhorn_knopp
 from selfsup.train import distributed as dist
 
 
 def prototype_probs(z: Tensor, prototypes: Tensor, temperature: float) -> Tensor:
     """(N, d), (K, d) → (N, K): softmax over prototypes of cosine similarity / τ (MSN eq. 1)."""
     return F.softmax(F.normalize(z, dim=1) @ F.normalize(prototypes, dim=1).T / temperature, dim=1)
-
-
-@torch.no_grad()
-def sinkhorn(probs: Tensor, iterations: int = 3, gather: bool = False) -> Tensor:
-    """(B, K) target probabilities → a balanced assignment: rows sum to 1, prototypes used equally.
-
-    Sinkhorn-Knopp as in SwAV (arXiv:2006.09882 §3.1) and MSN's released code, applied directly to the
-    sharpened probabilities. With ``gather`` the balancing runs over every rank's targets.
-    """
-    local_b = probs.shape[0]
-    q = dist.gather_no_grad(probs) if gather else probs
-    q = q.T / q.sum()  # (K, B_total)
-    k, b = q.shape
-    for _ in range(iterations):
-        q = q / q.sum(dim=1, keepdim=True) / k  # each prototype gets mass 1/K
-        q = q / q.sum(dim=0, keepdim=True) / b  # each sample gets mass 1/B
-    q = (q * b).T
-    if gather:
-        start = dist.rank() * local_b
-        q = q[start : start + local_b]
-    return q
 
 
 def msn_loss(anchor: Tensor, target: Tensor, prototypes: Tensor, temperature: float = 0.1,
@@ -48,8 +28,8 @@ def msn_loss(anchor: Tensor, target: Tensor, prototypes: Tensor, temperature: fl
 
     anchor: (V·B, d); target: (B, d), no gradient is taken through it; prototypes: (K, d).
     p = softmax(cos(z, q)/τ); p⁺ = softmax(cos(z⁺, q)/τ⁺), the paper's sharpening with τ⁺ < τ
-    (sharpen(p, T) = p^{1/T}/Σ equals τ⁺ = T·τ: 0.025 = 0.25·0.1), then Sinkhorn when
-    ``sinkhorn_iterations`` > 0. me-max (eq. 3): λ·(log K − H(p̄)) with p̄ the mean anchor prediction
+    (sharpen(p, T) = p^{1/T}/Σ equals τ⁺ = T·τ: 0.025 = 0.25·0.1), then balanced by Sinkhorn-Knopp
+    (SwAV's, arXiv:2006.09882, run on p⁺ itself as MSN's code does) when ``sinkhorn_iterations`` > 0. me-max (eq. 3): λ·(log K − H(p̄)) with p̄ the mean anchor prediction
     over the (gathered) batch, ≥ 0 and 0 when every prototype is used equally. Returns
     (loss, {"cross_entropy", "me_max"}).
     """
@@ -62,7 +42,8 @@ def msn_loss(anchor: Tensor, target: Tensor, prototypes: Tensor, temperature: fl
     with torch.no_grad():
         targets = prototype_probs(target.detach(), prototypes.detach(), target_temperature)
         if sinkhorn_iterations > 0:
-            targets = sinkhorn(targets, sinkhorn_iterations, gather=gather)
+            # MSN balances the sharpened probabilities themselves: exp(log p⁺ / 1) = p⁺.
+            targets = sinkhorn_knopp(targets.clamp_min(1e-30).log(), 1.0, sinkhorn_iterations, gather=gather)
         targets = targets.repeat(anchor.shape[0] // b, 1)
     cross_entropy = -(targets * torch.log(probs.clamp_min(1e-12))).sum(dim=1).mean()
     mean_probs = (dist.gather(probs) if gather else probs).mean(dim=0)

@@ -123,7 +123,7 @@ def vicreg_loss(z1: Tensor, z2: Tensor, sim_weight: float = 25.0, var_weight: fl
 
 def whiten(x: Tensor, eps: float = 0.0) -> Tensor:
     """W (x − μ) with W = L⁻¹, L L^T = Σ + εI the Cholesky factor of the (D, D) unbiased covariance
-    (Ermolov et al. 2021, arXiv:2007.06346, eq. 5–6).
+    (Ermolov et al. 2021, arXiv:2007.06346).
 
     x: (N, D) with N > D (the covariance must have full rank). With ε = 0 the output has zero mean
     and identity covariance. A covariance that is not positive definite (a collapsed embedding)
@@ -142,7 +142,7 @@ def whiten(x: Tensor, eps: float = 0.0) -> Tensor:
 
 def wmse_loss(z1: Tensor, z2: Tensor, w_size: int = 128, w_iter: int = 1, eps: float = 1e-4,
               gather: bool = False, generator: torch.Generator | None = None) -> Tensor:
-    """Mean ‖ŵ1 − ŵ2‖² over positives, ŵ the l2-normalised whitened embedding (arXiv:2007.06346, eq. 7, Alg. 1).
+    """Mean ‖ŵ1 − ŵ2‖² over positives, ŵ the l2-normalised whitened embedding (arXiv:2007.06346, Algorithm 1).
 
     z1, z2: (B, D) projections of two views. Each of ``w_iter`` rounds draws a random permutation
     (from ``generator``, on the CPU) and splits it with ``tensor_split`` into B // w_size sub-batches

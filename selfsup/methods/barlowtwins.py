@@ -20,7 +20,7 @@ from selfsup.methods.registry import register
 from selfsup.nn.heads import mlp
 from selfsup.views import Augment, ViewRecipe
 
-# BYOL's pair of view pipelines (arXiv:2006.07733, table 6), which Barlow Twins adopts (§B).
+# BYOL's pair of view pipelines (arXiv:2006.07733), which Barlow Twins adopts.
 _VIEW_1 = Augment(saturation=0.2, blur_p=1.0)
 _VIEW_2 = Augment(saturation=0.2, blur_p=0.1, solarize_p=0.2)
 
@@ -55,13 +55,8 @@ class BarlowTwins(nn.Module):
         return self.backbone(x)
 
     def param_groups(self) -> list[dict]:
-        """Biases and BN parameters (every 1-D parameter) at the paper's lower rate (§B, 0.0048 vs 0.2)."""
+        """Biases and BN parameters (every 1-D parameter) at the paper's lower rate (0.0048 vs 0.2)."""
         return [{"params": [p for p in self.parameters() if p.ndim <= 1], "lr_scale": self.bias_lr_scale}]
-
-    def check_run(self, n_train: int, batch_size: int, recipe: ViewRecipe) -> list[str]:
-        if recipe.num_views != 2:
-            return [f"needs exactly 2 views, the view recipe gives {recipe.num_views} (set views.local_crops to 0)"]
-        return []
 
     def training_step(self, views: list[Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
         x1, x2 = views

@@ -74,8 +74,6 @@ class Colorization(nn.Module):
 
     def check_run(self, n_train: int, batch_size: int, recipe: ViewRecipe) -> list[str]:
         problems = []
-        if recipe.num_views != 1:
-            problems.append(f"uses one view per image, got views with {recipe.num_views}")
         if recipe.globals_[0].size < self.out_size:
             problems.append(f"out_size {self.out_size} is larger than the {recipe.globals_[0].size} px views")
         return problems

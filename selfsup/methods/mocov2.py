@@ -5,7 +5,11 @@ arXiv:1911.05722 (Algorithm 1); Chen, Fan, Girshick, He. Improved Baselines with
 Learning, arXiv:2003.04297 (MLP head, τ = 0.2, stronger augmentation, cosine lr).
 
 Defaults follow the papers: 2-layer MLP head without BN (2048 hidden, 128 out), τ = 0.2, key-encoder
-momentum 0.999, a queue of 65536 keys started from random unit vectors (as the reference code).
+momentum 0.999, a queue of 65536 keys. One deviation: the reference code fills the queue with random
+unit vectors at the start; here it starts empty and only real keys are negatives (the very first step,
+with nothing queued, contrasts against the batch's other keys instead). Random vectors are much easier
+negatives than real keys, so with them the loss rises as they are replaced, and for short runs most of
+the first queue's worth of steps would contrast against noise.
 
 Shuffling BN (arXiv:1911.05722 §3.3): with BN computed over the very batch that holds a query's
 positive, the model can "cheat" by reading batch statistics instead of learning the image. On one
@@ -32,7 +36,7 @@ from selfsup.train.distributed import gather_no_grad
 from selfsup.views import Augment, ViewRecipe
 
 
-@register("mocov2", "contrastive", "Chen et al. 2020, Improved Baselines with Momentum Contrastive Learning, arXiv:2003.04297")
+@register("mocov2", "contrastive", "Chen et al. 2020, Improved Baselines with Momentum Contrast, arXiv:2003.04297")
 class MoCoV2(nn.Module):
     views = ViewRecipe(globals_=(Augment(scale=(0.2, 1.0)), Augment(scale=(0.2, 1.0))))  # MoCo v2's crops
     min_batch_size = 2
@@ -106,6 +110,4 @@ class MoCoV2(nn.Module):
         if batch_size // self.bn_splits < 2:
             problems.append(f"bn_splits={self.bn_splits} leaves fewer than 2 images per BN sub-batch at batch size "
                             f"{batch_size}; lower method.params.bn_splits")
-        if recipe.num_views != 2:
-            problems.append(f"MoCo uses exactly 2 views, the view recipe makes {recipe.num_views}")
         return problems

@@ -21,7 +21,7 @@ from selfsup.nn.heads import mlp
 from selfsup.views import Augment, ViewRecipe
 
 
-@register("mocov3", "contrastive", "Chen, Xie, He 2021, An Empirical Study of Training Self-Supervised ViTs, arXiv:2104.02057")
+@register("mocov3", "contrastive", "Chen, Xie, He 2021, Training Self-Supervised Vision Transformers, arXiv:2104.02057")
 class MoCoV3(nn.Module):
     views = ViewRecipe(globals_=(Augment(scale=(0.08, 1.0), blur_p=1.0), Augment(blur_p=0.1, solarize_p=0.2)))  # BYOL's
     min_batch_size = 2
@@ -72,8 +72,3 @@ class MoCoV3(nn.Module):
         m = self.momentum(progress)
         for teacher, student in self.ema_pairs():
             ema_update_(teacher, student, m)
-
-    def check_run(self, n_train: int, batch_size: int, recipe: ViewRecipe) -> list[str]:
-        if recipe.num_views != 2:
-            return [f"MoCo v3 uses exactly 2 views, the view recipe makes {recipe.num_views}"]
-        return []

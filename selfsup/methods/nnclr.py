@@ -5,7 +5,9 @@ Contrastive Learning of Visual Representations, ICCV 2021, arXiv:2104.14548 (eq.
 
 ``L_i = −log exp(NN(z1_i)·p2_i/τ) / Σ_k exp(NN(z1_i)·p2_k/τ)``, symmetrised over the two views, where
 NN(z) is the nearest neighbour (cosine) of projection z in the support set Q and p the predictor
-output. The lookup carries no gradient; this batch's view-1 projections join Q after the step.
+output. The lookup carries no gradient; this batch's view-1 projections join Q after the step. While
+Q is still empty (the first step) a view's own projection stands in for its neighbour.
+
 Defaults follow the paper: projector 3 layers (hidden 2048, output 256, BN after each, the last one
 affine-free here), predictor 2 layers (hidden 4096), τ = 0.1, support set 98304 (scale it to the data:
 ``check_run`` refuses one larger than the training set). BYOL's augmentations.
@@ -83,6 +85,4 @@ class NNCLR(nn.Module):
             problems.append(f"the support set ({self.support.size} rows) is larger than the {n_train} training "
                             f"images, so neighbours would be stale copies of the same images; set "
                             f"method.params.support_size ≤ {n_train}")
-        if recipe.num_views != 2:
-            problems.append(f"NNCLR uses exactly 2 views, the view recipe makes {recipe.num_views}")
         return problems

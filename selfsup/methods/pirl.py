@@ -65,8 +65,7 @@ class PIRL(nn.Module):
         return self.backbone(x)
 
     def check_run(self, n_train: int, batch_size: int, recipe: ViewRecipe) -> list[str]:
-        problems = [] if recipe.num_views == 2 else [f"uses two views (image, jigsaw source), got {recipe.num_views}"]
-        problems += check_grid(recipe.globals_[-1].size, GRID, self.gap, who="views")
+        problems = check_grid(recipe.globals_[-1].size, GRID, self.gap, who="views")
         if world_size() > 1:
             problems.append("the memory bank is per process; run on one process")
         return problems

@@ -85,8 +85,6 @@ class RelativePosition(nn.Module):
 
     def check_run(self, n_train: int, batch_size: int, recipe: ViewRecipe) -> list[str]:
         problems = check_grid(recipe.globals_[0].size, GRID, self.gap, who="views")
-        if recipe.num_views != 1:
-            problems.append(f"uses one view per image (cut into patches), got views with {recipe.num_views}")
         return problems
 
     def training_step(self, views: list[Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:

@@ -56,11 +56,6 @@ class RotationPrediction(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(x)
 
-    def check_run(self, n_train: int, batch_size: int, recipe: ViewRecipe) -> list[str]:
-        if recipe.num_views != 1:
-            return [f"uses one view per image (rotated four ways), got views with {recipe.num_views}"]
-        return []
-
     def training_step(self, views: list[Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
         x = views[0]
         rotated, labels = rotate_all(x)

@@ -27,9 +27,9 @@ class SimCLR(nn.Module):
                  proj_dim: int = 128, proj_layers: int = 2, gather: bool = False):
         super().__init__()
         if temperature <= 0:
-            raise ValueError(f"simclr: temperature must be > 0, got {temperature}")
+            raise ValueError(f"{self.method_name}: temperature must be > 0, got {temperature}")
         if proj_layers < 1:
-            raise ValueError(f"simclr: proj_layers must be ≥ 1, got {proj_layers}")
+            raise ValueError(f"{self.method_name}: proj_layers must be ≥ 1, got {proj_layers}")
         self.backbone = backbone
         dims = [backbone.num_features] + [proj_hidden] * (proj_layers - 1) + [proj_dim]
         self.projector = mlp(dims, norm="bn")
@@ -39,9 +39,12 @@ class SimCLR(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(x)
 
-    def training_step(self, views: list[Tensor], progress: Progress) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, z1: Tensor, z2: Tensor) -> Tensor:
+        """The contrastive loss of the two views' projections (B, D); subclasses swap it (DCL)."""
+        return nt_xent(z1, z2, self.temperature, gather=self.gather)
+
+    def training_step(self, views: list[Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
         x1, x2 = views
         z = self.projector(self.backbone(torch.cat([x1, x2])))  # both views through the backbone together
         z1, z2 = z.chunk(2)
-        loss = nt_xent(z1, z2, self.temperature, gather=self.gather)
-        return loss, {"z": z1.detach(), "z_pair": z2.detach()}
+        return self.loss(z1, z2), {"z": z1.detach(), "z_pair": z2.detach()}

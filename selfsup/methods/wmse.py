@@ -5,7 +5,7 @@ ICML 2021, arXiv:2007.06346.
 
 Whitening scatters the embeddings of each sub-batch over the sphere (identity covariance), so a
 plain MSE between positives cannot collapse them and no negatives are needed. Paper defaults
-(CIFAR setting, §5): a projection head Linear–BN–ReLU–Linear with 1024 hidden units and a
+(CIFAR setting): a projection head Linear–BN–ReLU–Linear with 1024 hidden units and a
 64-dimensional embedding, whitening sub-batches of ``w_size`` = 128 samples, ``w_iter`` = 1
 (W-MSE 2: two positives), Adam with lr 3·10⁻³ and weight decay 10⁻⁶.
 """
@@ -54,9 +54,6 @@ class WMSE(nn.Module):
 
     def check_run(self, n_train: int, batch_size: int, recipe: ViewRecipe) -> list[str]:
         problems = []
-        if recipe.num_views != 2:
-            problems.append(f"needs exactly 2 views, the view recipe gives {recipe.num_views} "
-                            "(set views.local_crops to 0)")
         # Without gather each process whitens its own share of the batch.
         whitened = batch_size if self.gather else batch_size // world_size()
         if whitened < self.w_size:

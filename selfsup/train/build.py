@@ -48,7 +48,13 @@ def build_method(cfg: RunConfig, in_chans: int, image_size: int, world: int = 1)
 
 
 def view_recipe(cfg: RunConfig, method_cls: type, image_size: int) -> ViewRecipe:
+    """The method's views with the run's overrides. Overrides cannot change the number of global views; local
+    crops are accepted only by methods whose own recipe has them (multi-crop methods: SwAV, DINO, …), so a
+    two-view method is never handed extra views it would silently ignore."""
     recipe = apply_overrides(method_cls.views, cfg.views)
+    if recipe.local_crops and not method_cls.views.local_crops:
+        raise ConfigError([f"{cfg.method.name} takes exactly {len(recipe.globals_)} view(s) and no local crops; "
+                           f"remove views.local_crops={recipe.local_crops}"])
     return resolve_sizes(recipe, image_size)
 
 

@@ -1,0 +1,84 @@
+"""Colorization pictures: grey inputs, the model's colours, and the originals (Zhang et al. 2016, arXiv:1603.08511).
+
+One column per image; rows:
+1. the grey input the backbone saw (its standardised luminance, rescaled to the pixel range);
+2. the prediction: low-resolution predicted chroma, upsampled bilinearly and merged with the full-resolution
+   luminance (as the paper combines its 1/4-resolution ab with the input L);
+3. the ceiling at the model's output resolution: the original's chroma area-averaged to ``out_size`` and
+   merged the same way (what a perfect prediction would show);
+4. the original.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import Tensor, nn
+
+from selfsup.methods.colorization import LUMA, merge_chroma, split_chroma
+from selfsup.report.reconstructions import save_reconstruction_grid
+from selfsup.views import normalize, to_float
+
+FILENAME = "colorization.png"
+ROWS = ("grey input", "prediction", "original chroma\nat output res.", "original")
+
+
+def _pixels(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x * s + m).clamp(0, 1)
+
+
+@torch.no_grad()
+def colorization_rows(model: nn.Module, images: Tensor, mean: Sequence[float], std: Sequence[float]) -> list[Tensor]:
+    """The four rows (each (N, C, H, W) in [0, 1]) for uint8 or [0, 1] RGB ``images`` (N, 3, H, W)."""
+    device = next(model.parameters()).device
+    x = normalize(to_float(images.to(device)), mean, std)
+    y, uv = split_chroma(x)
+    was_training = model.training
+    model.eval()
+    try:
+        pred_uv, _ = model.predict_chroma(y)
+    finally:
+        model.train(was_training)
+    size = x.shape[-2:]
+    up = lambda c: F.interpolate(c, size=size, mode="bilinear", align_corners=False)  # noqa: E731
+    ceiling_uv = up(F.adaptive_avg_pool2d(uv, pred_uv.shape[-1]))
+    # The grey input in the pixel range: standardised luminance times the luma-weighted std, plus mean.
+    grey_mean = sum(w * m for w, m in zip(LUMA, mean))
+    grey_std = sum(w * s for w, s in zip(LUMA, std))
+    grey = (y * grey_std + grey_mean).clamp(0, 1)
+    return [grey, _pixels(merge_chroma(y, up(pred_uv)), mean, std),
+            _pixels(merge_chroma(y, ceiling_uv), mean, std), _pixels(x, mean, std)]
+
+
+def save_colorization_grid(model: nn.Module, images: Tensor, mean: Sequence[float], std: Sequence[float],
+                           path: str | Path, title: str | None = None) -> Path:
+    """Save the grid for a colorization ``model`` on RGB ``images`` (N, 3, H, W) as a PNG; returns the path."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"colorization pictures need RGB images (N, 3, H, W), got {tuple(images.shape)}")
+    return save_reconstruction_grid(colorization_rows(model, images, mean, std), ROWS, path, title)
+
+
+def colorization_grid_from_run(run_dir: str | Path, path: str | Path | None = None, n: int = 10) -> Path:
+    """The grid for a finished (or checkpointed) colorization run, on ``n`` images of its dataset's test split."""
+    from selfsup.config import config_from_dict
+    from selfsup.data import load_dataset
+    from selfsup.train.build import build_method
+    from selfsup.train.checkpoint import safe_load
+
+    run_dir = Path(run_dir)
+    cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    if cfg.method.name != "colorization":
+        raise ValueError(f"{run_dir} is a {cfg.method.name!r} run, not colorization")
+    meta = yaml.safe_load((run_dir / "encoder.json").read_text())
+    model = build_method(cfg, meta["in_chans"], meta["image_size"])
+    model.load_state_dict(safe_load(run_dir / "checkpoints" / "last.pt")["model"])
+    _, test = load_dataset(cfg.data)
+    pick = torch.linspace(0, len(test) - 1, n).round().long()
+    title = f"colorization, {cfg.data.name} test crops ({run_dir.name})"
+    return save_colorization_grid(model, test.images[pick], meta["mean"], meta["std"],
+                                  path or run_dir / FILENAME, title)
