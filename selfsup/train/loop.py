@@ -281,7 +281,7 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False) -> di
 
     summary: dict[str, Any] = {}
     bad_in_row = 0
-    collapse = CollapseMonitor(verbose=main)
+    collapse = CollapseMonitor(verbose=main, stops=t.stop_on_collapse)
     step = start_step
     with _StopFlag() as stop:
         for epoch in range(start_step // steps_per_epoch, t.epochs):
@@ -320,12 +320,12 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False) -> di
                     optimizer.zero_grad(set_to_none=True)
                     terms = _scalar_logs(logs)
                     log.warning("step %d: non-finite loss or gradient (loss %s, lr %.4g, terms %s); step skipped",
-                                step, float(loss), lr, terms)
-                    metrics.write({"step": step, "epoch": epoch + 1, "skipped": True, "loss": float(loss), "lr": lr})
+                                step, float(loss.detach()), lr, terms)
+                    metrics.write({"step": step, "epoch": epoch + 1, "skipped": True, "loss": float(loss.detach()), "lr": lr})
                     if bad_in_row >= t.max_bad_steps:
                         raise TrainingError(
                             f"stopped at step {step}: {bad_in_row} consecutive steps with a NaN/Inf loss or gradient "
-                            f"(last loss {float(loss)}, terms {terms}, lr {lr:.4g}). The last good checkpoint, "
+                            f"(last loss {float(loss.detach())}, terms {terms}, lr {lr:.4g}). The last good checkpoint, "
                             f"{ckpt_path}, is intact; lower the learning rate or enable optim.clip_grad.")
                     continue
                 bad_in_row = 0
