@@ -6,7 +6,7 @@ SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST  := /usr/share/datasets/fashion-mnist
 DEMO    ?= runs/demo
 
-.PHONY: setup dataset demo test test-fast bench clean
+.PHONY: setup dataset demo test test-fast bench clean chromium
 
 setup: $(VENV)/.installed dataset
 
@@ -17,6 +17,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
+
+# Optional: headless Chromium, for the report screenshot test (tests/test_report.py skips it without Chromium).
+chromium:
+	@command -v chromium >/dev/null || { \
+	  echo "installing headless Chromium (Debian package chromium)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
 
 dataset:
 	@test -f $(FMNIST)/train-images-idx3-ubyte.gz || { \

@@ -1,6 +1,8 @@
 """Distributed parity: two gloo processes with batch B each equal one process with batch 2B.
 
-The bug class this guards against: gradients off by the world size, or negatives/statistics taken
+Methods that draw randomness inside ``training_step`` (``stochastic_step = True``: masks) are left out here,
+since one process with 2B samples and two with B draw different masks; their losses are covered at the
+loss level. The bug class this guards against: gradients off by the world size, or negatives/statistics taken
 from the local batch only. For every registered method whose constructor takes ``gather``, both
 processes start from identical weights, each takes its half of the same views, and the loss is
 averaged and the gradients all-reduce-averaged over processes exactly as DDP does. They must match
@@ -90,9 +92,12 @@ def test_two_processes_match_one(name):
         got = torch.load(os.path.join(out, "dist.pt"), weights_only=True)
     torch.testing.assert_close(got["loss"], single_loss, rtol=1e-5, atol=1e-6)
     assert got["grads"].keys() == single_grads.keys()
+    # Gradients that are zero in exact arithmetic (a bias right before batch standardisation) come out as float32
+    # rounding noise whose size follows the largest gradients of the model: the tolerance scales with them.
+    scale = max(float(g.abs().max()) for g in single_grads.values())
     for key, g in single_grads.items():
-        # atol: gradients that are zero in exact arithmetic (a bias before batch standardisation) come out ~1e-7
-        torch.testing.assert_close(got["grads"][key], g, rtol=1e-4, atol=1e-5, msg=f"{name}: gradient of {key}")
+        torch.testing.assert_close(got["grads"][key], g, rtol=1e-4, atol=1e-6 + 1e-5 * scale,
+                                   msg=f"{name}: gradient of {key}")
 
 
 def test_gather_is_identity_on_one_process():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import json
 import re
 import shutil
 import subprocess
@@ -68,17 +69,22 @@ def test_report_is_self_contained_with_every_section(run_dir: Path, report: Path
 
 
 def test_retrieval_and_map_pictures_have_the_expected_size(report: Path) -> None:
-    grid = Image.open(report.parent / "retrieval.png")
-    assert grid.size == (int(1.15 * 6 * 100), int(1.3 * 4 * 100))  # (k + 1) columns × 4 queries at 100 dpi
-    assert Image.open(report.parent / "embedding_map.png").size == (750, 650)
+    with Image.open(report.parent / "retrieval.png") as grid, Image.open(report.parent / "embedding_map.png") as m:
+        assert grid.size == (int(1.15 * 6 * 100), int(1.3 * 4 * 100))  # (k + 1) columns × 4 queries at 100 dpi
+        assert m.size == (750, 650)
 
 
 def test_report_of_an_unfinished_run_still_has_its_curves(run_dir: Path, tmp_path: Path) -> None:
     partial = tmp_path / "partial"
     shutil.copytree(run_dir, partial, ignore=shutil.ignore_patterns("report", "encoder.pt"))
+    (partial / "eval_finetune_1pct.json").write_text(json.dumps(
+        {"protocol": "finetune", "dataset": "digits", "labels": "1%", "accuracy": 0.8125,
+         "baselines": {"from_scratch": 0.5, "raw_pixels": 0.25, "random_encoder": 0.375}}))
     page = write_report(partial, options=FAST).read_text()
     assert "Embedding pictures skipped" in page and "encoder.pt" in page
     assert len(_embedded_pngs(page)) == 4  # three curve figures and the method's picture
+    # evaluation results are listed with their baselines
+    assert "<td>finetune</td><td>digits</td><td>1%</td><td>81.25%</td><td>37.50%</td><td>25.00%</td><td>50.00%</td>" in page
 
 
 def test_report_rejects_what_is_not_a_run(tmp_path: Path, capsys) -> None:
@@ -115,9 +121,25 @@ def test_report_renders_in_headless_chromium(report: Path, tmp_path: Path) -> No
     finally:
         shutil.rmtree(profile, ignore_errors=True)
     assert shot.is_file(), "Chromium wrote no screenshot"
-    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    with Image.open(shot) as image:
+        pixels = np.asarray(image.convert("L"), dtype=np.float32)
     assert pixels.shape == (3000, 1200)
     inked = (pixels < 200).mean()
     assert pixels.std() > 20 and inked > 0.03, f"screenshot looks blank (std {pixels.std():.1f}, inked {inked:.3f})"
     # the plots render: the top of the page (text) and further down (figures) both have ink
     assert (pixels[:600] < 200).mean() > 0.01 and (pixels[1200:2400] < 200).mean() > 0.02
+
+
+def test_report_of_a_method_without_embeddings_or_knn(tmp_path: Path) -> None:
+    """A pretext/MIM-style run: no logs['z'] (no diagnostics), no kNN monitor, a skipped NaN step."""
+    run = tmp_path / "mae_like"
+    run.mkdir()
+    (run / "config.yaml").write_text("method: {name: mae}\ntrain: {epochs: 1}\n")
+    records = [{"step": s, "epoch": 1, "loss": 1.0 / s, "lr": 0.01 * s} for s in range(1, 6)]
+    records += [{"step": 6, "epoch": 1, "skipped": True, "loss": float("nan"), "lr": 0.06},
+                {"step": 6, "epoch": 1, "loss": 0.2, "images_per_s": 10.0, "knn": None, "epoch_time_s": 1.0,
+                 "skipped_steps": 1}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    page = write_report(run, options=ReportOptions(embeddings=False)).read_text()
+    assert "No collapse monitoring: this method logs no embeddings" in page
+    assert "mae (masked-modelling)" in page and len(_embedded_pngs(page)) == 3

@@ -7,9 +7,8 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from selfsup.config import ConfigError, ModelConfig, OptimConfig, RunConfig
+from selfsup.config import ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig
 from selfsup.eval.diagnostics import effective_rank, healthy_spread, spread
 from selfsup.losses.distillation import byol_loss, dino_loss, negative_cosine
 from selfsup.methods.base import Progress
@@ -17,7 +16,8 @@ from selfsup.methods.byol import BYOL
 from selfsup.methods.dino import DINO
 from selfsup.methods.simsiam import SimSiam
 from selfsup.nn.backbones import build_backbone
-from selfsup.train.build import build_method, check_run, view_recipe
+from selfsup.train.build import build_method
+from selfsup.train.loop import pretrain
 from selfsup.train.optim import build_optimizer, set_lr
 from selfsup.views import apply_overrides, make_views, normalize, resolve_sizes, to_float
 
@@ -142,8 +142,10 @@ def test_dino_center_moves_by_its_momentum_and_teacher_sees_globals_only():
     assert seen[0] == 2 * 8  # two global views of 8 images; the local crops never reach the teacher
 
 
-def test_dino_last_layer_frozen_during_first_epochs_and_magnitude_fixed():
-    method = DINO(tiny_backbone(), **{**DINO.test_params, "freeze_last_layer_epochs": 1})
+@pytest.mark.parametrize("use_bn_in_head", [False, True])
+def test_dino_last_layer_frozen_during_first_epochs_and_magnitude_fixed(use_bn_in_head):
+    method = DINO(tiny_backbone(), **{**DINO.test_params, "freeze_last_layer_epochs": 1,
+                                      "use_bn_in_head": use_bn_in_head})
     magnitude = method.head.last_layer.parametrizations.weight.original0
     direction = method.head.last_layer.parametrizations.weight.original1
     assert not magnitude.requires_grad and torch.all(magnitude == 1)
@@ -169,7 +171,7 @@ def test_byol_predictor_lr_scale_and_simsiam_fixed_predictor_lr():
         assert g["lr"] == pytest.approx(0.5 if is_pred else 0.05)
     simsiam = SimSiam(tiny_backbone(), **SimSiam.test_params)
     opt = build_optimizer(simsiam, OptimConfig(name="sgd"), lr=0.1)
-    set_lr(opt, 0.01, 0.1)  # late in the cosine decay: the predictor keeps the base rate (arXiv:2011.10566 §4.4)
+    set_lr(opt, 0.01, 0.1)  # late in the cosine decay: the predictor keeps the base rate (arXiv:2011.10566 §4.2)
     pred = {id(p) for p in simsiam.predictor.parameters()}
     for g in opt.param_groups:
         assert g["lr"] == pytest.approx(0.1 if all(id(p) in pred for p in g["params"]) else 0.01)
@@ -200,13 +202,14 @@ def test_impossible_settings_are_config_errors(name, params, match):
 
 
 @pytest.mark.parametrize("name", ["byol", "simsiam"])
-def test_two_view_method_given_three_views_fails_before_training(name):
+def test_two_view_method_given_three_views_fails_before_training(name, tmp_path):
+    """An odd number of views (2 globals + 1 local crop) is refused by ``pretrain`` before any step."""
     cfg = RunConfig(method=ModelConfig(name, {}), backbone=ModelConfig("small_resnet", {"widths": [8, 16]}),
-                    views={"local_crops": 1})
-    model = build_method(cfg, 1, 16)
-    recipe = view_recipe(cfg, type(model), 16)
-    with pytest.raises(ConfigError, match="exactly 2 views, but the view recipe gives 3"):
-        check_run(model, cfg, 1000, recipe)
+                    data=DataConfig(name="digits", val_size=100), views={"local_crops": 1})
+    cfg.train.batch_size, cfg.train.threads = 32, 1
+    with pytest.raises(ConfigError, match="takes exactly 2 view"):
+        pretrain(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
 
 
 # ---------------------------------------------------------------- collapse (arXiv:2011.10566, §4.1, fig. 2)

@@ -48,8 +48,9 @@ class CollapseMonitor:
     """Feed it each logged step's diagnostics; it returns ``{"collapse_warning": {...}}`` when a warning fires.
 
     Thresholds: spread < ``spread_fraction`` × 1/√D (complete collapse); effective rank <
-    max(``min_rank``, ``rank_fraction`` × min(B, D)) (dimensional collapse). Healthy runs of the
-    default recipe sit near 0.95 × 1/√D and rank ≈ 0.27 × min(B, D) on Fashion-MNIST.
+    max(``min_rank``, ``rank_fraction`` × min(B, D)) (dimensional collapse). Measured on Fashion-MNIST:
+    the default SimCLR recipe sits at 0.84–0.97 × 1/√D and rank 0.27–0.65 × min(B, D) over its first
+    epochs; SimSiam without stop-gradient falls to rank 0.04 × min(B, D) within 45 steps.
     """
 
     spread_fraction: float = 0.25
@@ -57,6 +58,8 @@ class CollapseMonitor:
     min_rank: float = 1.5
     window: int = 3
     verbose: bool = True
+    stops: bool = False
+    """The run stops on a warning (``train.stop_on_collapse``); only changes the message's last sentence."""
     warnings: list[dict[str, Any]] = field(default_factory=list)
     _low: dict[str, int] = field(default_factory=lambda: {"complete": 0, "dimensional": 0})
     _first_low: dict[str, int] = field(default_factory=dict)
@@ -100,7 +103,7 @@ class CollapseMonitor:
                            "spread": spread, "spread_healthy": 1 / dim ** 0.5, "spread_threshold": spread_min,
                            "rank": rank, "rank_threshold": rank_min, "max_rank": min(batch, dim),
                            "energy_gap": diagnostics.get("energy_gap")}
-                warning["message"] = format_warning(warning)
+                warning["message"] = format_warning(warning, self.stops)
                 self.warnings.append(warning)
                 if self.verbose:
                     log.warning("%s", warning["message"])
@@ -125,7 +128,7 @@ class CollapseMonitor:
         return f"{what}; train.stop_on_collapse is set, so the run stopped here"
 
 
-def format_warning(w: dict[str, Any]) -> str:
+def format_warning(w: dict[str, Any], stops: bool = False) -> str:
     """The message a person reads: what, the figures against their thresholds, since when, and why it happens."""
     return (f"COLLAPSE WARNING ({w['kind']} collapse) at step {w['step']}: spread {w['spread']:.4f} "
             f"(healthy ≈ {w['spread_healthy']:.4f} = 1/√D, warns below {w['spread_threshold']:.4f}), "
@@ -133,4 +136,6 @@ def format_warning(w: dict[str, Any]) -> str:
             f"for {w['checks']} logged checks in a row since step {w['since_step']}"
             + (f"; energy gap {w['energy_gap']:.3f} (cos of positive pairs minus cos of other pairs)"
                if w.get("energy_gap") is not None else "") + ". "
-            f"This means {CAUSES[w['kind']]} Set train.stop_on_collapse: true to stop such runs automatically.")
+            f"This means {CAUSES[w['kind']]} "
+            + ("The run stops here (train.stop_on_collapse)." if stops
+               else "Set train.stop_on_collapse: true to stop such runs automatically."))

@@ -66,7 +66,7 @@ def load_query_image(run: LoadedRun, path: str | Path) -> ImageSet:
         array, _ = read_image(path, run.meta["image_size"])
     except Exception as exc:  # PIL raises many types for broken files; all mean "cannot use this query"
         raise DataError(f"query image {path} could not be read ({type(exc).__name__}: {exc})") from None
-    x = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None].contiguous()
+    x = torch.from_numpy(np.array(array)).permute(2, 0, 1)[None].contiguous()
     return match_channels(ImageSet(x, name=str(path), paths=[str(path)]), run.meta["in_chans"])
 
 
@@ -104,7 +104,7 @@ def write_embeddings(emb: Embeddings, out: str | Path) -> Path:
         if emb.labels is not None:
             columns["label"] = pa.array(emb.labels.numpy())
         table = pa.table(columns).replace_schema_metadata({"selfsup": json.dumps(meta)})
-        pq.write_table(table, out)
+        pq.write_table(table, str(out))
         return out
     if out.suffix.lower() != ".npz":
         out = out.with_name(out.name + ".npz")

@@ -8,7 +8,6 @@ same labels with the same recipe (:mod:`selfsup.eval.finetune`).
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -166,7 +165,10 @@ def _finetune(run: LoadedRun, train: ImageSet, test: ImageSet, seed: int, device
               settings: FinetuneSettings) -> dict[str, Any]:
     """The pretrained encoder (a copy: the run's stays untouched) and a from-scratch one, one recipe."""
     mean, std, d = run.meta["mean"], run.meta["std"], run.meta.get("num_features")
-    pretrained = copy.deepcopy(run.encoder)
+    # fresh modules loaded from the weights: the run's encoder stays untouched, and a module that went
+    # through inference-mode feature extraction cannot be trained further
+    pretrained = build_encoder(run.cfg, run.meta["in_chans"], run.meta["image_size"]).to(device)
+    pretrained.load_state_dict(run.encoder.state_dict())
     torch.manual_seed(seed)
     scratch = build_encoder(run.cfg, run.meta["in_chans"], run.meta["image_size"]).to(device)
     d = d or scratch.num_features

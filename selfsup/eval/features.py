@@ -22,7 +22,9 @@ def extract_features(model: nn.Module, images: ImageSet, mean: Sequence[float], 
     was_training = model.training
     model.eval()
     if channels_last:
-        model.to(memory_format=torch.channels_last)
+        # outside inference mode: converted weights made in it could never be trained again
+        with torch.inference_mode(False):
+            model.to(memory_format=torch.channels_last)
     out = []
     try:
         for start in range(0, len(images), batch_size):

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from selfsup.data.imageset import DataError, ImageSet
 from selfsup.eval.features import extract_features
+from selfsup.eval.linear import fit_logistic
 from selfsup.train.optim import param_groups
 from selfsup.train.schedules import warmup_cosine
 from selfsup.views import normalize, to_float
@@ -44,6 +45,11 @@ class FinetuneSettings:
     warmup_fraction: float = 0.1
     crop_scale: tuple[float, float] = (0.5, 1.0)
     flip_p: float = 0.5
+    head_init: str = "random"
+    """``random``, or ``linear_probe``: the head starts as a logistic regression fitted on the frozen
+    encoder's features (LP-FT, Kumar et al. 2022, arXiv:2202.10054), so early gradients from a random
+    head do not distort pretrained features."""
+    probe_l2: float = 1e-3
 
     def steps_for(self, n_labels: int) -> int:
         batch = min(self.batch_size, n_labels)
@@ -67,6 +73,12 @@ class Classifier(nn.Module):
         return self.head(self.encoder(x))
 
 
+def _channels_last(images: ImageSet) -> bool:
+    """The faster convolution layout from 8×8 up (as the training loop decides). Conversions happen
+    here, before any inference-mode feature extraction, so the weights stay trainable."""
+    return images.image_size >= 8
+
+
 def _batches(n: int, batch: int, steps: int, generator: torch.Generator):
     """Indices of ``steps`` batches: shuffled epochs, concatenated, so every image is seen equally often."""
     order = torch.empty(0, dtype=torch.long)
@@ -87,9 +99,13 @@ def train_classifier(encoder: nn.Module, num_features: int, train: ImageSet, mea
     num_classes = train.num_classes
     torch.manual_seed(seed)  # the head's initialisation and the augmentation draws
     model = Classifier(encoder, num_features, num_classes).to(device)
-    channels_last = train.image_size >= 8
+    channels_last = _channels_last(train)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if settings.head_init == "linear_probe":
+        _probe_head(model, train, mean, std, settings.probe_l2, device)
+    elif settings.head_init != "random":
+        raise ValueError(f"head_init must be 'random' or 'linear_probe', got {settings.head_init!r}")
     groups = param_groups(model)
     for g in groups:
         g["weight_decay"] = 0.0 if g["exempt"] else settings.weight_decay
@@ -118,9 +134,22 @@ def train_classifier(encoder: nn.Module, num_features: int, train: ImageSet, mea
     return model
 
 
+@torch.no_grad()
+def _probe_head(model: Classifier, train: ImageSet, mean: Sequence[float], std: Sequence[float], l2: float,
+                device: torch.device) -> None:
+    """Set the head to a logistic regression on standardised frozen features, the standardisation
+    folded into its weights: W' = W / σ, b' = b − (μ / σ)·W."""
+    feats = extract_features(model.encoder, train, mean, std, device, channels_last=_channels_last(train))
+    mu, sigma = feats.mean(0), feats.std(0).clamp_min(1e-6)
+    with torch.enable_grad():
+        w, b = fit_logistic((feats - mu) / sigma, train.labels, model.head.out_features, l2)
+    model.head.weight.copy_((w / sigma[:, None]).T)
+    model.head.bias.copy_(b - (mu / sigma) @ w)
+
+
 def classifier_accuracy(model: nn.Module, test: ImageSet, mean: Sequence[float], std: Sequence[float],
                         device: torch.device | str = "cpu") -> float:
-    logits = extract_features(model, test, mean, std, device)
+    logits = extract_features(model, test, mean, std, device, channels_last=_channels_last(test))
     return float((logits.argmax(dim=1) == test.labels).float().mean()) if len(test) else float("nan")
 
 

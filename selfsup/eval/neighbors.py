@@ -28,7 +28,8 @@ def _faiss(size: int, use_faiss: bool | None):
         import faiss
     except ImportError:
         if use_faiss:
-            raise DataError("faiss is not installed (`pip install faiss-cpu`); exact torch search needs nothing") from None
+            raise DataError("faiss is not installed (`pip install faiss-cpu`); "
+                            "the exact torch search needs nothing") from None
         return None
     return faiss
 

@@ -5,7 +5,10 @@ There is no method base class. A method is a plain ``nn.Module`` with
 ``after_step(progress)``, and two class attributes: ``views`` (a :class:`ViewRecipe`) and
 ``min_batch_size``. Optional hooks: ``check_run(n_train, batch_size, recipe) -> list[str]`` (problems
 found before training starts), ``ema_pairs() -> [(teacher, student)]`` with ``momentum(progress)`` for
-methods with EMA teachers, and ``default_backbone`` (a registered backbone name). Optimiser parameter groups come from an optional ``param_groups()`` returning
+methods with EMA teachers, ``default_backbone`` (a registered backbone name), ``needs_indices = True``
+(``training_step`` then also gets ``indices=``, the batch's positions in the training set, for per-sample
+memories: DeepCluster-v2, PIRL) and ``test_params`` (small constructor settings for the registry tests). A
+method whose recipe has no local crops is never given any (multi-crop is opt-in by declaring them). Optimiser parameter groups come from an optional ``param_groups()`` returning
 ``[{"params": [...], "lr_scale": float, ...}]`` (e.g. a predictor with its own learning rate).
 
 ``logs`` holds scalar tensors (logged without forcing a device sync every step) and, optionally,

@@ -23,14 +23,6 @@ from selfsup.nn.heads import mlp
 from selfsup.views import Augment, ViewRecipe
 
 
-def check_two_views(name: str, recipe: ViewRecipe) -> list[str]:
-    """Problems for a method that compares exactly two views (BYOL, SimSiam)."""
-    if recipe.num_views == 2:
-        return []
-    return [f"{name} compares exactly 2 views, but the view recipe gives {recipe.num_views} "
-            f"({len(recipe.globals_)} global + views.local_crops={recipe.local_crops}); remove views.local_crops"]
-
-
 @register("byol", "self-distillation", "Grill et al. 2020, Bootstrap Your Own Latent, arXiv:2006.07733")
 class BYOL(nn.Module):
     views = ViewRecipe(globals_=(Augment(blur_p=1.0, solarize_p=0.0), Augment(blur_p=0.1, solarize_p=0.2)))
@@ -81,6 +73,3 @@ class BYOL(nn.Module):
 
     def param_groups(self) -> list[dict]:
         return [{"params": list(self.predictor.parameters()), "lr_scale": self.predictor_lr_scale}]
-
-    def check_run(self, n_train: int, batch_size: int, recipe: ViewRecipe) -> list[str]:
-        return check_two_views("byol", recipe)

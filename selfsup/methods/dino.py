@@ -9,7 +9,9 @@ magnitude is fixed to 1 (``norm_last_layer``); teacher momentum 0.996 → 1 on a
 (per iteration here, not per epoch), then constant; 2 global crops (scale 0.4–1, view 1 always
 blurred, view 2 blurred with p = 0.1 and solarised with p = 0.2) and 8 local crops (scale 0.05–0.4,
 96/224 of the global side); the last layer is frozen during the first epoch; gradient clipping at
-3.0 lives in the recipe's ``optim.clip_grad``.
+3.0 lives in the recipe's ``optim.clip_grad``. ``use_bn_in_head`` (the reference code's option, off
+for ViTs) adds BatchNorm to the head's hidden layers: CNN features, pooled after a ReLU, all share one
+positive direction, and without it the centred teacher turns uniform on short runs.
 """
 from __future__ import annotations
 
@@ -28,15 +30,17 @@ from selfsup.views import Augment, ViewRecipe, group_by_size
 
 
 class DINOHead(nn.Module):
-    """MLP (GELU, no norm) → l2-normalised bottleneck (B, bottleneck) → weight-normed linear → (B, K) logits."""
+    """MLP (GELU, BN optional) → l2-normalised bottleneck (B, bottleneck) → weight-normed linear → (B, K) logits."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden: int, bottleneck: int, norm_last_layer: bool = True):
+    def __init__(self, in_dim: int, out_dim: int, hidden: int, bottleneck: int, norm_last_layer: bool = True,
+                 use_bn: bool = False):
         super().__init__()
-        self.mlp = mlp([in_dim, hidden, hidden, bottleneck], norm=None, activation=nn.GELU)
+        self.mlp = mlp([in_dim, hidden, hidden, bottleneck], norm="bn" if use_bn else None, activation=nn.GELU)
         for m in self.mlp.modules():
             if isinstance(m, nn.Linear):  # the reference head's init: small weights, zero bias
                 nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         self.last_layer = weight_norm(nn.Linear(bottleneck, out_dim, bias=False))
         magnitude = self.last_layer.parametrizations.weight.original0
         with torch.no_grad():
@@ -72,7 +76,7 @@ class DINO(nn.Module):
                  norm_last_layer: bool = True, student_temp: float = 0.1, teacher_temp: float = 0.07,
                  warmup_teacher_temp: float = 0.04, warmup_teacher_temp_epochs: float = 30,
                  center_momentum: float = 0.9, base_momentum: float = 0.996, final_momentum: float = 1.0,
-                 freeze_last_layer_epochs: int = 1):
+                 freeze_last_layer_epochs: int = 1, use_bn_in_head: bool = False):
         super().__init__()
         problems = [f"{n} must be > 0, got {v}" for n, v in (("student_temp", student_temp),
                     ("teacher_temp", teacher_temp), ("warmup_teacher_temp", warmup_teacher_temp)) if v <= 0]
@@ -90,7 +94,7 @@ class DINO(nn.Module):
         if problems:
             raise ValueError("dino: " + "; ".join(problems))
         self.backbone = backbone
-        self.head = DINOHead(backbone.num_features, out_dim, hidden, bottleneck, norm_last_layer)
+        self.head = DINOHead(backbone.num_features, out_dim, hidden, bottleneck, norm_last_layer, use_bn_in_head)
         self.teacher_backbone = frozen_copy(self.backbone)
         self.teacher_head = frozen_copy(self.head)
         self.register_buffer("center", torch.zeros(1, out_dim))
@@ -125,11 +129,10 @@ class DINO(nn.Module):
         self._teacher_mean = teacher.mean(dim=0, keepdim=True)
         temp = self.teacher_temperature(progress)
         loss = dino_loss(student, teacher.chunk(n_global), self.center, self.student_temp, temp)
-        with torch.no_grad():
-            p_t = F.softmax((teacher - self.center) / temp, dim=-1)
-            entropy = -(p_t * p_t.clamp_min(1e-12).log()).sum(dim=-1).mean()
-        logs = {"teacher_temp": torch.tensor(temp), "teacher_entropy": entropy}
-        return loss, {**logs, "z": embeds[0][:b].detach(), "z_pair": embeds[0][b:2 * b].detach()}
+        with torch.no_grad():  # log K when the teacher has turned uniform (one of DINO's two collapses)
+            entropy = torch.special.entr(F.softmax((teacher - self.center) / temp, dim=-1)).sum(dim=-1).mean()
+        return loss, {"teacher_temp": torch.tensor(temp), "teacher_entropy": entropy,
+                      "z": embeds[0][:b].detach(), "z_pair": embeds[0][b:2 * b].detach()}
 
     def momentum(self, progress: Progress) -> float:
         return cosine_schedule(progress.fraction, self.base_momentum, self.final_momentum)

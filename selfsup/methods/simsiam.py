@@ -2,13 +2,13 @@
 
 Chen & He. Exploring Simple Siamese Representation Learning. CVPR 2021, arXiv:2011.10566.
 
-Defaults follow the paper (§3, §4.4): a 3-layer projector with BN on every layer including the output
+Defaults follow the paper (§3, §4.2): a 3-layer projector with BN on every layer including the output
 (2048 wide), a bottleneck predictor 2048 → 512 → 2048 with no BN on its output, the symmetric loss
 ``½·D(p₁, sg(z₂)) + ½·D(p₂, sg(z₁))`` with ``D = −cos``, and a predictor trained at the fixed base
-learning rate (no cosine decay). There is no EMA: the target is the same network, detached.
+learning rate (no cosine decay, table 1c). There is no EMA: the target is the same network, detached.
 
 ``stop_gradient=False`` or ``predictor=False`` are the paper's collapse ablations (§4.1, fig. 2;
-§4.2, table 1): both make the representation collapse to a constant.
+§4.2, table 1a): both make the representation collapse to a constant.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from torch import Tensor, nn
 
 from selfsup.losses.distillation import negative_cosine
 from selfsup.methods.base import Progress
-from selfsup.methods.byol import check_two_views
 from selfsup.methods.registry import register
 from selfsup.nn.heads import mlp
 from selfsup.views import Augment, ViewRecipe
@@ -58,6 +57,3 @@ class SimSiam(nn.Module):
 
     def param_groups(self) -> list[dict]:
         return [{"params": list(self.predictor.parameters()), "fixed_lr": self.fixed_predictor_lr}]
-
-    def check_run(self, n_train: int, batch_size: int, recipe: ViewRecipe) -> list[str]:
-        return check_two_views("simsiam", recipe)

@@ -116,7 +116,7 @@ def evaluate_encoder(encoder: torch.nn.Module, cfg, mean: Sequence[float], std: 
     """kNN, linear, effective rank of test embeddings, and fine-tune at 1%/10% when asked."""
     import copy
 
-    from selfsup.data import load_dataset
+    from selfsup.data import DataError, load_dataset
     from selfsup.data.splits import parse_fraction, stratified_subset
     from selfsup.eval.diagnostics import effective_rank
     from selfsup.eval.evaluate import evaluate_features
@@ -141,7 +141,11 @@ def evaluate_encoder(encoder: torch.nn.Module, cfg, mean: Sequence[float], std: 
         if spec.finetune_steps:
             settings = dataclasses.replace(settings, min_steps=spec.finetune_steps, max_steps=spec.finetune_steps)
         for frac in FINETUNE_FRACTIONS:
-            sub = train.subset(stratified_subset(train.labels, parse_fraction(frac), cfg.train.seed))
+            try:
+                sub = train.subset(stratified_subset(train.labels, parse_fraction(frac), cfg.train.seed))
+            except DataError as exc:  # too few labels for this fraction: an empty cell, the others still count
+                out[f"finetune_{frac}"], out[f"finetune_{frac}_error"] = None, str(exc)
+                continue
             ft = finetune_accuracy(copy.deepcopy(encoder), int(te.shape[1]), sub, test, mean, std, settings,
                                    cfg.train.seed, device)
             out[f"finetune_{frac}"] = ft["accuracy"]
@@ -196,6 +200,10 @@ def _child_main(argv: Sequence[str]) -> int:
         row = run_one(spec)
     except Exception as exc:  # recorded in the table, the matrix goes on
         row = {"method": spec.method, "error": f"{type(exc).__name__}: {exc}"}
+        if not spec.baseline:
+            from selfsup.methods import get_method
+
+            row["family"] = get_method(spec.method).family
         Path(spec.result_path).write_text(json.dumps(row, indent=2))
         raise
     Path(spec.result_path).write_text(json.dumps(row, indent=2))
@@ -213,6 +221,7 @@ def run_bench(methods: Sequence[str], out_dir: str | Path, budget: Budget, data:
     """Run every method (one subprocess each), write ``results.{json,md,png}`` in ``out_dir``; returns the JSON."""
     from selfsup.config import ConfigError, load_config
     from selfsup.methods import get_method
+    from selfsup.methods.registry import check_method_params
 
     methods = [m.strip() for m in methods if m.strip()]
     if not methods:
@@ -232,7 +241,8 @@ def run_bench(methods: Sequence[str], out_dir: str | Path, budget: Budget, data:
     for m in methods:
         recipe = recipe_for(m, config_dir)
         overrides = {**common, "method.name": m}
-        load_config(recipe, overrides)  # every config error before the first subprocess starts
+        cfg = load_config(recipe, overrides)  # config errors and unknown method params before any training
+        check_method_params(cfg.method.name, cfg.method.params)
         jobs.append(BenchSpec(m, str(recipe) if recipe else None, overrides, str(out / "runs" / m),
                               str(out / "runs" / f"{m}.json"), finetune, finetune_steps, eval_limit))
     if baseline:
@@ -292,6 +302,8 @@ def markdown_table(results: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(_cell(k, r.get(k)) for k, _ in cols) + " |")
         if "error" in r:
             notes.append(f"- {r['method']}: {r['error']}")
+        notes += [f"- {r['method']}, fine-tune {f}: {r[f'finetune_{f}_error']}" for f in FINETUNE_FRACTIONS
+                  if r.get(f"finetune_{f}_error")]
         if r.get("recipe") == "library defaults":
             notes.append(f"- {r['method']}: no configs/{r['method']}_fashion_mnist.yaml; ran with the library defaults")
     lines += ["", "kNN (k = 20, T = 0.07) and linear probe on frozen features over "
@@ -305,24 +317,31 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 
 def plot_results(results: dict[str, Any], path: Path) -> Path:
-    """Grouped bars: one group per method, one bar per accuracy column."""
+    """Horizontal grouped bars: one group per method (top to bottom in table order), one bar per accuracy column."""
     import numpy as np
     from matplotlib.figure import Figure
 
-    keys = [k for k in ("knn", "linear", "finetune_1%", "finetune_10%") if any(r.get(k) is not None for r in results["rows"])]
     rows = results["rows"]
-    fig = Figure(figsize=(max(6.0, 1.3 * len(rows) + 2), 4.2))
+    keys = [k for k in ("knn", "linear", "finetune_1%", "finetune_10%") if any(r.get(k) is not None for r in rows)]
+    height = 0.8 / max(len(keys), 1)
+    fig = Figure(figsize=(8.0, 1.2 + max(len(rows), 1) * (0.18 + 0.17 * len(keys))))
     ax = fig.subplots()
-    width = 0.8 / max(len(keys), 1)
-    x = np.arange(len(rows))
+    y = np.arange(len(rows))[::-1].astype(float)
     for j, k in enumerate(keys):
-        vals = [100 * r[k] if r.get(k) is not None else 0.0 for r in rows]
-        bars = ax.bar(x + (j - (len(keys) - 1) / 2) * width, vals, width, label=dict(COLUMNS)[k])
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
-    ax.set_xticks(x, [r["method"] for r in rows], rotation=20, ha="right", fontsize=8)
-    ax.set(ylabel="test accuracy (%)", ylim=(0, 105), title=f"selfsup bench: {results['budget_text']}")
-    ax.title.set_fontsize(9)
-    ax.legend(fontsize=8, loc="lower right")
+        pos = y + ((len(keys) - 1) / 2 - j) * height
+        vals = [100 * r[k] if r.get(k) is not None else np.nan for r in rows]
+        bars = ax.barh(pos, vals, height, label=dict(COLUMNS)[k])
+        ax.bar_label(bars, labels=["" if np.isnan(v) else f"{v:.1f}" for v in vals], fontsize=7, padding=2)
+    for yi, r in zip(y, rows):
+        if "error" in r:
+            ax.text(1, yi, "failed: see results.md", va="center", fontsize=7, color="#d62728")
+    ax.set_yticks(y, [r["method"] for r in rows], fontsize=8)
+    ax.set(xlabel="test accuracy (%)", xlim=(0, 108))
+    ax.set_title(f"selfsup bench: {results['budget_text']}", fontsize=9)
+    if keys:
+        ax.legend(fontsize=8, loc="lower right")
+    else:
+        ax.text(50, y.mean() if len(y) else 0, "no accuracy to show (see results.md)", ha="center", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return path

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from selfsup.config import ConfigError
 from selfsup.data.imageset import ImageSet
 from selfsup.report.curves import _save
 
@@ -35,12 +36,12 @@ def project_2d(features: Tensor, method: str = "tsne", seed: int = 0) -> np.ndar
     x = F.normalize(features.float(), dim=1).numpy()
     if method == "umap":
         if not umap_available():
-            raise ImportError("the UMAP map needs umap-learn (pip install umap-learn); use the t-SNE map instead")
+            raise ConfigError(["the UMAP map needs umap-learn (pip install umap-learn); use --map tsne instead"])
         import umap
 
         return umap.UMAP(n_components=2, random_state=seed).fit_transform(x)
     if method != "tsne":
-        raise ValueError(f"map method must be tsne or umap, got {method!r}")
+        raise ConfigError([f"map method must be tsne or umap, got {method!r}"])
     from sklearn.manifold import TSNE
 
     perplexity = float(min(30.0, max(2.0, (len(x) - 1) / 3)))

@@ -44,7 +44,8 @@ class ReportOptions:
     """Test images on the 2-D map."""
     bank_size: int = 10000
     """Training images searched for the retrieval grid."""
-    queries: int = 8
+    queries: int = 10
+    """Test queries in the retrieval grid: the first image of each class, up to this many."""
     neighbors: int = 8
     embeddings: bool = True
     """False skips the map and the retrieval grid (no encoder or data needed)."""
@@ -113,7 +114,7 @@ def _eval_results(run_dir: Path) -> str:
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
             r.get("protocol"), r.get("dataset"), r.get("labels"), _fmt(r.get("accuracy"), pct=True),
             _fmt(base.get("random_encoder"), pct=True), _fmt(base.get("raw_pixels"), pct=True),
-            _fmt(base.get("scratch"), pct=True))) + "</tr>")
+            _fmt(base.get("from_scratch"), pct=True))) + "</tr>")
     if not rows:
         return '<p class="note">No evaluation yet: run <code>selfsup evaluate RUN</code>.</p>'
     head = "".join(f"<th>{h}</th>" for h in ("protocol", "dataset", "labels", "accuracy", "random encoder",

@@ -60,6 +60,7 @@ def save_reconstruction_grid(rows: Sequence[Tensor], labels: Sequence[str], path
 def save_method_pictures(model: nn.Module, images: Tensor, run_dir: str | Path, mean: Sequence[float] | None = None,
                          std: Sequence[float] | None = None, seed: int = 0) -> Path | None:
     """``run_dir/reconstructions.png`` for a method with ``reconstruct``; ``None`` (nothing written) otherwise.
+    A method's optional ``reconstruction_note`` (str) is added to the title.
 
     ``images``: a few (N, C, H, W) images, uint8 or floats in [0, 1], normalised here with the
     dataset's ``mean``/``std`` (as training views are). The masks are drawn under ``seed`` so the
@@ -80,5 +81,7 @@ def save_method_pictures(model: nn.Module, images: Tensor, run_dir: str | Path, 
         model.train(was_training)
     rows = [x.cpu(), _unnormalize(masked.float().cpu(), mean, std), _unnormalize(recon.float().cpu(), mean, std)]
     name = getattr(model, "method_name", type(model).__name__)
-    return save_reconstruction_grid(rows, ["input", "masked", "reconstruction"], Path(run_dir) / FILENAME,
-                                    title=f"{name}: reconstruction of hidden patches (visible patches pasted back)")
+    title = f"{name}: hidden patches reconstructed, visible patches pasted back"
+    if getattr(model, "reconstruction_note", None):
+        title += f"\n({model.reconstruction_note})"
+    return save_reconstruction_grid(rows, ["input", "masked", "reconstruction"], Path(run_dir) / FILENAME, title=title)

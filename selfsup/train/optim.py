@@ -91,6 +91,6 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opti
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float, base_lr: float) -> None:
     """The scheduled ``lr`` times each group's ``lr_scale``; groups with ``fixed_lr`` keep ``base_lr``
-    (SimSiam's predictor, arXiv:2011.10566 §4.4)."""
+    (SimSiam's predictor, arXiv:2011.10566 §4.2, table 1c)."""
     for g in optimizer.param_groups:
         g["lr"] = (base_lr if g.get("fixed_lr") else lr) * g.get("lr_scale", 1.0)

@@ -1,0 +1,113 @@
+"""``selfsup bench``: the benchmark matrix end to end on digits, its budget, its table and its errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from selfsup.cli import main
+from selfsup.config import ConfigError
+from selfsup.methods import get_method
+from selfsup.report.bench import BenchSpec, Budget, markdown_table, plot_results, run_bench, run_one
+
+TINY = ("simclr", "byol")
+
+
+@pytest.fixture()
+def recipes(tmp_path: Path) -> Path:
+    """Tiny recipes (the methods' own test_params, a narrow backbone) so each run takes seconds."""
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    for name in TINY:
+        recipe = {"method": {"name": name, "params": dict(getattr(get_method(name).cls, "test_params", {}))},
+                  "backbone": {"name": "small_resnet", "params": {"widths": [8, 16, 32]}},
+                  "train": {"epochs": 3, "batch_size": 32, "log_every": 2}}
+        (folder / f"{name}_fashion_mnist.yaml").write_text(yaml.safe_dump(recipe))
+    return folder
+
+
+def test_bench_end_to_end_on_digits(recipes: Path, tmp_path: Path, capsys, digits) -> None:
+    out = tmp_path / "bench"
+    rc = main(["bench", "--methods", ",".join(TINY), "--data", "digits", "--budget", "epochs=1,limit=256",
+               "--config-dir", str(recipes), "--threads", "1", "--finetune", "--finetune-steps", "2",
+               "--no-baseline", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["method"]: r for r in results["rows"]}
+    assert list(rows) == list(TINY)
+    for name in TINY:
+        r = rows[name]
+        assert r["family"] == get_method(name).family and r["epochs"] == 1  # the budget overrides the recipe's 3
+        assert r["wall_time_s"] > 0 and r["images_per_s"] > 0 and r["peak_memory_mb"] > 50
+        for key in ("knn", "linear", "finetune_1%", "finetune_10%"):
+            assert 0.0 <= r[key] <= 1.0
+        assert r["knn"] > 0.3  # well above chance (10%) on digits even after a few steps
+        assert 1.0 <= r["effective_rank"] <= r["feature_dim"] == 32
+        assert r["finetune_1%_labels"] == 10 and r["n_test"] == len(digits[1])
+        assert (out / "runs" / name / "encoder.pt").is_file() and (out / "logs" / f"{name}.log").is_file()
+    assert results["budget"] == {"epochs": 1, "limit": 256, "batch_size": None}
+    table = (out / "results.md").read_text()
+    assert "| method | family | epochs | wall time (s) | images/s | peak mem (MB) | kNN | linear | fine-tune 1% |" in table
+    assert "1 epoch(s) on the first 256 training images" in table and "| simclr | contrastive | 1 |" in table
+    assert table in printed
+    with Image.open(out / "results.png") as chart:
+        assert chart.size[0] == 800 and chart.size[1] > 150
+
+
+def test_budget_parsing_and_overrides() -> None:
+    b = Budget.parse("epochs=2, limit=3000,batch-size=64")
+    assert b == Budget(2, 3000, 64)
+    assert b.overrides() == {"train.epochs": 2, "data.limit": 3000, "train.batch_size": 64}
+    assert Budget(epochs=1).overrides() == {"train.epochs": 1}
+    assert "each recipe's batch size" in Budget(1, 10).describe()
+    for bad in ("epochs=0.5", "steps=3", "epochs"):
+        with pytest.raises(ConfigError, match="--budget expects"):
+            Budget.parse(bad)
+
+
+def test_unknown_method_or_bad_recipe_fails_before_any_training(recipes: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown method 'simclrr'.*did you mean 'simclr'"):
+        run_bench(["simclr", "simclrr"], tmp_path / "b", Budget(1, 64), data="digits", config_dir=recipes)
+    with pytest.raises(ConfigError, match="empty"):
+        run_bench([" "], tmp_path / "b", Budget())
+    (recipes / "simclr_fashion_mnist.yaml").write_text("method: {name: simclr, params: {temprature: 0.1}}\n")
+    with pytest.raises(ConfigError, match="no parameter 'method.params.temprature'"):
+        run_bench(["simclr"], tmp_path / "b", Budget(1, 64), data="digits", config_dir=recipes)
+    assert not (tmp_path / "b" / "runs").exists()
+
+
+def test_a_failing_method_is_a_row_with_its_error(recipes: Path, tmp_path: Path) -> None:
+    results = run_bench(["simclr"], tmp_path / "b", Budget(1, 64), data=str(tmp_path / "no-such-data"),
+                        config_dir=recipes, threads=1, baseline=False)
+    (row,) = results["rows"]
+    assert "no-such-data" in row["error"] and "DataError" in row["error"]
+    assert "simclr: DataError" in (tmp_path / "b" / "results.md").read_text()
+
+
+def test_table_flags_methods_without_a_recipe_and_hides_finetune_columns(tmp_path: Path) -> None:
+    results = {"budget_text": "1 epoch(s)", "data": "digits", "torch": "x", "platform": "y", "finetune": False,
+               "rows": [{"method": "vicreg", "family": "redundancy-reduction", "recipe": "library defaults",
+                         "epochs": 1, "knn": 0.5, "linear": 0.625, "effective_rank": 3.0, "collapse_warnings": 1}]}
+    table = markdown_table(results)
+    assert "fine-tune" not in table.split("\n\n")[1]
+    assert "| vicreg | redundancy-reduction | 1 | – | – | – | 50.0% | 62.5% | 3.0 | 1 |" in table
+    assert "no configs/vicreg_fashion_mnist.yaml; ran with the library defaults" in table
+    with Image.open(plot_results(results, tmp_path / "r.png")) as chart:
+        assert chart.size[0] == 800
+
+
+def test_reference_row_is_a_random_encoder_evaluated_the_same_way(recipes: Path, tmp_path: Path) -> None:
+    """What the extra subprocess of the matrix does for its random-init / from-scratch row (run here in-process)."""
+    spec = BenchSpec("random init (small_resnet)", str(recipes / "simclr_fashion_mnist.yaml"),
+                     {"data.name": "digits", "train.threads": 1, "train.device": "cpu"}, str(tmp_path / "r"),
+                     str(tmp_path / "r.json"), finetune=True, finetune_steps=2, eval_limit=300, baseline=True)
+    row = run_one(spec)
+    assert row["family"] == "reference" and row["epochs"] == 0 and "wall_time_s" not in row
+    assert row["n_eval_train"] == 300 and 0 <= row["knn"] <= 1 and 0 <= row["finetune_10%"] <= 1
+    # 1% of 300 labels leaves classes empty: that cell is empty with the reason, the row still stands
+    assert row["finetune_1%"] is None and "leaves class" in row["finetune_1%_error"]
+    assert not (tmp_path / "r").exists()  # nothing pretrained
