@@ -34,8 +34,9 @@ demo: setup
 	$(VENV)/bin/selfsup pretrain --config configs/simclr_fashion_mnist.yaml --out $(DEMO)
 	$(VENV)/bin/selfsup evaluate $(DEMO) --protocol knn,linear
 
+# Two workers (one per core on CI's 2-core machine); a file's tests stay on one worker (shared fixtures).
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: setup
 	$(PY) benchmarks/bench_vs_lightly.py

@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under pytest-xdist (`make test` runs 2 workers, one per core) each worker keeps to one thread.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 # Small settings per backbone, used wherever a test needs "a real backbone, but small".
 TINY_BACKBONES: dict[str, dict] = {
