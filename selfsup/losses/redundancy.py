@@ -93,6 +93,16 @@ def covariance_loss(z: Tensor) -> Tensor:
     return _off_diagonal(cov).pow(2).sum() / d
 
 
+def check_vicreg_settings(sim_weight: float, var_weight: float, cov_weight: float, gamma: float, eps: float) -> None:
+    """ValueError for weights or ε below 0 and γ ≤ 0 (shared by the loss and the method's constructor)."""
+    for key, value in (("sim_weight", sim_weight), ("var_weight", var_weight), ("cov_weight", cov_weight),
+                       ("eps", eps)):
+        if value < 0:
+            raise ValueError(f"vicreg: {key} must be ≥ 0, got {value}")
+    if gamma <= 0:
+        raise ValueError(f"vicreg: gamma (the target standard deviation) must be > 0, got {gamma}")
+
+
 def vicreg_loss(z1: Tensor, z2: Tensor, sim_weight: float = 25.0, var_weight: float = 25.0,
                 cov_weight: float = 1.0, gamma: float = 1.0, eps: float = 1e-4,
                 gather: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
@@ -104,12 +114,7 @@ def vicreg_loss(z1: Tensor, z2: Tensor, sim_weight: float = 25.0, var_weight: fl
     terms, detached, for logging.
     """
     _check_batch(z1, z2, "vicreg")
-    for key, value in (("sim_weight", sim_weight), ("var_weight", var_weight), ("cov_weight", cov_weight),
-                       ("eps", eps)):
-        if value < 0:
-            raise ValueError(f"vicreg: {key} must be ≥ 0, got {value}")
-    if gamma <= 0:
-        raise ValueError(f"vicreg: gamma (the target standard deviation) must be > 0, got {gamma}")
+    check_vicreg_settings(sim_weight, var_weight, cov_weight, gamma, eps)
     inv = invariance_loss(z1, z2)
     if gather:
         z1, z2 = gather_ranks(z1), gather_ranks(z2)

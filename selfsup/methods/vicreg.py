@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from selfsup.losses.redundancy import vicreg_loss
+from selfsup.losses.redundancy import check_vicreg_settings, vicreg_loss
 from selfsup.methods.base import Progress
 from selfsup.methods.registry import register
 from selfsup.nn.heads import mlp
@@ -35,12 +35,7 @@ class VICReg(nn.Module):
                  cov_weight: float = 1.0, gamma: float = 1.0, eps: float = 1e-4, proj_hidden: int = 8192,
                  proj_dim: int = 8192, proj_layers: int = 3, gather: bool = False):
         super().__init__()
-        for key, value in (("sim_weight", sim_weight), ("var_weight", var_weight), ("cov_weight", cov_weight),
-                           ("eps", eps)):
-            if value < 0:
-                raise ValueError(f"vicreg: {key} must be ≥ 0, got {value}")
-        if gamma <= 0:
-            raise ValueError(f"vicreg: gamma (the target standard deviation) must be > 0, got {gamma}")
+        check_vicreg_settings(sim_weight, var_weight, cov_weight, gamma, eps)
         if proj_layers < 1:
             raise ValueError(f"vicreg: proj_layers must be ≥ 1, got {proj_layers}")
         if min(proj_hidden, proj_dim) < 1:
