@@ -17,7 +17,7 @@ from conftest import TINY_BACKBONES
 from selfsup.data.imageset import DataError
 from selfsup.data.imbalance import long_tail_sizes, long_tail_subset
 from selfsup.losses.masked import latent_prediction_loss, masked_l1, masked_mse, normalize_patches
-from selfsup.losses.msn import msn_loss, prototype_probs, sinkhorn
+from selfsup.losses.msn import msn_loss, prototype_probs
 from selfsup.methods import METHODS
 from selfsup.methods.base import Progress
 from selfsup.nn.backbones import build_backbone
@@ -303,11 +303,7 @@ def test_msn_loss_matches_naive(v, b, d, k, iters):
     assert parts["me_max"] >= -1e-12 and parts["cross_entropy"] > 0
 
 
-def test_msn_sinkhorn_balances_and_me_max_analytic():
-    probs = torch.softmax(torch.randn(8, 4, dtype=torch.float64) * 3, dim=1)
-    q = sinkhorn(probs, iterations=50)
-    torch.testing.assert_close(q.sum(dim=1), torch.ones(8, dtype=torch.float64))
-    torch.testing.assert_close(q.sum(dim=0), torch.full((4,), 2.0, dtype=torch.float64))
+def test_msn_me_max_analytic():
     # me-max is 0 when predictions use every prototype equally, log K when all pick one prototype.
     k = 4
     protos = torch.eye(k, dtype=torch.float64)
@@ -451,8 +447,6 @@ def test_msn_anchor_is_masked_and_target_is_not():
     loss.backward()
     assert method.prototypes.grad is not None
     assert all(p.grad is None for p in method.target_encoder.parameters())
-    from selfsup.views import ViewRecipe
-    assert method.check_run(100, 16, ViewRecipe(local_crops=2))  # focal crops refused before training
 
 
 @pytest.mark.parametrize("name", MASKED)

@@ -38,6 +38,8 @@ class MAE(nn.Module):
                              f"depth {decoder_depth}, width {decoder_dim}, heads {decoder_heads}")
         self.backbone = vit
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
+        if norm_pix_loss:  # shown on the reconstruction picture: the absolute intensities are not predicted
+            self.reconstruction_note = "normalised-pixel predictions shown with each true patch's mean and std"
         p, c = vit.patch_size, vit.patch_embed.proj.in_channels
         self.decoder_embed = nn.Linear(vit.num_features, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
