@@ -23,19 +23,21 @@ def _standardise(train: Tensor, *others: Tensor) -> list[Tensor]:
 def fit_logistic(x: Tensor, y: Tensor, num_classes: int, l2: float, max_iter: int = 100) -> tuple[Tensor, Tensor]:
     """Weights (D, C) and bias (C,) minimising mean cross-entropy + l2·‖W‖²/2."""
     x = x.float()
-    w = torch.zeros(x.shape[1], num_classes, requires_grad=True)
+    # the weight is held as (C, D) for F.linear, whose weight gradient is grad.T @ x: on MKL that is
+    # 10-40x faster than the x.T @ grad of ``x @ w`` for tall x (measured, 60000 × 784 pixels)
+    w = torch.zeros(num_classes, x.shape[1], requires_grad=True)
     b = torch.zeros(num_classes, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-6, tolerance_change=1e-9)
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(x @ w + b, y) + 0.5 * l2 * (w * w).sum()
+        loss = F.cross_entropy(F.linear(x, w, b), y) + 0.5 * l2 * (w * w).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
-    return w.detach(), b.detach()
+    return w.detach().T.contiguous(), b.detach()
 
 
 def predict(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
