@@ -179,6 +179,24 @@ def test_knn_and_linear_with_label_fractions_and_few_shot(run_dir, digits, label
         assert r["n_test"] == len(digits[1])  # the test split is never subsampled
 
 
+def test_fit_logistic_matches_scikit_learn() -> None:
+    """The probe's solver (weights held as (C, D) for speed) reaches the same optimum as scikit-learn's
+    multinomial logistic regression: mean CE + l2·‖W‖²/2 is sum CE + ‖W‖²/(2C) with C = 1/(l2·n)."""
+    from sklearn.linear_model import LogisticRegression
+
+    from selfsup.eval.linear import fit_logistic
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 6, generator=g)
+    y = (x[:, :3] + 0.5 * torch.randn(300, 3, generator=g)).argmax(dim=1)
+    l2 = 1e-2
+    w, b = fit_logistic(x, y, 3, l2, max_iter=500)
+    assert w.shape == (6, 3) and b.shape == (3,)
+    ref = LogisticRegression(C=1 / (l2 * 300), tol=1e-10, max_iter=10000).fit(x.numpy(), y.numpy())
+    ours = torch.softmax(x @ w + b, dim=1)
+    np.testing.assert_allclose(ours.numpy(), ref.predict_proba(x.numpy()), atol=1e-3)
+
+
 def test_unknown_protocol_names_the_choices(run_dir) -> None:
     with pytest.raises(ConfigError, match="knn, linear, finetune"):
         evaluate_run(run_dir, ["knn", "probe"])
