@@ -72,9 +72,9 @@ class TrainConfig:
     device: str = "auto"
     """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``."""
     precision: str = "auto"
-    """``auto`` (bf16 on CUDA GPUs that support it, fp32 elsewhere), ``fp32`` or ``bf16``."""
+    """``auto`` (bf16 where native: CUDA GPUs that support it, CPUs with AVX-512 BF16/AMX; fp32 elsewhere), ``fp32`` or ``bf16``."""
     channels_last: str = "auto"
-    """``auto`` (on for CUDA), ``on`` or ``off``."""
+    """``auto`` (on for images of 8 px and more, where convolutions are faster channels-last), ``on`` or ``off``."""
     compile: bool = False
     threads: int | None = None
     """CPU threads for torch; ``None`` uses every core."""

@@ -67,3 +67,21 @@ def test_nt_xent_gradcheck():
     k = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     neg = torch.randn(5, 4, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda a, b: info_nce(a, b, 0.2, negatives=neg), (q, k))
+
+
+def test_losses_run_in_fp32_under_bf16_autocast():
+    """Under bf16 autocast the InfoNCE logits would be bf16; the loss must equal its fp32 value."""
+    from selfsup.losses import dcl_loss, info_nce
+
+    torch.manual_seed(0)
+    q, k = torch.randn(64, 32), torch.randn(64, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = info_nce(q, k, 0.1, query_negatives=True)
+        dcl_under = dcl_loss(q, k, 0.1)
+    assert under.dtype == torch.float32
+    torch.testing.assert_close(under, info_nce(q, k, 0.1, query_negatives=True))
+    torch.testing.assert_close(dcl_under, dcl_loss(q, k, 0.1))
+    # bf16 inputs (a bf16 projection head's output) are cast up, and the gradient flows back
+    qb = q.to(torch.bfloat16).requires_grad_()
+    info_nce(qb, k.to(torch.bfloat16), 0.1).backward()
+    assert qb.grad is not None and qb.grad.dtype == torch.bfloat16

@@ -13,11 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from selfsup.losses.precision import fp32_loss
 from selfsup.train.distributed import gather as gather_ranks
 from selfsup.train.distributed import gather_no_grad
 from selfsup.train.distributed import rank
 
 
+@fp32_loss
 def info_nce(query: Tensor, key: Tensor, temperature: float, negatives: Tensor | None = None,
              in_batch: bool = True, query_negatives: bool = False, gather: bool = False) -> Tensor:
     """Mean InfoNCE over the queries.
@@ -82,6 +84,7 @@ def vmf_weights(z1: Tensor, z2: Tensor, sigma: float = 0.5, gather: bool = False
     return w_all[rank() * b : (rank() + 1) * b]
 
 
+@fp32_loss
 def dcl_loss(z1: Tensor, z2: Tensor, temperature: float = 0.1,
              weight_fn: Callable[[Tensor, Tensor], Tensor] | None = None, gather: bool = False) -> Tensor:
     """Decoupled contrastive loss (Yeh et al. 2022, arXiv:2110.06848, eq. 6): NT-Xent without the positive

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from selfsup.losses.precision import fp32_loss
+
 
 def byol_loss(p: Tensor, z: Tensor) -> Tensor:
     """Mean over the batch of ``2 − 2·cos(p_i, z_i)``; p: (B, D) predictions, z: (B, D) targets.
@@ -45,6 +47,7 @@ def _views(x: Tensor | Sequence[Tensor], n: int | None, what: str) -> list[Tenso
     return list(x)
 
 
+@fp32_loss
 def dino_loss(student_out: Tensor | Sequence[Tensor], teacher_out: Tensor | Sequence[Tensor], center: Tensor,
               student_temp: float = 0.1, teacher_temp: float = 0.04, n_global: int = 2) -> Tensor:
     """DINO's multi-crop cross-entropy ``H(P_t, P_s)``, averaged over the pairs it compares.

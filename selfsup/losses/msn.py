@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from selfsup.losses.clustering import sinkhorn_knopp
+from selfsup.losses.precision import fp32_loss
 from selfsup.train import distributed as dist
 
 
@@ -21,6 +22,7 @@ def prototype_probs(z: Tensor, prototypes: Tensor, temperature: float) -> Tensor
     return F.softmax(F.normalize(z, dim=1) @ F.normalize(prototypes, dim=1).T / temperature, dim=1)
 
 
+@fp32_loss
 def msn_loss(anchor: Tensor, target: Tensor, prototypes: Tensor, temperature: float = 0.1,
              target_temperature: float = 0.025, me_max_weight: float = 1.0, sinkhorn_iterations: int = 3,
              gather: bool = False) -> tuple[Tensor, dict[str, Tensor]]:

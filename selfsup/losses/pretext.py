@@ -13,8 +13,10 @@ from __future__ import annotations
 from torch import Tensor
 
 from selfsup.losses.contrastive import info_nce
+from selfsup.losses.precision import fp32_loss
 
 
+@fp32_loss
 def pirl_loss(image: Tensor, transformed: Tensor, memory: Tensor, negatives: Tensor, temperature: float = 0.07,
               lam: float = 0.5) -> Tensor:
     """PIRL's convex combination of two InfoNCE terms against one memory bank.
