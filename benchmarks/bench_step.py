@@ -26,7 +26,7 @@ import time
 import torch
 
 MODELS = {
-    "small": {"backbone": "small_resnet", "params": {"widths": [32, 64, 128, 256], "stem_stride": 2}, "chans": 1, "size": 28,
+    "small": {"backbone": "small_resnet", "params": {"widths": [32, 64, 128, 512], "stem_stride": 2}, "chans": 1, "size": 28,
               "head": {"proj_hidden": 512, "proj_dim": 128}},
     "resnet18": {"backbone": "resnet18", "params": {}, "chans": 3, "size": 32,
                  "head": {"proj_hidden": 2048, "proj_dim": 128}},

@@ -4,8 +4,11 @@ Both train the identical backbone (selfsup's small CNN, the default recipe's wid
 28×28 images with the same optimiser settings, projection head shape, temperature and augmentation
 parameters, for the same number of epochs, alternating epoch by epoch so machine noise hits both.
 
-- selfsup: its own training step — batched augmentation on the device (``selfsup.views``), SimCLR.
-- lightly: ``SimCLRTransform`` in a torch DataLoader, ``SimCLRProjectionHead``, ``NTXentLoss``, its LARS.
+- selfsup: its own training step — batched augmentation on the device (``selfsup.views``), SimCLR,
+  at the recipe's precision as the training loop resolves it (``auto``: bf16 autocast on CPUs with
+  native bf16, fp32 elsewhere).
+- lightly: ``SimCLRTransform`` in a torch DataLoader, ``SimCLRProjectionHead``, ``NTXentLoss``, its LARS,
+  in fp32 as its examples train (``--lightly-precision bf16`` gives it the same autocast instead).
 
 Printed: images/s per epoch (median), wall time, and kNN / linear-probe accuracy on the test set,
 evaluated by the same code. lightly is not a dependency of selfsup: the script installs it (without
@@ -17,6 +20,7 @@ its training-framework dependencies, which these three parts do not import) into
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -50,6 +54,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="train on the first N images")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", default="0,2", help="lightly DataLoader worker counts to try (best is kept)")
+    parser.add_argument("--lightly-precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--out", default="benchmarks/results_vs_lightly.json")
     args = parser.parse_args()
 
@@ -62,6 +67,7 @@ def main() -> None:
     from selfsup.eval.linear import linear_probe
     from selfsup.methods.base import Progress
     from selfsup.train.build import build_method, view_recipe
+    from selfsup.train.loop import resolve_precision
     from selfsup.train.optim import build_optimizer, set_lr
     from selfsup.train.schedules import scaled_lr, warmup_cosine
     from selfsup.views import make_views
@@ -78,6 +84,11 @@ def main() -> None:
     lr = scaled_lr(cfg.optim.lr, b, cfg.optim.lr_scaling)
     warmup = int(cfg.optim.warmup_epochs * steps)
     channels_last = True
+    ours_amp = resolve_precision(cfg.train.precision, torch.device("cpu"))
+    theirs_amp = torch.bfloat16 if args.lightly_precision == "bf16" else None
+
+    def autocast(dtype):
+        return torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
 
     # --- selfsup
     torch.manual_seed(0)
@@ -114,9 +125,10 @@ def main() -> None:
             for g in theirs_opt.param_groups:
                 g["lr"] = warmup_cosine(epoch * steps + i, total, warmup, lr)
             x = torch.cat([x0, x1]).contiguous(memory_format=torch.channels_last)
-            z = theirs_head(theirs_backbone(x))
-            z0, z1 = z.chunk(2)
-            loss = theirs_loss(z0, z1)
+            with autocast(theirs_amp):
+                z = theirs_head(theirs_backbone(x))
+                z0, z1 = z.chunk(2)
+                loss = theirs_loss(z0, z1)
             theirs_opt.zero_grad()
             loss.backward()
             theirs_opt.step()
@@ -132,7 +144,8 @@ def main() -> None:
             with torch.no_grad():
                 views = make_views(train.images[order[i * b : (i + 1) * b]], recipe, mean, std)
             views = [x.contiguous(memory_format=torch.channels_last) for x in views]
-            loss, _ = ours.training_step(views, Progress(step, total, epoch, steps))
+            with autocast(ours_amp):
+                loss, _ = ours.training_step(views, Progress(step, total, epoch, steps))
             ours_opt.zero_grad()
             loss.backward()
             ours_opt.step()
@@ -166,6 +179,7 @@ def main() -> None:
     best_lightly = max(by_workers.values())  # compare against lightly's best loader setting
     ratio = statistics.median(speed["selfsup"]) / best_lightly
     summary = {"lightly_version": version, "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "precision": {"selfsup": str(ours_amp or "fp32"), "lightly": str(theirs_amp or "fp32")},
                "epochs": args.epochs, "train_images": len(train), "batch_size": b,
                "images_per_s": {"selfsup": statistics.median(speed["selfsup"]), "lightly": best_lightly},
                "lightly_images_per_s_by_workers": by_workers,
@@ -174,7 +188,8 @@ def main() -> None:
     for k in ("selfsup", "lightly"):
         print(f"| {k} | {summary['images_per_s'][k]:.0f} | {wall[k]:.0f} | {100 * results[k]['knn']:.2f}% "
               f"| {100 * results[k]['linear']:.2f}% |")
-    print(f"\nselfsup / lightly images/s: {ratio:.2f}× (lightly {version}, {torch.get_num_threads()} threads)")
+    print(f"\nselfsup / lightly images/s: {ratio:.2f}× (lightly {version}, {torch.get_num_threads()} threads; "
+          f"precision selfsup {summary['precision']['selfsup']}, lightly {summary['precision']['lightly']})")
     Path(args.out).write_text(json.dumps(summary, indent=2))
 
 
