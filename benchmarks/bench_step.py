@@ -36,6 +36,7 @@ SETTINGS = {
     "channels_last": {"channels_last": True, "bf16": False, "compile": False},
     "channels_last+bf16": {"channels_last": True, "bf16": True, "compile": False},
     "channels_last+compile": {"channels_last": True, "bf16": False, "compile": True},
+    "channels_last+bf16+compile": {"channels_last": True, "bf16": True, "compile": True},
 }
 
 
