@@ -6,6 +6,7 @@ is printed as one clear message without a traceback, with exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -75,12 +76,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     protocols = [p.strip() for p in args.protocol.split(",") if p.strip()]
     _set_threads(args.threads)
     settings = None
-    if args.finetune_steps is not None:
+    if args.finetune_steps is not None or args.finetune_head != "random":
         from selfsup.eval.finetune import FinetuneSettings
 
-        if args.finetune_steps < 1:
-            raise ConfigError([f"--finetune-steps must be ≥ 1, got {args.finetune_steps}"])
-        settings = FinetuneSettings(min_steps=args.finetune_steps, max_steps=args.finetune_steps)
+        settings = FinetuneSettings(head_init=args.finetune_head)
+        if args.finetune_steps is not None:
+            if args.finetune_steps < 1:
+                raise ConfigError([f"--finetune-steps must be ≥ 1, got {args.finetune_steps}"])
+            settings = dataclasses.replace(settings, min_steps=args.finetune_steps, max_steps=args.finetune_steps)
     results = evaluate_run(args.run_dir, protocols, data=args.data, data_root=args.data_root, labels=args.labels,
                            device=args.device, seed=args.seed, finetune_settings=settings)
     if args.json:
@@ -231,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.add_argument("--threads", type=int, help="CPU threads for torch")
     e.add_argument("--finetune-steps", type=int, help="fine-tuning steps (default: scaled to the label count)")
+    e.add_argument("--finetune-head", choices=["random", "linear_probe"], default="random",
+                   help="fine-tuning head: random init, or the linear probe's solution (LP-FT, Kumar et al. 2022)")
     e.set_defaults(func=cmd_evaluate)
 
     em = sub.add_parser("embed", help="embeddings of a folder of images, with their paths (.npz or .parquet)")

@@ -152,6 +152,8 @@ def test_finetune_from_the_command_line(run_dir, capsys) -> None:
     assert result["n_train"] == 50 and result["settings"]["steps"] == 5 and "from_scratch" in result["baselines"]
     assert main(argv[:-1]) == 0  # the table
     assert "from scratch (fine-tuned)" in capsys.readouterr().out
+    assert main(argv + ["--finetune-head", "linear_probe"]) == 0  # LP-FT
+    assert json.loads(capsys.readouterr().out)["settings"]["head_init"] == "linear_probe"
 
 
 def test_a_label_fraction_that_empties_a_class_is_an_error(run_dir, capsys) -> None:
