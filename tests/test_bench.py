@@ -111,3 +111,19 @@ def test_reference_row_is_a_random_encoder_evaluated_the_same_way(recipes: Path,
     # 1% of 300 labels leaves classes empty: that cell is empty with the reason, the row still stands
     assert row["finetune_1%"] is None and "leaves class" in row["finetune_1%_error"]
     assert not (tmp_path / "r").exists()  # nothing pretrained
+
+
+def test_one_random_init_row_per_distinct_backbone(recipes: Path, tmp_path: Path) -> None:
+    """Methods on different backbones each get their own architecture's random encoder to beat."""
+    from selfsup.report.bench import _random_init_jobs
+
+    def spec(name: str, widths: list[int]) -> BenchSpec:
+        return BenchSpec(name, str(recipes / f"{name}_fashion_mnist.yaml"),
+                         {"backbone.params.widths": widths}, str(tmp_path / name), str(tmp_path / f"{name}.json"))
+
+    same = _random_init_jobs([spec("simclr", [8, 16, 32]), spec("byol", [8, 16, 32])], tmp_path)
+    assert [j.method for j in same] == ["random init (small_resnet)"] and same[0].baseline
+    two = _random_init_jobs([spec("simclr", [8, 16, 32]), spec("byol", [8, 16])], tmp_path)
+    assert [j.method for j in two] == ["random init (small_resnet widths=8-16-32)",
+                                       "random init (small_resnet widths=8-16)"]
+    assert len({j.run_dir for j in two}) == 2 and all(j.baseline for j in two)

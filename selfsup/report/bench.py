@@ -213,6 +213,27 @@ def _child_main(argv: Sequence[str]) -> int:
 # ---------------------------------------------------------------- the matrix
 
 
+def _random_init_jobs(jobs: list[BenchSpec], out: Path) -> list[BenchSpec]:
+    """One random-init reference row per distinct backbone (name and settings) among the methods, so
+    that every method has its own architecture's random encoder to beat (e.g. the CNN and the ViT)."""
+    from selfsup.config import load_config
+
+    by_backbone: dict[str, tuple[Any, BenchSpec]] = {}
+    for job in jobs:
+        bb = load_config(job.recipe, job.overrides).backbone
+        by_backbone.setdefault(json.dumps([bb.name, bb.params], sort_keys=True, default=str), (bb, job))
+    refs = []
+    for i, (bb, job) in enumerate(by_backbone.values()):
+        label = bb.name
+        if len(by_backbone) > 1 and bb.params:
+            label += " " + ", ".join(f"{k}={'-'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+                                     for k, v in sorted(bb.params.items()))
+        name = "random_init" if i == 0 else f"random_init_{i}"
+        refs.append(dataclasses.replace(job, method=f"random init ({label})", run_dir=str(out / "runs" / name),
+                                        result_path=str(out / "runs" / f"{name}.json"), baseline=True))
+    return refs
+
+
 def run_bench(methods: Sequence[str], out_dir: str | Path, budget: Budget, data: str | None = None,
               data_root: str | None = None, config_dir: str | Path = "configs", finetune: bool = False,
               finetune_steps: int | None = None, eval_limit: int | None = None, device: str | None = None,
@@ -246,10 +267,7 @@ def run_bench(methods: Sequence[str], out_dir: str | Path, budget: Budget, data:
         jobs.append(BenchSpec(m, str(recipe) if recipe else None, overrides, str(out / "runs" / m),
                               str(out / "runs" / f"{m}.json"), finetune, finetune_steps, eval_limit))
     if baseline:
-        first = jobs[0]
-        jobs.append(dataclasses.replace(first, method=f"random init ({load_config(first.recipe, first.overrides).backbone.name})",
-                                        run_dir=str(out / "runs" / "random_init"),
-                                        result_path=str(out / "runs" / "random_init.json"), baseline=True))
+        jobs += _random_init_jobs(jobs, out)
     rows = []
     for i, spec in enumerate(jobs, 1):
         Path(spec.run_dir).parent.mkdir(parents=True, exist_ok=True)
