@@ -85,3 +85,20 @@ def test_losses_run_in_fp32_under_bf16_autocast():
     qb = q.to(torch.bfloat16).requires_grad_()
     info_nce(qb, k.to(torch.bfloat16), 0.1).backward()
     assert qb.grad is not None and qb.grad.dtype == torch.bfloat16
+
+
+def test_fp32_loss_casts_lists_of_views():
+    """DINO gets its views as lists/tuples of bf16 tensors: they are cast too, so the loss is the fp32 one."""
+    from selfsup.losses import dino_loss
+
+    torch.manual_seed(0)
+    student = [torch.randn(8, 16) for _ in range(4)]
+    teacher = torch.randn(16, 16)
+    center = torch.randn(16)
+    reference = dino_loss(student, teacher.chunk(2), center)
+    low = dino_loss([s.to(torch.bfloat16) for s in student], teacher.to(torch.bfloat16).chunk(2), center)
+    assert low.dtype == torch.float32
+    expected = dino_loss([s.to(torch.bfloat16).float() for s in student], teacher.to(torch.bfloat16).float().chunk(2),
+                         center)
+    torch.testing.assert_close(low, expected)
+    assert abs(low.item() - reference.item()) < 0.05
