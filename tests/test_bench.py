@@ -121,9 +121,14 @@ def test_one_random_init_row_per_distinct_backbone(recipes: Path, tmp_path: Path
         return BenchSpec(name, str(recipes / f"{name}_fashion_mnist.yaml"),
                          {"backbone.params.widths": widths}, str(tmp_path / name), str(tmp_path / f"{name}.json"))
 
-    same = _random_init_jobs([spec("simclr", [8, 16, 32]), spec("byol", [8, 16, 32])], tmp_path)
+    from selfsup.config import load_config
+
+    def random_rows(*jobs: BenchSpec):
+        return _random_init_jobs(jobs, [load_config(j.recipe, j.overrides).backbone for j in jobs], tmp_path)
+
+    same = random_rows(spec("simclr", [8, 16, 32]), spec("byol", [8, 16, 32]))
     assert [j.method for j in same] == ["random init (small_resnet)"] and same[0].baseline
-    two = _random_init_jobs([spec("simclr", [8, 16, 32]), spec("byol", [8, 16])], tmp_path)
+    two = random_rows(spec("simclr", [8, 16, 32]), spec("byol", [8, 16]))
     assert [j.method for j in two] == ["random init (small_resnet widths=8-16-32)",
                                        "random init (small_resnet widths=8-16)"]
     assert len({j.run_dir for j in two}) == 2 and all(j.baseline for j in two)

@@ -12,12 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from selfsup.losses.precision import at_least_f32  # softmaxes and exp(S/ε) in bf16 lose the small codes
 from selfsup.train.distributed import all_reduce_mean, world_size
-
-
-def _at_least_f32(x: Tensor) -> Tensor:
-    """Softmaxes and exp(S/ε) in half precision lose the small codes; float64 stays float64 (gradcheck)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 @torch.no_grad()
@@ -38,7 +34,7 @@ def sinkhorn_knopp(scores: Tensor, epsilon: float = 0.05, iterations: int = 3, g
         raise ValueError(f"sinkhorn_knopp: iterations must be ≥ 1, got {iterations}")
     if scores.ndim != 2 or scores.shape[0] == 0 or scores.shape[1] == 0:
         raise ValueError(f"sinkhorn_knopp: scores must be a non-empty (B, K) matrix, got shape {tuple(scores.shape)}")
-    s = _at_least_f32(scores.detach())
+    s = at_least_f32(scores.detach())
     world = world_size() if gather else 1
 
     def total(x: Tensor) -> Tensor:
@@ -71,7 +67,7 @@ def swav_loss(scores: Tensor, codes: Tensor, temperature: float = 0.1) -> Tensor
                          f"and {tuple(codes.shape)}")
     if scores.shape[0] < 2:
         raise ValueError("swav_loss: swapped prediction needs at least 2 crops")
-    log_p = F.log_softmax(_at_least_f32(scores) / temperature, dim=2)  # (V, B, K)
+    log_p = F.log_softmax(at_least_f32(scores) / temperature, dim=2)  # (V, B, K)
     codes = codes.detach().to(log_p.dtype)
     per_code = []
     for g in range(codes.shape[0]):
@@ -89,7 +85,7 @@ def deepcluster_loss(scores: Tensor, targets: Tensor, temperature: float = 0.1) 
         raise ValueError(f"deepcluster_loss: expected scores (V, B, K) and targets (B,), got {tuple(scores.shape)} "
                          f"and {tuple(targets.shape)}")
     v, b, k = scores.shape
-    return F.cross_entropy(_at_least_f32(scores).reshape(v * b, k) / temperature, targets.repeat(v))
+    return F.cross_entropy(at_least_f32(scores).reshape(v * b, k) / temperature, targets.repeat(v))
 
 
 @torch.no_grad()

@@ -13,17 +13,16 @@ from __future__ import annotations
 from torch import Tensor
 
 from selfsup.losses.contrastive import info_nce
-from selfsup.losses.precision import fp32_loss
 
 
-@fp32_loss
 def pirl_loss(image: Tensor, transformed: Tensor, memory: Tensor, negatives: Tensor, temperature: float = 0.07,
               lam: float = 0.5) -> Tensor:
     """PIRL's convex combination of two InfoNCE terms against one memory bank.
 
     image: (B, D) f(v_I); transformed: (B, D) g(v_{I^t}); memory: (B, D) m_I, the positives (no gradient);
     negatives: (K, D) memory rows of other images (no gradient). All are l2-normalised inside.
-    lam: weight λ of the transformed-image term (paper: 0.5).
+    lam: weight λ of the transformed-image term (paper: 0.5). Computed in fp32 under autocast, as
+    ``info_nce`` is.
     """
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"PIRL's λ must be in [0, 1], got {lam}")

@@ -213,14 +213,12 @@ def _child_main(argv: Sequence[str]) -> int:
 # ---------------------------------------------------------------- the matrix
 
 
-def _random_init_jobs(jobs: list[BenchSpec], out: Path) -> list[BenchSpec]:
+def _random_init_jobs(jobs: Sequence[BenchSpec], backbones: Sequence[Any], out: Path) -> list[BenchSpec]:
     """One random-init reference row per distinct backbone (name and settings) among the methods, so
-    that every method has its own architecture's random encoder to beat (e.g. the CNN and the ViT)."""
-    from selfsup.config import load_config
-
+    that every method has its own architecture's random encoder to beat (e.g. the CNN and the ViT).
+    ``backbones[i]`` is the resolved backbone config of ``jobs[i]``."""
     by_backbone: dict[str, tuple[Any, BenchSpec]] = {}
-    for job in jobs:
-        bb = load_config(job.recipe, job.overrides).backbone
+    for job, bb in zip(jobs, backbones):
         by_backbone.setdefault(json.dumps([bb.name, bb.params], sort_keys=True, default=str), (bb, job))
     refs = []
     for i, (bb, job) in enumerate(by_backbone.values()):
@@ -258,16 +256,17 @@ def run_bench(methods: Sequence[str], out_dir: str | Path, budget: Budget, data:
             common[key] = value
     common.update(budget.overrides())
     common["train.progress"] = False
-    jobs = []
+    jobs, backbones = [], []
     for m in methods:
         recipe = recipe_for(m, config_dir)
         overrides = {**common, "method.name": m}
         cfg = load_config(recipe, overrides)  # config errors and unknown method params before any training
         check_method_params(cfg.method.name, cfg.method.params)
+        backbones.append(cfg.backbone)
         jobs.append(BenchSpec(m, str(recipe) if recipe else None, overrides, str(out / "runs" / m),
                               str(out / "runs" / f"{m}.json"), finetune, finetune_steps, eval_limit))
     if baseline:
-        jobs += _random_init_jobs(jobs, out)
+        jobs += _random_init_jobs(jobs, backbones, out)
     rows = []
     for i, spec in enumerate(jobs, 1):
         Path(spec.run_dir).parent.mkdir(parents=True, exist_ok=True)
