@@ -13,6 +13,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from selfsup.nn.small_map_conv import SmallMapConv2d
+
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -25,17 +27,18 @@ def register_backbone(name: str):
 
 
 class BasicBlock(nn.Module):
-    """Pre-activation-free basic residual block (He et al. 2016, arXiv:1512.03385)."""
+    """Pre-activation-free basic residual block (He et al. 2016, arXiv:1512.03385); its convs run as GEMMs
+    where their output is 2×2 or smaller (:mod:`selfsup.nn.small_map_conv`), exactly as ``nn.Conv2d``."""
 
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.conv1 = SmallMapConv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.conv2 = SmallMapConv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut = nn.Identity()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.shortcut = nn.Sequential(SmallMapConv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x: Tensor) -> Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
