@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from selfsup.losses.precision import fp32_loss  # batch statistics and D×D (cross-)covariances in fp32
 from selfsup.train.distributed import gather as gather_ranks
 
 
@@ -53,6 +54,7 @@ def cross_correlation(z1: Tensor, z2: Tensor, eps: float = 1e-5, gather: bool = 
     return standardise(z1).T @ standardise(z2) / z1.shape[0]
 
 
+@fp32_loss
 def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float = 5e-3, eps: float = 1e-5,
                       gather: bool = False) -> Tensor:
     """Σ_i (1 − C_ii)² + λ Σ_{i≠j} C_ij² (Zbontar et al. 2021, arXiv:2103.03230, eq. 1).
@@ -103,6 +105,7 @@ def check_vicreg_settings(sim_weight: float, var_weight: float, cov_weight: floa
         raise ValueError(f"vicreg: gamma (the target standard deviation) must be > 0, got {gamma}")
 
 
+@fp32_loss
 def vicreg_loss(z1: Tensor, z2: Tensor, sim_weight: float = 25.0, var_weight: float = 25.0,
                 cov_weight: float = 1.0, gamma: float = 1.0, eps: float = 1e-4,
                 gather: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
@@ -145,6 +148,7 @@ def whiten(x: Tensor, eps: float = 0.0) -> Tensor:
     return torch.where(info == 0, white, torch.full_like(white, float("nan")))
 
 
+@fp32_loss
 def wmse_loss(z1: Tensor, z2: Tensor, w_size: int = 128, w_iter: int = 1, eps: float = 1e-4,
               gather: bool = False, generator: torch.Generator | None = None) -> Tensor:
     """Mean ‖ŵ1 − ŵ2‖² over positives, ŵ the l2-normalised whitened embedding (arXiv:2007.06346, Algorithm 1).
