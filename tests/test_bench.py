@@ -127,8 +127,19 @@ def test_one_random_init_row_per_distinct_backbone(recipes: Path, tmp_path: Path
         return _random_init_jobs(jobs, [load_config(j.recipe, j.overrides).backbone for j in jobs], tmp_path)
 
     same = random_rows(spec("simclr", [8, 16, 32]), spec("byol", [8, 16, 32]))
-    assert [j.method for j in same] == ["random init (small_resnet)"] and same[0].baseline
+    assert [j.method for j in same] == ["random init (small_resnet)", "raw pixels"] and same[0].baseline
+    assert same[1].raw_pixels and not same[0].raw_pixels
     two = random_rows(spec("simclr", [8, 16, 32]), spec("byol", [8, 16]))
     assert [j.method for j in two] == ["random init (small_resnet widths=8-16-32)",
-                                       "random init (small_resnet widths=8-16)"]
-    assert len({j.run_dir for j in two}) == 2 and all(j.baseline for j in two)
+                                       "random init (small_resnet widths=8-16)", "raw pixels"]
+    assert len({j.run_dir for j in two}) == 3 and all(j.baseline for j in two)
+
+
+def test_raw_pixel_row_evaluates_the_pixels(recipes: Path, tmp_path: Path) -> None:
+    spec = BenchSpec("raw pixels", str(recipes / "simclr_fashion_mnist.yaml"),
+                     {"data.name": "digits", "train.threads": 1, "train.device": "cpu"}, str(tmp_path / "r"),
+                     str(tmp_path / "r.json"), finetune=True, eval_limit=300, baseline=True, raw_pixels=True)
+    row = run_one(spec)
+    assert row["family"] == "reference" and row["backbone"] == "none"
+    assert row["feature_dim"] == 64 and row["knn"] > 0.8 and row["linear"] > 0.8  # 8×8 digits separate on pixels
+    assert "finetune_10%" not in row  # nothing to fine-tune

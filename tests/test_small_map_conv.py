@@ -75,3 +75,13 @@ def test_bf16_autocast_agrees_with_conv2d_and_keeps_the_state_dict():
     assert new.dtype == ref.dtype == torch.bfloat16
     assert new.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(new.float(), ref.float(), atol=0.05, rtol=0.02)
+
+
+def test_training_after_an_inference_mode_pass_on_a_new_shape():
+    """The index plan is cached: one first built under inference mode must still work with autograd."""
+    conv = SmallMapConv2d(3, 4, 3, 1, 1, bias=False)
+    x = torch.randn(2, 3, 1, 2)
+    with torch.inference_mode():
+        conv(x)
+    conv(x).sum().backward()
+    assert conv.weight.grad is not None

@@ -37,7 +37,8 @@ def _plan(h: int, w: int, k: int, stride: int, padding: int, device: torch.devic
                      for ki in range(k) for kj in range(k)
                      if 0 <= oi * stride - padding + ki < h and 0 <= oj * stride - padding + kj < w]
             inputs, taps = zip(*pairs)
-            plan.append((torch.tensor(inputs, device=device), torch.tensor(taps, device=device)))
+            with torch.inference_mode(False):  # cached: must stay usable by autograd after an inference-mode call
+                plan.append((torch.tensor(inputs, device=device), torch.tensor(taps, device=device)))
     return tuple(plan)
 
 

@@ -9,8 +9,8 @@ up to the end of pretraining (``getrusage``), and on CUDA ``torch.cuda.max_memor
 Evaluation, after pretraining, on the dataset's labelled train/test split (not the pretraining
 ``limit``): weighted kNN and a linear probe on frozen features, the effective rank (RankMe) of the
 test embeddings, and optionally fine-tuning with 1% and 10% of the labels (``selfsup.eval.finetune``).
-A reference row evaluates a randomly initialised encoder of the same backbone the same way; its
-fine-tune columns are training from scratch.
+Reference rows evaluate a randomly initialised encoder of each backbone the same way (its fine-tune
+columns are training from scratch) and the normalised raw pixels (kNN and linear probe only).
 """
 from __future__ import annotations
 
@@ -83,6 +83,8 @@ class BenchSpec:
     eval_limit: int | None = None
     baseline: bool = False
     """Evaluate a randomly initialised encoder of the recipe's backbone instead of pretraining."""
+    raw_pixels: bool = False
+    """With ``baseline``: evaluate the normalised pixels themselves (no encoder, no fine-tuning)."""
 
 
 def recipe_for(method: str, config_dir: str | Path) -> Path | None:
@@ -111,16 +113,17 @@ def _training_figures(run_dir: Path) -> dict[str, Any]:
             "spread": m.steps[-1].get("spread") if m.steps else None}
 
 
-def evaluate_encoder(encoder: torch.nn.Module, cfg, mean: Sequence[float], std: Sequence[float], spec: BenchSpec,
-                     device: str) -> dict[str, Any]:
-    """kNN, linear, effective rank of test embeddings, and fine-tune at 1%/10% when asked."""
+def evaluate_encoder(encoder: torch.nn.Module | None, cfg, mean: Sequence[float], std: Sequence[float],
+                     spec: BenchSpec, device: str) -> dict[str, Any]:
+    """kNN, linear, effective rank of test embeddings, and fine-tune at 1%/10% when asked; with no
+    encoder, of the normalised pixels (no fine-tuning)."""
     import copy
 
     from selfsup.data import DataError, load_dataset
     from selfsup.data.splits import parse_fraction, stratified_subset
     from selfsup.eval.diagnostics import effective_rank
     from selfsup.eval.evaluate import evaluate_features
-    from selfsup.eval.features import extract_features
+    from selfsup.eval.features import extract_features, pixel_features
     from selfsup.report.embeddings import sample_indices
 
     train, test = load_dataset(dataclasses.replace(cfg.data, limit=None))
@@ -128,13 +131,15 @@ def evaluate_encoder(encoder: torch.nn.Module, cfg, mean: Sequence[float], std: 
         return {"error": f"{cfg.data.name} has no labelled test split: nothing to evaluate on"}
     if spec.eval_limit:
         train = train.subset(sample_indices(len(train), spec.eval_limit, cfg.train.seed))
-    tr = extract_features(encoder, train, mean, std, device)
-    te = extract_features(encoder, test, mean, std, device)
+    if encoder is None:
+        tr, te = pixel_features(train, mean, std), pixel_features(test, mean, std)
+    else:
+        tr, te = extract_features(encoder, train, mean, std, device), extract_features(encoder, test, mean, std, device)
     out: dict[str, Any] = {"n_eval_train": len(train), "n_test": len(test), "effective_rank": effective_rank(te),
                            "feature_dim": int(te.shape[1])}
     for protocol in ("knn", "linear"):
         out[protocol] = evaluate_features(protocol, tr, train.labels, te, test.labels, train.num_classes, cfg.train.seed)
-    if spec.finetune:
+    if spec.finetune and encoder is not None:
         from selfsup.eval.finetune import FinetuneSettings, finetune_accuracy
 
         settings = FinetuneSettings()
@@ -172,9 +177,11 @@ def run_one(spec: BenchSpec) -> dict[str, Any]:
 
         train, _ = load_dataset(cfg.data)
         torch.manual_seed(cfg.train.seed)
-        encoder = build_encoder(cfg, train.channels, train.image_size).to(device)
+        encoder = None if spec.raw_pixels else build_encoder(cfg, train.channels, train.image_size).to(device)
         mean, std = train.mean_std()
         row.update(family="reference", epochs=0)
+        if spec.raw_pixels:
+            row["backbone"] = "none"
     else:
         row.update(family=get_method(cfg.method.name).family, epochs=cfg.train.epochs)
         if device.type == "cuda":
@@ -215,7 +222,8 @@ def _child_main(argv: Sequence[str]) -> int:
 
 def _random_init_jobs(jobs: Sequence[BenchSpec], backbones: Sequence[Any], out: Path) -> list[BenchSpec]:
     """One random-init reference row per distinct backbone (name and settings) among the methods, so
-    that every method has its own architecture's random encoder to beat (e.g. the CNN and the ViT).
+    that every method has its own architecture's random encoder to beat (e.g. the CNN and the ViT),
+    and one raw-pixel row.
     ``backbones[i]`` is the resolved backbone config of ``jobs[i]``."""
     by_backbone: dict[str, tuple[Any, BenchSpec]] = {}
     for job, bb in zip(jobs, backbones):
@@ -229,6 +237,8 @@ def _random_init_jobs(jobs: Sequence[BenchSpec], backbones: Sequence[Any], out: 
         name = "random_init" if i == 0 else f"random_init_{i}"
         refs.append(dataclasses.replace(job, method=f"random init ({label})", run_dir=str(out / "runs" / name),
                                         result_path=str(out / "runs" / f"{name}.json"), baseline=True))
+    refs.append(dataclasses.replace(jobs[0], method="raw pixels", run_dir=str(out / "runs" / "raw_pixels"),
+                                    result_path=str(out / "runs" / "raw_pixels.json"), baseline=True, raw_pixels=True))
     return refs
 
 
