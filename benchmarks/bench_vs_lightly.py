@@ -15,7 +15,7 @@ evaluated by the same code. lightly is not a dependency of selfsup: the script i
 its training-framework dependencies, which these three parts do not import) into
 ``benchmarks/_scratch/`` on first use.
 
-    python benchmarks/bench_vs_lightly.py --epochs 3 [--limit 20000] [--workers 0,2]
+    python benchmarks/bench_vs_lightly.py --epochs 3 [--limit 20000] [--workers 0,2] [--seed 0]
 """
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", default="0,2", help="lightly DataLoader worker counts to try (best is kept)")
     parser.add_argument("--lightly-precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--seed", type=int, default=0, help="initial weights (identical for both) and sampling")
     parser.add_argument("--out", default="benchmarks/results_vs_lightly.json")
     args = parser.parse_args()
 
@@ -91,13 +92,13 @@ def main() -> None:
         return torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
 
     # --- selfsup
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     ours = build_method(cfg, 1, 28).to(memory_format=torch.channels_last)
     ours_opt = build_optimizer(ours, cfg.optim, lr)
     recipe = view_recipe(cfg, type(ours), 28)
 
     # --- lightly, around an identically initialised backbone
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     theirs_backbone = build_method(cfg, 1, 28).backbone.to(memory_format=torch.channels_last)
     p = cfg.method.params
     theirs_head = SimCLRProjectionHead(theirs_backbone.num_features, p["proj_hidden"], p["proj_dim"])
@@ -179,6 +180,7 @@ def main() -> None:
     best_lightly = max(by_workers.values())  # compare against lightly's best loader setting
     ratio = statistics.median(speed["selfsup"]) / best_lightly
     summary = {"lightly_version": version, "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "seed": args.seed,
                "precision": {"selfsup": str(ours_amp or "fp32"), "lightly": str(theirs_amp or "fp32")},
                "epochs": args.epochs, "train_images": len(train), "batch_size": b,
                "images_per_s": {"selfsup": statistics.median(speed["selfsup"]), "lightly": best_lightly},
