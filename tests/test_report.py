@@ -143,3 +143,48 @@ def test_report_of_a_method_without_embeddings_or_knn(tmp_path: Path) -> None:
     page = write_report(run, options=ReportOptions(embeddings=False)).read_text()
     assert "No collapse monitoring: this method logs no embeddings" in page
     assert "mae (masked-modelling)" in page and len(_embedded_pngs(page)) == 3
+
+
+def test_report_draws_attention_maps_and_reconstructions_of_a_vit_run(tmp_path: Path) -> None:
+    """A masked method on a ViT: the report draws CLS attention per head and the MAE reconstructions
+    from the trained model (decoder from the last checkpoint), and embeds both."""
+    from selfsup.config import load_config
+    from selfsup.train import loop
+
+    cfg = load_config(None, {"method.name": "mae", "data.name": "digits", "data.limit": 256,
+                             "backbone.name": "vit_tiny", "backbone.depth": 2, "backbone.embed_dim": 32,
+                             "backbone.num_heads": 2, "method.decoder_dim": 16, "method.decoder_depth": 1,
+                             "method.decoder_heads": 2, "train.epochs": 1, "train.batch_size": 64,
+                             "train.threads": 1, "train.progress": False, "train.device": "cpu"})
+    run = tmp_path / "run"
+    loop.pretrain(cfg, run)
+    page = write_report(run, options=FAST).read_text()
+    out = run / "report"
+    for name in ("attention.png", "reconstructions.png"):
+        assert (out / name).is_file() and name in page
+        with Image.open(out / name) as im:
+            assert im.size[0] > 300
+    assert "Model pictures skipped" not in page
+
+
+def test_cls_attention_is_a_distribution_over_tokens() -> None:
+    import torch
+
+    from selfsup.nn.backbones import build_backbone
+    from selfsup.report.attention import cls_attention
+
+    vit = build_backbone("vit_tiny", 1, 28, depth=2, embed_dim=32, num_heads=2)
+    maps = cls_attention(vit, torch.randn(3, 1, 28, 28))
+    assert maps.shape == (3, 2, 7, 7)
+    assert (maps >= 0).all() and (maps.sum(dim=(2, 3)) < 1).all()  # the rest is the CLS token's attention to itself
+    # the same weights as timm's own unfused attention applies in that block (its attn_drop sees them)
+    vit.eval()
+    seen = []
+    attn = vit.blocks[-1].attn
+    attn.fused_attn = False
+    handle = attn.attn_drop.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        vit(x)
+    handle.remove()
+    torch.testing.assert_close(cls_attention(vit, x), seen[0][:, :, 0, 1:].reshape(3, 2, 7, 7))

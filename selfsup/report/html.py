@@ -154,6 +154,42 @@ def _embedding_pictures(run_dir: Path, out: Path, opts: ReportOptions) -> tuple[
     return paths, note
 
 
+def _model_pictures(run_dir: Path, out: Path, opts: ReportOptions) -> tuple[list[Path], str]:
+    """The trained model's own pictures, drawn on a few test images: reconstructions for methods that
+    reconstruct (MAE, SimMIM; the whole method, decoder included, from ``checkpoints/last.pt``) and
+    CLS attention maps for ViT encoders. Never raises for a missing checkpoint or dataset."""
+    from selfsup.eval.evaluate import load_run
+    from selfsup.nn.vit import ViT
+    from selfsup.report.attention import save_attention_maps
+    from selfsup.report.reconstructions import save_method_pictures
+    from selfsup.train.build import build_method
+    from selfsup.train.checkpoint import check_compatible, safe_load
+
+    try:
+        run = load_run(run_dir, opts.device)
+        train, test = load_dataset(dataclasses.replace(run.cfg.data, limit=None))
+    except (CheckpointError, DataError) as exc:
+        return [], f"Model pictures skipped: {exc}"
+    images = (test if len(test) else train).subset(embeddings.pick_queries(test if len(test) else train, 8, opts.seed))
+    mean, std = run.meta["mean"], run.meta["std"]
+    paths, notes = [], []
+    if isinstance(run.encoder, ViT):
+        paths.append(save_attention_maps(run.encoder, images.images, out / "attention.png", mean, std))
+    last = run_dir / "checkpoints" / "last.pt"
+    method = build_method(run.cfg, run.meta["in_chans"], run.meta["image_size"])
+    if hasattr(method, "reconstruct"):
+        try:
+            ckpt = safe_load(last)
+            check_compatible(ckpt, run.cfg.method.name, run.cfg.backbone.name)
+            method.load_state_dict(ckpt["model"])
+        except (CheckpointError, KeyError, RuntimeError) as exc:
+            notes.append(f"reconstructions skipped: {str(exc).splitlines()[0]}")
+        else:
+            path = save_method_pictures(method.to(opts.device), images.images, out, mean, std, opts.seed)
+            paths += [path] if path else []
+    return paths, "; ".join(notes)
+
+
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
                  options: ReportOptions | None = None) -> Path:
     """Write ``out_dir/index.html`` (default ``RUN/report/``) and its PNGs; returns the HTML path."""
@@ -190,6 +226,11 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
         parts += ["<h2>Embedding map and retrieval</h2>", f'<p class="note">{html.escape(note)}</p>']
         parts += [_img(p, p.stem) for p in pics]
     own = sorted(p for p in run_dir.glob("*.png"))
+    if opts.embeddings:
+        drawn, note = _model_pictures(run_dir, out, opts)
+        own += [p for p in drawn if p.name not in {q.name for q in own}]
+        if note:
+            parts.append(f'<p class="note">{html.escape(note)}</p>')
     if own:
         parts.append("<h2>The method's own pictures</h2>")
         for p in own:

@@ -1,0 +1,81 @@
+"""Attention maps of a ViT encoder: where the CLS token looks in the last block, per head.
+
+The picture of DINO's paper (Caron et al. 2021, arXiv:2104.14294, fig. 1 and 3): for a few images, the
+last block's self-attention from the CLS token to every patch, one map per head, shown over the image.
+Computed from the block's own query/key projections, so it is the attention the encoder applies
+(timm's fused kernel returns no weights; this recomputes them for the last block only).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from selfsup.nn.vit import ViT
+from selfsup.views import normalize, to_float
+
+FILENAME = "attention.png"
+
+
+@torch.no_grad()
+def cls_attention(vit: ViT, x: Tensor) -> Tensor:
+    """(B, C, H, W) normalised images → (B, heads, gh, gw): the last block's softmax attention weights
+    from the CLS token to each patch (each map sums to 1 minus the CLS token's attention to itself)."""
+    tokens = vit.patch_tokens(x)
+    cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
+    h = vit.norm_pre(torch.cat([cls, tokens], dim=1))
+    for block in vit.blocks[:-1]:
+        h = block(h)
+    last = vit.blocks[-1]
+    attn = last.attn
+    b, n, _ = h.shape
+    qkv = attn.qkv(last.norm1(h)).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    weights = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, 1, N)
+    return weights[:, :, 0, 1:].reshape(b, attn.num_heads, *vit.grid_size)
+
+
+def save_attention_maps(vit: ViT, images: Tensor, path: str | Path, mean: Sequence[float] | None = None,
+                        std: Sequence[float] | None = None, title: str | None = None) -> Path:
+    """A PNG grid: one column per image; the image, then each head's CLS attention upsampled over it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    device = next(vit.parameters()).device
+    x = to_float(images.to(device))
+    x_in = normalize(x, mean, std) if mean is not None and std is not None else x
+    was_training = vit.training
+    vit.eval()
+    try:
+        maps = cls_attention(vit, x_in.contiguous()).float()
+    finally:
+        vit.train(was_training)
+    maps = F.interpolate(maps, size=x.shape[-2:], mode="nearest").cpu()
+    x = x.float().cpu()
+    heads = maps.shape[1]
+    n = x.shape[0]
+    fig, axes = plt.subplots(1 + heads, n, figsize=(1.2 * n, 1.3 * (1 + heads)), squeeze=False)
+    for i in range(n):
+        img = x[i, 0].numpy() if x.shape[1] == 1 else x[i].permute(1, 2, 0).numpy()
+        axes[0][i].imshow(img, cmap="gray" if x.shape[1] == 1 else None, vmin=0, vmax=1)
+        for hd in range(heads):
+            ax = axes[1 + hd][i]
+            ax.imshow(x[i].mean(0).numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.imshow(maps[i, hd].numpy(), cmap="inferno", alpha=0.6)
+    for r in range(1 + heads):
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r][0].set_ylabel("image" if r == 0 else f"head {r}", fontsize=8)
+    fig.suptitle(title or "last block: attention of the CLS token to each patch, per head", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
