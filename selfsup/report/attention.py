@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from selfsup.eval.features import eval_mode
 from selfsup.nn.vit import ViT
-from selfsup.views import normalize, to_float
+from selfsup.report.reconstructions import model_inputs
 
 FILENAME = "attention.png"
 
@@ -46,15 +47,9 @@ def save_attention_maps(vit: ViT, images: Tensor, path: str | Path, mean: Sequen
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    device = next(vit.parameters()).device
-    x = to_float(images.to(device))
-    x_in = normalize(x, mean, std) if mean is not None and std is not None else x
-    was_training = vit.training
-    vit.eval()
-    try:
-        maps = cls_attention(vit, x_in.contiguous()).float()
-    finally:
-        vit.train(was_training)
+    x, x_in = model_inputs(vit, images, mean, std)
+    with eval_mode(vit):
+        maps = cls_attention(vit, x_in).float()
     maps = F.interpolate(maps, size=x.shape[-2:], mode="nearest").cpu()
     x = x.float().cpu()
     heads = maps.shape[1]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
+from selfsup.eval.features import eval_mode
 from selfsup.methods.colorization import LUMA, merge_chroma, split_chroma
 from selfsup.report.reconstructions import save_reconstruction_grid
 from selfsup.views import normalize, to_float
@@ -38,12 +39,8 @@ def colorization_rows(model: nn.Module, images: Tensor, mean: Sequence[float], s
     device = next(model.parameters()).device
     x = normalize(to_float(images.to(device)), mean, std)
     y, uv = split_chroma(x)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         pred_uv, _ = model.predict_chroma(y)
-    finally:
-        model.train(was_training)
     size = x.shape[-2:]
     up = lambda c: F.interpolate(c, size=size, mode="bilinear", align_corners=False)  # noqa: E731
     ceiling_uv = up(F.adaptive_avg_pool2d(uv, pred_uv.shape[-1]))

@@ -122,17 +122,21 @@ def _eval_results(run_dir: Path) -> str:
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
-def _embedding_pictures(run_dir: Path, out: Path, opts: ReportOptions) -> tuple[list[Path], str]:
-    """(map, retrieval) PNGs and a line about them; never raises for missing data or an unfinished run."""
+def _load_for_pictures(run_dir: Path, opts: ReportOptions):
+    """(the run's encoder and config, its train split, its test split — the train split when there is
+    none), or the reason they cannot be had (missing data, an unfinished run) as a string."""
     from selfsup.eval.evaluate import load_run
 
     try:
         run = load_run(run_dir, opts.device)
         train, test = load_dataset(dataclasses.replace(run.cfg.data, limit=None))
     except (CheckpointError, DataError) as exc:
-        return [], f"Embedding pictures skipped: {exc}"
-    if len(test) == 0:
-        test = train
+        return str(exc)
+    return run, train, test if len(test) else train
+
+
+def _embedding_pictures(run, train, test, out: Path, opts: ReportOptions) -> tuple[list[Path], str]:
+    """(map, retrieval) PNGs and a line about them."""
     mean, std = run.meta["mean"], run.meta["std"]
     sub = test.subset(embeddings.sample_indices(len(test), opts.map_size, opts.seed))
     feats = extract_features(run.encoder, sub, mean, std, opts.device)
@@ -154,40 +158,33 @@ def _embedding_pictures(run_dir: Path, out: Path, opts: ReportOptions) -> tuple[
     return paths, note
 
 
-def _model_pictures(run_dir: Path, out: Path, opts: ReportOptions) -> tuple[list[Path], str]:
+def _model_pictures(run, test, run_dir: Path, out: Path, opts: ReportOptions) -> tuple[list[Path], str]:
     """The trained model's own pictures, drawn on a few test images: reconstructions for methods that
     reconstruct (MAE, SimMIM; the whole method, decoder included, from ``checkpoints/last.pt``) and
-    CLS attention maps for ViT encoders. Never raises for a missing checkpoint or dataset."""
-    from selfsup.eval.evaluate import load_run
+    CLS attention maps for ViT encoders. A missing or mismatched checkpoint gives a note, not an error."""
+    from selfsup.methods import get_method
     from selfsup.nn.vit import ViT
     from selfsup.report.attention import save_attention_maps
     from selfsup.report.reconstructions import save_method_pictures
     from selfsup.train.build import build_method
     from selfsup.train.checkpoint import check_compatible, safe_load
 
-    try:
-        run = load_run(run_dir, opts.device)
-        train, test = load_dataset(dataclasses.replace(run.cfg.data, limit=None))
-    except (CheckpointError, DataError) as exc:
-        return [], f"Model pictures skipped: {exc}"
-    images = (test if len(test) else train).subset(embeddings.pick_queries(test if len(test) else train, 8, opts.seed))
+    images = test.subset(embeddings.pick_queries(test, 8, opts.seed)).images
     mean, std = run.meta["mean"], run.meta["std"]
-    paths, notes = [], []
+    paths, note = [], ""
     if isinstance(run.encoder, ViT):
-        paths.append(save_attention_maps(run.encoder, images.images, out / "attention.png", mean, std))
-    last = run_dir / "checkpoints" / "last.pt"
-    method = build_method(run.cfg, run.meta["in_chans"], run.meta["image_size"])
-    if hasattr(method, "reconstruct"):
+        paths.append(save_attention_maps(run.encoder, images, out / "attention.png", mean, std))
+    if hasattr(get_method(run.cfg.method.name).cls, "reconstruct"):
+        method = build_method(run.cfg, run.meta["in_chans"], run.meta["image_size"])
         try:
-            ckpt = safe_load(last)
+            ckpt = safe_load(run_dir / "checkpoints" / "last.pt")
             check_compatible(ckpt, run.cfg.method.name, run.cfg.backbone.name)
             method.load_state_dict(ckpt["model"])
         except (CheckpointError, KeyError, RuntimeError) as exc:
-            notes.append(f"reconstructions skipped: {str(exc).splitlines()[0]}")
+            note = f"reconstructions skipped: {str(exc).splitlines()[0]}"
         else:
-            path = save_method_pictures(method.to(opts.device), images.images, out, mean, std, opts.seed)
-            paths += [path] if path else []
-    return paths, "; ".join(notes)
+            paths.append(save_method_pictures(method.to(opts.device), images, out, mean, std, opts.seed))
+    return paths, note
 
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
@@ -221,16 +218,21 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
              "Effective rank (RankMe): falls under dimensional collapse. Alignment/uniformity: Wang &amp; Isola 2020. "
              "Energy gap: mean cosine of positive pairs minus that of the other pairs in the batch.</p>",
              _img(curves.plot_diagnostics(m, out / "diagnostics.png"), "diagnostics")]
-    if opts.embeddings:
-        pics, note = _embedding_pictures(run_dir, out, opts)
-        parts += ["<h2>Embedding map and retrieval</h2>", f'<p class="note">{html.escape(note)}</p>']
-        parts += [_img(p, p.stem) for p in pics]
     own = sorted(p for p in run_dir.glob("*.png"))
     if opts.embeddings:
-        drawn, note = _model_pictures(run_dir, out, opts)
-        own += [p for p in drawn if p.name not in {q.name for q in own}]
-        if note:
-            parts.append(f'<p class="note">{html.escape(note)}</p>')
+        loaded = _load_for_pictures(run_dir, opts)
+        parts.append("<h2>Embedding map and retrieval</h2>")
+        if isinstance(loaded, str):
+            skipped = html.escape(f"Embedding pictures skipped: {loaded} (the model's own pictures too)")
+            parts.append(f'<p class="note">{skipped}</p>')
+        else:
+            run, train, test = loaded
+            pics, note = _embedding_pictures(run, train, test, out, opts)
+            parts += [f'<p class="note">{html.escape(note)}</p>'] + [_img(p, p.stem) for p in pics]
+            drawn, note = _model_pictures(run, test, run_dir, out, opts)
+            own += [p for p in drawn if p.name not in {q.name for q in own}]
+            if note:
+                parts.append(f'<p class="note">{html.escape(note)}</p>')
     if own:
         parts.append("<h2>The method's own pictures</h2>")
         for p in own:

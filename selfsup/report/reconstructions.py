@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from selfsup.eval.features import eval_mode
 from selfsup.views import normalize, to_float
 
 FILENAME = "reconstructions.png"
@@ -23,6 +24,14 @@ def _unnormalize(x: Tensor, mean: Sequence[float] | None, std: Sequence[float] |
         s = torch.as_tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
         x = x * s + m
     return x.clamp(0, 1)
+
+
+def model_inputs(model: nn.Module, images: Tensor, mean: Sequence[float] | None,
+                 std: Sequence[float] | None) -> tuple[Tensor, Tensor]:
+    """A few uint8 or [0, 1] images on the model's device: (as floats in [0, 1], normalised with the
+    dataset's ``mean``/``std`` as training views are — or unchanged without them)."""
+    x = to_float(images.to(next(model.parameters()).device))
+    return x, (normalize(x, mean, std) if mean is not None and std is not None else x).contiguous()
 
 
 def save_reconstruction_grid(rows: Sequence[Tensor], labels: Sequence[str], path: str | Path,
@@ -68,17 +77,10 @@ def save_method_pictures(model: nn.Module, images: Tensor, run_dir: str | Path, 
     """
     if not hasattr(model, "reconstruct"):
         return None
-    device = next(model.parameters()).device
-    x = to_float(images.to(device))
-    x_in = normalize(x, mean, std) if mean is not None and std is not None else x
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            masked, recon = model.reconstruct(x_in.contiguous())
-    finally:
-        model.train(was_training)
+    x, x_in = model_inputs(model, images, mean, std)
+    with eval_mode(model), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        masked, recon = model.reconstruct(x_in)
     rows = [x.cpu(), _unnormalize(masked.float().cpu(), mean, std), _unnormalize(recon.float().cpu(), mean, std)]
     name = getattr(model, "method_name", type(model).__name__)
     title = f"{name}: hidden patches reconstructed, visible patches pasted back"
