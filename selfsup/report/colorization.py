@@ -20,17 +20,11 @@ from torch import Tensor, nn
 
 from selfsup.eval.features import eval_mode
 from selfsup.methods.colorization import LUMA, merge_chroma, split_chroma
-from selfsup.report.reconstructions import save_reconstruction_grid
+from selfsup.report.reconstructions import save_reconstruction_grid, unnormalize
 from selfsup.views import normalize, to_float
 
 FILENAME = "colorization.png"
 ROWS = ("grey input", "prediction", "original chroma\nat output res.", "original")
-
-
-def _pixels(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x * s + m).clamp(0, 1)
 
 
 @torch.no_grad()
@@ -48,8 +42,8 @@ def colorization_rows(model: nn.Module, images: Tensor, mean: Sequence[float], s
     grey_mean = sum(w * m for w, m in zip(LUMA, mean))
     grey_std = sum(w * s for w, s in zip(LUMA, std))
     grey = (y * grey_std + grey_mean).clamp(0, 1)
-    return [grey, _pixels(merge_chroma(y, up(pred_uv)), mean, std),
-            _pixels(merge_chroma(y, ceiling_uv), mean, std), _pixels(x, mean, std)]
+    return [grey, unnormalize(merge_chroma(y, up(pred_uv)), mean, std),
+            unnormalize(merge_chroma(y, ceiling_uv), mean, std), unnormalize(x, mean, std)]
 
 
 def save_colorization_grid(model: nn.Module, images: Tensor, mean: Sequence[float], std: Sequence[float],

@@ -18,10 +18,11 @@ from selfsup.views import normalize, to_float
 FILENAME = "reconstructions.png"
 
 
-def _unnormalize(x: Tensor, mean: Sequence[float] | None, std: Sequence[float] | None) -> Tensor:
+def unnormalize(x: Tensor, mean: Sequence[float] | None, std: Sequence[float] | None) -> Tensor:
+    """Normalised images back to pixels in [0, 1] (clamped); without ``mean``/``std`` only clamped."""
     if mean is not None and std is not None:
-        m = torch.as_tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
-        s = torch.as_tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
+        m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         x = x * s + m
     return x.clamp(0, 1)
 
@@ -81,7 +82,7 @@ def save_method_pictures(model: nn.Module, images: Tensor, run_dir: str | Path, 
     with eval_mode(model), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         torch.manual_seed(seed)
         masked, recon = model.reconstruct(x_in)
-    rows = [x.cpu(), _unnormalize(masked.float().cpu(), mean, std), _unnormalize(recon.float().cpu(), mean, std)]
+    rows = [x.cpu(), unnormalize(masked.float().cpu(), mean, std), unnormalize(recon.float().cpu(), mean, std)]
     name = getattr(model, "method_name", type(model).__name__)
     title = f"{name}: hidden patches reconstructed, visible patches pasted back"
     if getattr(model, "reconstruction_note", None):
