@@ -143,3 +143,22 @@ def test_raw_pixel_row_evaluates_the_pixels(recipes: Path, tmp_path: Path) -> No
     assert row["family"] == "reference" and row["backbone"] == "none"
     assert row["feature_dim"] == 64 and row["knn"] > 0.8 and row["linear"] > 0.8  # 8×8 digits separate on pixels
     assert "finetune_10%" not in row  # nothing to fine-tune
+
+
+def test_pretext_rows_carry_their_held_out_pretext_accuracy(tmp_path: Path) -> None:
+    """A pretext method's row has its accuracy on its own task over the test images; the column shows
+    only when some row has it."""
+    recipe = tmp_path / "rotation.yaml"
+    recipe.write_text(yaml.safe_dump({"method": {"name": "rotation"},
+                                      "backbone": {"name": "small_resnet", "params": {"widths": [8, 16, 32]}},
+                                      "train": {"epochs": 1, "batch_size": 32, "log_every": 2}}))
+    spec = BenchSpec("rotation", str(recipe), {"data.name": "digits", "data.limit": 256, "train.threads": 1,
+                                               "train.device": "cpu"}, str(tmp_path / "r"), str(tmp_path / "r.json"),
+                     eval_limit=300)
+    row = run_one(spec)
+    assert 0.25 < row["pretext_acc"] <= 1.0  # above the 1-in-4 chance after a few steps on digits
+    results = {"budget_text": "1 epoch(s)", "data": "digits", "torch": "x", "platform": "y", "finetune": False,
+               "rows": [row, {"method": "simclr", "family": "contrastive", "knn": 0.5}]}
+    table = markdown_table(results)
+    assert "| pretext acc. |" in table and f"| {100 * row['pretext_acc']:.1f}% |" in table
+    assert "pretext acc." not in markdown_table({**results, "rows": results["rows"][1:]})

@@ -20,7 +20,7 @@ from selfsup.methods.pirl import PIRL
 from selfsup.methods.relative_position import NEIGHBOURS, RelativePosition, drop_colours, neighbour_offset, patch_pairs
 from selfsup.methods.rotation import rotate_all, unrotate
 from selfsup.nn.backbones import build_backbone
-from selfsup.views import Augment, ViewRecipe
+from selfsup.views import Augment, ViewRecipe, resolve_sizes
 from selfsup.views.tiles import (assemble_tiles, check_grid, cut_tiles, min_hamming, permutation_set, shuffle_tiles,
                                  unshuffle_tiles)
 
@@ -284,3 +284,46 @@ def test_colorization_grid_png(tmp_path):
     assert path.is_file() and path.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="RGB"):
         save_colorization_grid(method, data.images[:, :1], [0.5], [0.25], tmp_path / "bad.png")
+
+
+# ---- held-out pretext accuracy (the bench's pretext column) ----
+
+class _BrightIsRight(torch.nn.Module):
+    """A stand-in pretext method that 'solves' exactly the bright images of a batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm1d(1)
+
+    def training_step(self, views, progress):
+        assert not self.training and not torch.is_grad_enabled()
+        return torch.zeros(()), {"pretext_acc": (views[0].mean(dim=(1, 2, 3)) > 0).float().mean()}
+
+
+def test_pretext_accuracy_weights_every_image_once_and_restores_state():
+    from selfsup.data import ImageSet
+    from selfsup.eval.pretext import pretext_accuracy
+
+    pixels = torch.zeros(7, 1, 6, 6, dtype=torch.uint8)
+    pixels[:3] = 255  # 3 of 7 bright, batches of 4 and 3: a per-batch mean of means would give 3/8
+    method = _BrightIsRight().train()
+    recipe = ViewRecipe(globals_=(Augment.identity(6),))
+    before = torch.random.get_rng_state()
+    acc = pretext_accuracy(method, ImageSet(pixels), recipe, [0.5], [0.5], batch_size=4)
+    assert acc == pytest.approx(3 / 7) and method.training
+    assert torch.equal(torch.random.get_rng_state(), before)  # its fixed seed leaves the caller's stream alone
+
+
+def test_pretext_accuracy_of_a_trained_rotation_model_is_repeatable_and_none_for_simclr():
+    from selfsup.data import ImageSet
+    from selfsup.eval.pretext import pretext_accuracy
+    from selfsup.methods import get_method
+
+    torch.manual_seed(0)
+    data = ImageSet(torch.randint(0, 256, (10, 1, 18, 18), dtype=torch.uint8))
+    rot = get_method("rotation").cls(backbone())
+    recipe = resolve_sizes(rot.views, 18)
+    first = pretext_accuracy(rot, data, recipe, [0.5], [0.25], seed=3)
+    assert 0.0 <= first <= 1.0 and first == pretext_accuracy(rot, data, recipe, [0.5], [0.25], seed=3)
+    simclr = get_method("simclr").cls(backbone(), **getattr(get_method("simclr").cls, "test_params", {}))
+    assert pretext_accuracy(simclr, data, resolve_sizes(simclr.views, 18), [0.5], [0.25]) is None

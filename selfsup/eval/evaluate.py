@@ -72,6 +72,26 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> LoadedR
     return LoadedRun(cfg, encoder.to(device), meta)
 
 
+def load_method(run: LoadedRun, run_dir: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+    """The whole trained method (heads, decoder, classifier) from ``checkpoints/last.pt``, weights-only;
+    for what needs more than the encoder (reconstructions, pretext accuracy)."""
+    from selfsup.train.build import build_method
+    from selfsup.train.checkpoint import check_compatible
+
+    path = Path(run_dir) / "checkpoints" / "last.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: the run kept no training checkpoint")
+    method = build_method(run.cfg, run.meta["in_chans"], run.meta["image_size"])
+    ckpt = safe_load(path)
+    check_compatible(ckpt, run.cfg.method.name, run.cfg.backbone.name)
+    try:
+        method.load_state_dict(ckpt["model"])
+    except (KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} does not fit method {run.cfg.method.name!r}: "
+                              f"{str(exc).splitlines()[0]}") from None
+    return method.to(device)
+
+
 def _written_by(run_dir: Path) -> str:
     """`` (written by selfsup X)`` from the run's env.json, or nothing when unknown."""
     try:

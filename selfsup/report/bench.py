@@ -31,9 +31,9 @@ log = logging.getLogger("selfsup")
 FINETUNE_FRACTIONS = ("1%", "10%")
 COLUMNS = [("method", "method"), ("family", "family"), ("epochs", "epochs"), ("wall_time_s", "wall time (s)"),
            ("images_per_s", "images/s"), ("peak_memory_mb", "peak mem (MB)"), ("knn", "kNN"), ("linear", "linear"),
-           ("finetune_1%", "fine-tune 1%"), ("finetune_10%", "fine-tune 10%"), ("effective_rank", "eff. rank"),
-           ("collapse_warnings", "collapse warnings")]
-PCT_COLUMNS = {"knn", "linear", "finetune_1%", "finetune_10%"}
+           ("finetune_1%", "fine-tune 1%"), ("finetune_10%", "fine-tune 10%"), ("pretext_acc", "pretext acc."),
+           ("effective_rank", "eff. rank"), ("collapse_warnings", "collapse warnings")]
+PCT_COLUMNS = {"knn", "linear", "finetune_1%", "finetune_10%", "pretext_acc"}
 
 
 @dataclasses.dataclass
@@ -158,6 +158,22 @@ def evaluate_encoder(encoder: torch.nn.Module | None, cfg, mean: Sequence[float]
     return out
 
 
+def held_out_pretext_accuracy(run, run_dir: str | Path, device: torch.device) -> float | None:
+    """The pretext method's accuracy on its own task over the test split (the train split when there
+    is no test split), with its training views; see :mod:`selfsup.eval.pretext`."""
+    from selfsup.data import load_dataset
+    from selfsup.eval.evaluate import load_method
+    from selfsup.eval.pretext import pretext_accuracy
+    from selfsup.methods import get_method
+    from selfsup.train.build import view_recipe
+
+    train, test = load_dataset(dataclasses.replace(run.cfg.data, limit=None))
+    images = test if len(test) else train
+    recipe = view_recipe(run.cfg, get_method(run.cfg.method.name).cls, images.image_size)
+    return pretext_accuracy(load_method(run, run_dir, device), images, recipe, run.meta["mean"], run.meta["std"],
+                            device, seed=run.cfg.train.seed)
+
+
 def run_one(spec: BenchSpec) -> dict[str, Any]:
     """Pretrain (or build a random encoder), then evaluate; what one bench subprocess does."""
     from selfsup.config import load_config
@@ -196,6 +212,8 @@ def run_one(spec: BenchSpec) -> dict[str, Any]:
         row.update(_training_figures(Path(spec.run_dir)))
         run = load_run(spec.run_dir, device)
         encoder, mean, std = run.encoder, run.meta["mean"], run.meta["std"]
+        if row["family"] == "pretext":
+            row["pretext_acc"] = held_out_pretext_accuracy(run, spec.run_dir, device)
     row.update(evaluate_encoder(encoder, cfg, mean, std, spec, str(device)))
     return row
 
@@ -320,7 +338,8 @@ def _cell(key: str, value: Any) -> str:
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    cols = [(k, h) for k, h in COLUMNS if results["finetune"] or not k.startswith("finetune")]
+    cols = [(k, h) for k, h in COLUMNS if (results["finetune"] or not k.startswith("finetune"))
+            and (k != "pretext_acc" or any(r.get(k) is not None for r in results["rows"]))]
     lines = [f"Budget: {results['budget_text']}; data: {results['data']}; torch {results['torch']}; "
              f"{results['platform']}" + (f"; {results['threads']} thread(s)" if results.get("threads") else ""), "",
              "| " + " | ".join(h for _, h in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
@@ -335,7 +354,9 @@ def markdown_table(results: dict[str, Any]) -> str:
             notes.append(f"- {r['method']}: no configs/{r['method']}_fashion_mnist.yaml; ran with the library defaults")
     lines += ["", "kNN (k = 20, T = 0.07) and linear probe on frozen features over "
               + (f"{results['eval_limit']} labelled training images" if results.get("eval_limit") else "the full labelled train split")
-              + "; eff. rank: RankMe of the test embeddings; wall time: pretraining (incl. the online kNN monitor); "
+              + "; eff. rank: RankMe of the test embeddings;"
+              + (" pretext acc.: the pretext method's accuracy on its own task over the test images;"
+                 if any(k == "pretext_acc" for k, _ in cols) else "") + " wall time: pretraining (incl. the online kNN monitor); "
               "peak mem: max RSS of the method's process (CUDA: max allocated)."]
     if results["finetune"]:
         lines.append("Fine-tune: the whole encoder plus a linear head on a stratified 1% / 10% of the labels "

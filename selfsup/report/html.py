@@ -162,12 +162,11 @@ def _model_pictures(run, test, run_dir: Path, out: Path, opts: ReportOptions) ->
     """The trained model's own pictures, drawn on a few test images: reconstructions for methods that
     reconstruct (MAE, SimMIM; the whole method, decoder included, from ``checkpoints/last.pt``) and
     CLS attention maps for ViT encoders. A missing or mismatched checkpoint gives a note, not an error."""
+    from selfsup.eval.evaluate import load_method
     from selfsup.methods import get_method
     from selfsup.nn.vit import ViT
     from selfsup.report.attention import save_attention_maps
     from selfsup.report.reconstructions import save_method_pictures
-    from selfsup.train.build import build_method
-    from selfsup.train.checkpoint import check_compatible, safe_load
 
     images = test.subset(embeddings.pick_queries(test, 8, opts.seed)).images
     mean, std = run.meta["mean"], run.meta["std"]
@@ -175,15 +174,12 @@ def _model_pictures(run, test, run_dir: Path, out: Path, opts: ReportOptions) ->
     if isinstance(run.encoder, ViT):
         paths.append(save_attention_maps(run.encoder, images, out / "attention.png", mean, std))
     if hasattr(get_method(run.cfg.method.name).cls, "reconstruct"):
-        method = build_method(run.cfg, run.meta["in_chans"], run.meta["image_size"])
         try:
-            ckpt = safe_load(run_dir / "checkpoints" / "last.pt")
-            check_compatible(ckpt, run.cfg.method.name, run.cfg.backbone.name)
-            method.load_state_dict(ckpt["model"])
-        except (CheckpointError, KeyError, RuntimeError) as exc:
+            method = load_method(run, run_dir, opts.device)
+        except CheckpointError as exc:
             note = f"reconstructions skipped: {str(exc).splitlines()[0]}"
         else:
-            paths.append(save_method_pictures(method.to(opts.device), images, out, mean, std, opts.seed))
+            paths.append(save_method_pictures(method, images, out, mean, std, opts.seed))
     return paths, note
 
 
