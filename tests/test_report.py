@@ -167,6 +167,25 @@ def test_report_draws_attention_maps_and_reconstructions_of_a_vit_run(tmp_path: 
     assert "Model pictures skipped" not in page
 
 
+def test_report_of_a_colorization_run_on_unlabelled_rgb_photos(tmp_path: Path) -> None:
+    """Colorization on the sample-photo crops (RGB, no labels): the report draws its grid of grey
+    inputs, predicted colours and originals from the trained model."""
+    from selfsup.config import load_config
+    from selfsup.train import loop
+
+    cfg = load_config(None, {"method.name": "colorization", "method.out_size": 4, "method.hidden": 32,
+                             "data.name": "sample-photos", "data.limit": 256, "backbone.name": "small_resnet",
+                             "backbone.widths": [8, 16], "train.epochs": 1, "train.batch_size": 64,
+                             "train.threads": 1, "train.progress": False, "train.device": "cpu"})
+    run = tmp_path / "run"
+    loop.pretrain(cfg, run)
+    page = write_report(run, options=FAST).read_text()
+    grid = run / "report" / "colorization.png"
+    assert grid.is_file() and "colorization.png" in page
+    with Image.open(grid) as im:
+        assert im.mode in ("RGB", "RGBA") and im.size[0] > 300
+
+
 def test_cls_attention_is_a_distribution_over_tokens() -> None:
     import torch
 

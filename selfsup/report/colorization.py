@@ -15,7 +15,6 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import Tensor, nn
 
 from selfsup.eval.features import eval_mode
@@ -52,24 +51,3 @@ def save_colorization_grid(model: nn.Module, images: Tensor, mean: Sequence[floa
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"colorization pictures need RGB images (N, 3, H, W), got {tuple(images.shape)}")
     return save_reconstruction_grid(colorization_rows(model, images, mean, std), ROWS, path, title)
-
-
-def colorization_grid_from_run(run_dir: str | Path, path: str | Path | None = None, n: int = 10) -> Path:
-    """The grid for a finished (or checkpointed) colorization run, on ``n`` images of its dataset's test split."""
-    from selfsup.config import config_from_dict
-    from selfsup.data import load_dataset
-    from selfsup.train.build import build_method
-    from selfsup.train.checkpoint import safe_load
-
-    run_dir = Path(run_dir)
-    cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    if cfg.method.name != "colorization":
-        raise ValueError(f"{run_dir} is a {cfg.method.name!r} run, not colorization")
-    meta = yaml.safe_load((run_dir / "encoder.json").read_text())
-    model = build_method(cfg, meta["in_chans"], meta["image_size"])
-    model.load_state_dict(safe_load(run_dir / "checkpoints" / "last.pt")["model"])
-    _, test = load_dataset(cfg.data)
-    pick = torch.linspace(0, len(test) - 1, n).round().long()
-    title = f"colorization, {cfg.data.name} test crops ({run_dir.name})"
-    return save_colorization_grid(model, test.images[pick], meta["mean"], meta["std"],
-                                  path or run_dir / FILENAME, title)

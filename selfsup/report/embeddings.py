@@ -79,11 +79,13 @@ def _colormap(name: str):
 
 
 def pick_queries(test: ImageSet, n: int, seed: int) -> Tensor:
-    """The first test image of each class (up to ``n``), so every class appears; random ones without labels."""
+    """``n`` test images (all when fewer): the first of each class, so every class appears, then random
+    others when there are fewer classes than ``n``; random ones without labels."""
     if test.labels is None:
         return sample_indices(len(test), n, seed)
-    firsts = [int((test.labels == c).nonzero()[0]) for c in test.labels.unique().tolist()]
-    return torch.tensor(firsts[:n], dtype=torch.long)
+    firsts = [int((test.labels == c).nonzero()[0]) for c in test.labels.unique().tolist()][:n]
+    others = [i for i in sample_indices(len(test), n, seed).tolist() if i not in firsts]
+    return torch.tensor(firsts + others[:n - len(firsts)], dtype=torch.long)
 
 
 def nearest(bank: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -160,12 +160,14 @@ def _embedding_pictures(run, train, test, out: Path, opts: ReportOptions) -> tup
 
 def _model_pictures(run, test, run_dir: Path, out: Path, opts: ReportOptions) -> tuple[list[Path], str]:
     """The trained model's own pictures, drawn on a few test images: reconstructions for methods that
-    reconstruct (MAE, SimMIM; the whole method, decoder included, from ``checkpoints/last.pt``) and
+    reconstruct (MAE, SimMIM; the whole method, decoder included, from ``checkpoints/last.pt``), the
+    colorization grid (grey input, predicted colours, originals) and
     CLS attention maps for ViT encoders. A missing or mismatched checkpoint gives a note, not an error."""
     from selfsup.eval.evaluate import load_method
     from selfsup.methods import get_method
     from selfsup.nn.vit import ViT
     from selfsup.report.attention import save_attention_maps
+    from selfsup.report.colorization import FILENAME as COLORIZATION_PNG, save_colorization_grid
     from selfsup.report.reconstructions import save_method_pictures
 
     images = test.subset(embeddings.pick_queries(test, 8, opts.seed)).images
@@ -173,13 +175,18 @@ def _model_pictures(run, test, run_dir: Path, out: Path, opts: ReportOptions) ->
     paths, note = [], ""
     if isinstance(run.encoder, ViT):
         paths.append(save_attention_maps(run.encoder, images, out / "attention.png", mean, std))
-    if hasattr(get_method(run.cfg.method.name).cls, "reconstruct"):
+    cls = get_method(run.cfg.method.name).cls
+    if hasattr(cls, "reconstruct") or hasattr(cls, "predict_chroma"):
         try:
             method = load_method(run, run_dir, opts.device)
         except CheckpointError as exc:
-            note = f"reconstructions skipped: {str(exc).splitlines()[0]}"
+            note = f"the method's own pictures skipped: {str(exc).splitlines()[0]}"
         else:
-            paths.append(save_method_pictures(method, images, out, mean, std, opts.seed))
+            if hasattr(method, "reconstruct"):
+                paths.append(save_method_pictures(method, images, out, mean, std, opts.seed))
+            if hasattr(method, "predict_chroma"):
+                paths.append(save_colorization_grid(method, images, mean, std, out / COLORIZATION_PNG,
+                                                    f"colorization on {run.cfg.data.name} test images"))
     return paths, note
 
 
