@@ -191,7 +191,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     results = run_bench(args.methods.split(","), args.out, budget, data=args.data, data_root=args.data_root,
                         config_dir=args.config_dir, finetune=args.finetune, finetune_steps=args.finetune_steps,
                         eval_limit=args.eval_limit, device=args.device, threads=args.threads, seed=args.seed,
-                        baseline=not args.no_baseline)
+                        baseline=not args.no_baseline, extra=dict(parse_override(item) for item in args.set or []))
     print(Path(args.out, "results.md").read_text(), end="")
     return 1 if any("error" in r for r in results["rows"]) else 0
 
@@ -292,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--device")
     bn.add_argument("--threads", type=int, help="CPU threads per method")
     bn.add_argument("--seed", type=int)
+    bn.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="any config key for every method, e.g. --set data.long_tail=10")
     bn.set_defaults(func=cmd_bench)
 
     m = sub.add_parser("methods", help="list the registered methods")

@@ -38,6 +38,15 @@ class DataConfig:
     """Images held out of pretraining for the online kNN monitor (at most 10% of the data)."""
     image_size: int | None = None
     """Side length images are resized to (image folders only); ``None`` keeps the dataset's own."""
+    long_tail: float | None = None
+    """Pretrain on a class-imbalanced subset of the labelled training images: class k of C (in label
+    order) keeps ``n · long_tail^(−k/(C−1))`` images, n the smallest class's size, so the first class is
+    ``long_tail`` times the last (the CIFAR-LT profile). Evaluation always uses the whole labelled split."""
+
+    def labelled(self) -> "DataConfig":
+        """The same dataset with every labelled training image: what evaluation fits on (no ``limit``,
+        no ``long_tail``)."""
+        return dataclasses.replace(self, limit=None, long_tail=None)
 
 
 @dataclass
@@ -260,6 +269,8 @@ def check_values(cfg: RunConfig) -> list[str]:
         p.append(f"data.val_size must be ≥ 0, got {d.val_size}")
     if d.image_size is not None and isinstance(d.image_size, int) and d.image_size < 8:
         p.append(f"data.image_size must be ≥ 8, got {d.image_size}")
+    if isinstance(d.long_tail, float) and d.long_tail < 1:
+        p.append(f"data.long_tail must be ≥ 1 (largest class over smallest), got {d.long_tail}")
     return p
 
 

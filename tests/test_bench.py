@@ -162,3 +162,23 @@ def test_pretext_rows_carry_their_held_out_pretext_accuracy(tmp_path: Path) -> N
     table = markdown_table(results)
     assert "| pretext acc. |" in table and f"| {100 * row['pretext_acc']:.1f}% |" in table
     assert "pretext acc." not in markdown_table({**results, "rows": results["rows"][1:]})
+
+
+def test_extra_settings_reach_every_job_and_the_table_header(recipes: Path, tmp_path: Path, monkeypatch) -> None:
+    """``selfsup bench --set KEY=VALUE`` (e.g. a long-tailed pretraining set) goes into every method's
+    config and is stated in the table's header."""
+    import selfsup.report.bench as bench
+
+    seen, real_run = [], bench.subprocess.run
+
+    def fake_run(cmd, **kw):  # the method's job is recorded, not run; other subprocesses (platform) still run
+        if "selfsup.report.bench" not in cmd:
+            return real_run(cmd, **kw)
+        seen.append(json.loads(cmd[-1]))
+        return type("Done", (), {"returncode": 1})()
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    main(["bench", "--methods", "simclr", "--data", "digits", "--config-dir", str(recipes), "--no-baseline",
+          "--set", "data.long_tail=10", "--out", str(tmp_path / "b")])
+    assert seen and seen[0]["overrides"]["data.long_tail"] == 10
+    assert "data: digits; data.long_tail=10;" in (tmp_path / "b" / "results.md").read_text()

@@ -141,3 +141,32 @@ def test_fuzz_corrupt_images_never_crash(tmp_path_factory, kind, seed, mutations
     images = load_image_folder(folder, image_size=8, workers=1)
     assert len(images) + images.skipped == 3
     assert images.images.shape[1:] == (images.channels, 8, 8)
+
+
+def test_long_tail_pretraining_subset_decays_by_the_factor_and_evaluation_keeps_every_label(tmp_path):
+    """``data.long_tail``: pretraining sees classes shrinking geometrically (first / last = the factor);
+    ``DataConfig.labelled()``, what evaluation loads, has every labelled image again."""
+    from selfsup.config import ConfigError, DataConfig, load_config
+    from selfsup.data import load_dataset
+
+    full, _ = load_dataset(DataConfig(name="digits"))
+    cfg = DataConfig(name="digits", long_tail=10.0)
+    train, test = load_dataset(cfg)
+    counts = torch.bincount(train.labels, minlength=10)
+    smallest = int(torch.bincount(full.labels).min())
+    assert int(counts[0]) == smallest and int(counts[9]) == round(smallest / 10)
+    assert (counts[1:] <= counts[:-1]).all() and "long tail" in train.name
+    assert len(load_dataset(cfg.labelled())[0]) == len(full)
+    assert len(load_dataset(DataConfig(name="digits", long_tail=10.0, limit=50))[0]) == 50  # limit after the tail
+    with pytest.raises(ConfigError, match="data.long_tail must be ≥ 1"):
+        load_config(None, {"data.long_tail": 0.5})
+    with pytest.raises(DataError, match="needs labelled training images"):
+        load_dataset(DataConfig(name=str(_unlabelled_folder(tmp_path)), long_tail=10.0))
+
+
+def _unlabelled_folder(root):
+    folder = root / "flat"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder

@@ -11,6 +11,7 @@ from selfsup.data.cifar import is_cifar_dir, load_cifar
 from selfsup.data.fashion_mnist import load_fashion_mnist
 from selfsup.data.folder import load_image_folder
 from selfsup.data.imageset import DataError, ImageSet
+from selfsup.data.imbalance import long_tail_subset
 from selfsup.data.sample_photos import sample_photo_crops
 from selfsup.data.splits import stratified_subset
 
@@ -44,7 +45,8 @@ def split_labelled(full: ImageSet, test_fraction: float = 0.2, seed: int = 0) ->
 
 
 def load_dataset(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
-    """(train, test). ``cfg.limit`` keeps the first N training images."""
+    """(train, test). ``cfg.long_tail`` makes the training images class-imbalanced, then ``cfg.limit``
+    keeps the first N of them."""
     name = cfg.name
     if name == "fashion-mnist":
         train, test = load_fashion_mnist(cfg.root)
@@ -69,7 +71,20 @@ def load_dataset(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
             train, test = split_labelled(full) if full.labels is not None else (full, full.subset([]))
     if cfg.image_size and cfg.image_size != train.image_size and not Path(name).is_dir():
         train, test = resize(train, cfg.image_size), resize(test, cfg.image_size)
+    if cfg.long_tail is not None:
+        train = long_tail(train, cfg.long_tail)
     return train.head(cfg.limit), test
+
+
+def long_tail(train: ImageSet, decay: float) -> ImageSet:
+    """The class-imbalanced subset of ``data.long_tail`` (see :mod:`selfsup.data.imbalance`)."""
+    if train.labels is None:
+        raise DataError(f"{train.name}: data.long_tail needs labelled training images to make a class-imbalanced "
+                        "subset; this dataset has no labels")
+    smallest = int(torch.bincount(train.labels).min())
+    out = train.subset(long_tail_subset(train.labels, smallest, decay))
+    out.name = f"{train.name} (long tail ×{decay:g})"
+    return out
 
 
 def resize(images: ImageSet, size: int) -> ImageSet:

@@ -129,7 +129,7 @@ def evaluate_run(run_dir: str | Path, protocols: Sequence[str] = PROTOCOLS, data
     if unknown:
         raise ConfigError([f"unknown protocol(s) {', '.join(unknown)}; choose from {', '.join(ALL_PROTOCOLS)}"])
     run = load_run(run_dir, device)
-    data_cfg = dataclasses.replace(run.cfg.data, limit=None)
+    data_cfg = run.cfg.data.labelled()
     if data:
         data_cfg = DataConfig(name=data, root=data_root, image_size=run.meta["image_size"])
     train, test = load_dataset(data_cfg)

@@ -126,7 +126,7 @@ def evaluate_encoder(encoder: torch.nn.Module | None, cfg, mean: Sequence[float]
     from selfsup.eval.features import extract_features, pixel_features
     from selfsup.report.embeddings import sample_indices
 
-    train, test = load_dataset(dataclasses.replace(cfg.data, limit=None))
+    train, test = load_dataset(cfg.data.labelled())
     if train.labels is None or test.labels is None or len(test) == 0:
         return {"error": f"{cfg.data.name} has no labelled test split: nothing to evaluate on"}
     if spec.eval_limit:
@@ -167,7 +167,7 @@ def held_out_pretext_accuracy(run, run_dir: str | Path, device: torch.device) ->
     from selfsup.methods import get_method
     from selfsup.train.build import view_recipe
 
-    train, test = load_dataset(dataclasses.replace(run.cfg.data, limit=None))
+    train, test = load_dataset(run.cfg.data.labelled())
     images = test if len(test) else train
     recipe = view_recipe(run.cfg, get_method(run.cfg.method.name).cls, images.image_size)
     return pretext_accuracy(load_method(run, run_dir, device), images, recipe, run.meta["mean"], run.meta["std"],
@@ -320,7 +320,7 @@ def run_bench(methods: Sequence[str], out_dir: str | Path, budget: Budget, data:
     results = {"budget": dataclasses.asdict(budget), "budget_text": budget.describe(),
                "data": common.get("data.name", "each recipe's"), "finetune": finetune,
                "finetune_steps": finetune_steps, "eval_limit": eval_limit, "torch": torch.__version__,
-               "platform": platform.platform(), "threads": threads, "rows": rows}
+               "platform": platform.platform(), "threads": threads, "settings": dict(extra or {}), "rows": rows}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown_table(results))
     plot_results(results, out / "results.png")
@@ -340,7 +340,8 @@ def _cell(key: str, value: Any) -> str:
 def markdown_table(results: dict[str, Any]) -> str:
     cols = [(k, h) for k, h in COLUMNS if (results["finetune"] or not k.startswith("finetune"))
             and (k != "pretext_acc" or any(r.get(k) is not None for r in results["rows"]))]
-    lines = [f"Budget: {results['budget_text']}; data: {results['data']}; torch {results['torch']}; "
+    settings = "".join(f"; {k}={v}" for k, v in (results.get("settings") or {}).items())
+    lines = [f"Budget: {results['budget_text']}; data: {results['data']}{settings}; torch {results['torch']}; "
              f"{results['platform']}" + (f"; {results['threads']} thread(s)" if results.get("threads") else ""), "",
              "| " + " | ".join(h for _, h in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     notes = []

@@ -129,7 +129,7 @@ def _load_for_pictures(run_dir: Path, opts: ReportOptions):
 
     try:
         run = load_run(run_dir, opts.device)
-        train, test = load_dataset(dataclasses.replace(run.cfg.data, limit=None))
+        train, test = load_dataset(run.cfg.data.labelled())
     except (CheckpointError, DataError) as exc:
         return str(exc)
     return run, train, test if len(test) else train
