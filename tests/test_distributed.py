@@ -106,3 +106,37 @@ def test_gather_is_identity_on_one_process():
     x = torch.randn(3, 4, requires_grad=True)
     assert gather(x) is x and gather_no_grad(x) is x
     torch.testing.assert_close(all_reduce_mean(x), x)
+
+
+def _torchrun(out, *extra: str) -> "subprocess.CompletedProcess[str]":
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+           "-m", "selfsup", "pretrain", "--method", "simclr", "--data", "digits", "--limit", "512", "--epochs", "2",
+           "--threads", "1", "--device", "cpu", "--no-progress", "--out", str(out),
+           "--set", "backbone.params.widths=[8,16]", "--set", "train.log_every=2", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_train_and_write_one_run(tmp_path):
+    """The real launcher: two gloo processes, the global batch split between them, one run directory
+    written by rank 0 only, resumable; a batch the processes cannot split is refused before training."""
+    import json
+
+    out = tmp_path / "run"
+    done = _torchrun(out, "--batch-size", "64")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "encoder.pt").is_file() and (out / "checkpoints" / "last.pt").is_file()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if "epoch_time_s" in r]
+    assert [r["epoch"] for r in epochs] == [1, 2]  # one writer: no record twice
+    steps = [r["step"] for r in records if "epoch_time_s" not in r and "step" in r]
+    assert steps == sorted(set(steps))
+    env = json.loads((out / "env.json").read_text())
+    assert env.get("world_size") == WORLD, env
+    bad = _torchrun(tmp_path / "bad", "--batch-size", "63")
+    assert bad.returncode != 0 and "not divisible by the 2 processes" in bad.stderr
+    assert not (tmp_path / "bad" / "checkpoints" / "last.pt").exists()
