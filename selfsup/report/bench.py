@@ -20,6 +20,7 @@ import logging
 import resource
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -371,9 +372,10 @@ def plot_results(results: dict[str, Any], path: Path) -> Path:
     from matplotlib.figure import Figure
 
     rows = results["rows"]
-    keys = [k for k in ("knn", "linear", "finetune_1%", "finetune_10%") if any(r.get(k) is not None for r in rows)]
+    keys = [k for k in ("knn", "linear", "finetune_1%", "finetune_10%", "pretext_acc")
+            if any(r.get(k) is not None for r in rows)]
     height = 0.8 / max(len(keys), 1)
-    fig = Figure(figsize=(8.0, 1.2 + max(len(rows), 1) * (0.18 + 0.17 * len(keys))))
+    fig = Figure(figsize=(8.0, 1.5 + max(len(rows), 1) * (0.18 + 0.17 * len(keys))))
     ax = fig.subplots()
     y = np.arange(len(rows))[::-1].astype(float)
     for j, k in enumerate(keys):
@@ -384,11 +386,11 @@ def plot_results(results: dict[str, Any], path: Path) -> Path:
     for yi, r in zip(y, rows):
         if "error" in r:
             ax.text(1, yi, "failed: see results.md", va="center", fontsize=7, color="#d62728")
-    ax.set_yticks(y, [r["method"] for r in rows], fontsize=8)
+    ax.set_yticks(y, [textwrap.fill(r["method"], 26) for r in rows], fontsize=8)
     ax.set(xlabel="test accuracy (%)", xlim=(0, 108))
-    ax.set_title(f"selfsup bench: {results['budget_text']}", fontsize=9)
-    if keys:
-        ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(textwrap.fill(f"selfsup bench: {results['budget_text']}", 90), fontsize=9, pad=20 if keys else 6)
+    if keys:  # on top of the axes, under the title, clear of the bars
+        ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(keys), frameon=False)
     else:
         ax.text(50, y.mean() if len(y) else 0, "no accuracy to show (see results.md)", ha="center", fontsize=8)
     fig.tight_layout()
