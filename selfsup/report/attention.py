@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from matplotlib.figure import Figure
 import torch.nn.functional as F
 from torch import Tensor
 
 from selfsup.eval.features import eval_mode
+from selfsup.report.curves import save_figure
 from selfsup.nn.vit import ViT
 from selfsup.report.reconstructions import model_inputs
 
@@ -42,11 +44,6 @@ def cls_attention(vit: ViT, x: Tensor) -> Tensor:
 def save_attention_maps(vit: ViT, images: Tensor, path: str | Path, mean: Sequence[float] | None = None,
                         std: Sequence[float] | None = None, title: str | None = None) -> Path:
     """A PNG grid: one column per image; the image, then each head's CLS attention upsampled over it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     x, x_in = model_inputs(vit, images, mean, std)
     with eval_mode(vit):
         maps = cls_attention(vit, x_in).float()
@@ -54,7 +51,8 @@ def save_attention_maps(vit: ViT, images: Tensor, path: str | Path, mean: Sequen
     x = x.float().cpu()
     heads = maps.shape[1]
     n = x.shape[0]
-    fig, axes = plt.subplots(1 + heads, n, figsize=(1.2 * n, 1.3 * (1 + heads)), squeeze=False)
+    fig = Figure(figsize=(1.2 * n, 1.3 * (1 + heads)))
+    axes = fig.subplots(1 + heads, n, squeeze=False)
     for i in range(n):
         img = x[i, 0].numpy() if x.shape[1] == 1 else x[i].permute(1, 2, 0).numpy()
         axes[0][i].imshow(img, cmap="gray" if x.shape[1] == 1 else None, vmin=0, vmax=1)
@@ -68,9 +66,4 @@ def save_attention_maps(vit: ViT, images: Tensor, path: str | Path, mean: Sequen
             ax.set_yticks([])
         axes[r][0].set_ylabel("image" if r == 0 else f"head {r}", fontsize=8)
     fig.suptitle(title or "last block: attention of the CLS token to each patch, per head", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

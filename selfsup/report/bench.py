@@ -371,6 +371,8 @@ def plot_results(results: dict[str, Any], path: Path) -> Path:
     import numpy as np
     from matplotlib.figure import Figure
 
+    from selfsup.report.curves import save_figure
+
     rows = results["rows"]
     keys = [k for k in ("knn", "linear", "finetune_1%", "finetune_10%", "pretext_acc")
             if any(r.get(k) is not None for r in rows)]
@@ -393,9 +395,7 @@ def plot_results(results: dict[str, Any], path: Path) -> Path:
         ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(keys), frameon=False)
     else:
         ax.text(50, y.mean() if len(y) else 0, "no accuracy to show (see results.md)", ha="center", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,9 @@ def _series(records: list[dict[str, Any]], key: str, x: str = "step") -> tuple[l
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Lay out ``fig`` and write it as a PNG (parent folders made); every report picture goes through here."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -88,7 +90,7 @@ def plot_loss_lr(m: Metrics, path: Path) -> Path:
     else:
         _empty(ax_lr, "no logged steps")
     ax_lr.set(title="learning rate (base group)", xlabel="step")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_knn(m: Metrics, path: Path) -> Path:
@@ -107,7 +109,7 @@ def plot_knn(m: Metrics, path: Path) -> Path:
     else:
         _empty(ax, "no kNN monitor in this run (train.knn_every = 0, or unlabelled data)")
     ax.set(title="online kNN accuracy (held-out split)", xlabel="epoch", ylabel="%")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_diagnostics(m: Metrics, path: Path, monitor: CollapseMonitor | None = None) -> Path:
@@ -119,7 +121,7 @@ def plot_diagnostics(m: Metrics, path: Path, monitor: CollapseMonitor | None = N
     if not x:
         for ax in (a_spread, a_rank, a_au, a_gap):
             _empty(ax, "this method logs no embeddings (no logs['z'])")
-        return _save(fig, path)
+        return save_figure(fig, path)
     _, healthy = _series(m.steps, "spread_healthy")
     a_spread.plot(x, y, label="spread (std of l2-normalised z)")
     a_spread.plot(x, healthy, ls="--", color="tab:green", label="healthy 1/√D")
@@ -151,4 +153,4 @@ def plot_diagnostics(m: Metrics, path: Path, monitor: CollapseMonitor | None = N
         if ax.lines:
             _mark_warnings(ax, m)
             ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from selfsup.config import ConfigError
 from selfsup.data.imageset import ImageSet
-from selfsup.report.curves import _save
+from selfsup.report.curves import save_figure
 
 GOOD, BAD = "#2ca02c", "#d62728"
 
@@ -69,7 +69,7 @@ def plot_map(coords: np.ndarray, labels: Tensor | None, classes: Sequence[str], 
                        color=_colormap(cmap)(int(c) % (10 if cmap == "tab10" else 20)))
         ax.legend(fontsize=8, markerscale=3, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     ax.set(title=title, xticks=[], yticks=[])
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _colormap(name: str):
@@ -126,7 +126,7 @@ def plot_retrieval(test: ImageSet, query_idx: Tensor, bank: ImageSet, sims: Tens
     axes[0][0].set_title("query", fontsize=8)
     for c in range(k):
         axes[0][c + 1].set_title(f"#{c + 1}", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _frame(ax, color: str) -> None:

@@ -182,9 +182,9 @@ def _model_pictures(run, test, run_dir: Path, out: Path, opts: ReportOptions) ->
         except CheckpointError as exc:
             note = f"the method's own pictures skipped: {str(exc).splitlines()[0]}"
         else:
-            if hasattr(method, "reconstruct"):
+            if hasattr(cls, "reconstruct"):
                 paths.append(save_method_pictures(method, images, out, mean, std, opts.seed))
-            if hasattr(method, "predict_chroma"):
+            if hasattr(cls, "predict_chroma"):
                 paths.append(save_colorization_grid(method, images, mean, std, out / COLORIZATION_PNG,
                                                     f"colorization on {run.cfg.data.name} test images"))
     return paths, note

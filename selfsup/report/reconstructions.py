@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from selfsup.eval.features import eval_mode
+from selfsup.report.curves import save_figure
 from selfsup.views import normalize, to_float
 
 FILENAME = "reconstructions.png"
@@ -38,13 +40,9 @@ def model_inputs(model: nn.Module, images: Tensor, mean: Sequence[float] | None,
 def save_reconstruction_grid(rows: Sequence[Tensor], labels: Sequence[str], path: str | Path,
                              title: str | None = None) -> Path:
     """Save rows of (N, C, H, W) images in [0, 1] (C = 1 or 3) as one PNG grid, a label per row."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n = rows[0].shape[0]
-    fig, axes = plt.subplots(len(rows), n, figsize=(1.2 * n, 1.3 * len(rows)), squeeze=False)
+    fig = Figure(figsize=(1.2 * n, 1.3 * len(rows)))
+    axes = fig.subplots(len(rows), n, squeeze=False)
     for r, (images, label) in enumerate(zip(rows, labels)):
         for i in range(n):
             img = images[i].detach().float().cpu()
@@ -58,12 +56,7 @@ def save_reconstruction_grid(rows: Sequence[Tensor], labels: Sequence[str], path
         axes[r][0].set_ylabel(label, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 @torch.no_grad()
