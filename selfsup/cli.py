@@ -189,7 +189,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             setattr(budget, key, getattr(args, key))
     results = run_bench(args.methods.split(","), args.out, budget, data=args.data, data_root=args.data_root,
-                        config_dir=args.config_dir, finetune=args.finetune, finetune_steps=args.finetune_steps,
+                        config_dir=args.config_dir, finetune=[f.strip() for f in args.finetune.split(",") if f.strip()], finetune_steps=args.finetune_steps,
                         eval_limit=args.eval_limit, device=args.device, threads=args.threads, seed=args.seed,
                         baseline=not args.no_baseline, extra=dict(parse_override(item) for item in args.set or []))
     print(Path(args.out, "results.md").read_text(), end="")
@@ -285,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--batch-size", type=int, help="batch size for every method (default: each recipe's)")
     bn.add_argument("--out", default="runs/bench", help="folder for results.{md,json,png}, runs/ and logs/")
     bn.add_argument("--config-dir", default="configs", help="where <method>_fashion_mnist.yaml recipes lie")
-    bn.add_argument("--finetune", action="store_true", help="add fine-tuning at 1%% and 10%% of the labels")
+    bn.add_argument("--finetune", nargs="?", const="1%,10%", default="", metavar="FRACTIONS",
+                    help="add fine-tuning with these label fractions (default when given alone: 1%%,10%%)")
     bn.add_argument("--finetune-steps", type=int, help="fixed number of fine-tuning steps (default: the recipe's)")
     bn.add_argument("--eval-limit", type=int, help="labelled training images for kNN/linear/fine-tune (default all)")
     bn.add_argument("--no-baseline", action="store_true", help="no random-init / from-scratch reference row")

@@ -77,6 +77,8 @@ def test_unknown_method_or_bad_recipe_fails_before_any_training(recipes: Path, t
     (recipes / "simclr_fashion_mnist.yaml").write_text("method: {name: simclr, params: {temprature: 0.1}}\n")
     with pytest.raises(ConfigError, match="no parameter 'method.params.temprature'"):
         run_bench(["simclr"], tmp_path / "b", Budget(1, 64), data="digits", config_dir=recipes)
+    with pytest.raises(ConfigError, match="--finetune fractions must be among 1%, 10%; got 5%"):
+        run_bench(["simclr"], tmp_path / "b", Budget(1, 64), data="digits", config_dir=recipes, finetune=["1%", "5%"])
     assert not (tmp_path / "b" / "runs").exists()
 
 
@@ -98,6 +100,15 @@ def test_table_flags_methods_without_a_recipe_and_hides_finetune_columns(tmp_pat
     assert "no configs/vicreg_fashion_mnist.yaml; ran with the library defaults" in table
     with Image.open(plot_results(results, tmp_path / "r.png")) as chart:
         assert chart.size[0] == 800
+
+
+def test_table_shows_only_the_finetune_fractions_asked_for() -> None:
+    row = {"method": "mae", "family": "masked-modelling", "epochs": 3, "knn": 0.5, "linear": 0.6, "finetune_1%": 0.7}
+    results = {"budget_text": "3 epoch(s)", "data": "digits", "torch": "x", "platform": "y", "rows": [row]}
+    header = markdown_table({**results, "finetune": ["1%"]}).split("\n\n")[1].splitlines()[0]
+    assert "fine-tune 1%" in header and "fine-tune 10%" not in header
+    both = markdown_table({**results, "finetune": True}).split("\n\n")[1].splitlines()[0]  # results.json before fractions
+    assert "fine-tune 1% | fine-tune 10%" in both
 
 
 def test_reference_row_is_a_random_encoder_evaluated_the_same_way(recipes: Path, tmp_path: Path) -> None:

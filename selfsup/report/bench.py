@@ -79,7 +79,8 @@ class BenchSpec:
     overrides: dict[str, Any]
     run_dir: str
     result_path: str
-    finetune: bool = False
+    finetune: tuple[str, ...] = ()
+    """Label fractions to fine-tune with, e.g. ``("1%", "10%")``; empty: no fine-tuning."""
     finetune_steps: int | None = None
     eval_limit: int | None = None
     baseline: bool = False
@@ -146,7 +147,7 @@ def evaluate_encoder(encoder: torch.nn.Module | None, cfg, mean: Sequence[float]
         settings = FinetuneSettings()
         if spec.finetune_steps:
             settings = dataclasses.replace(settings, min_steps=spec.finetune_steps, max_steps=spec.finetune_steps)
-        for frac in FINETUNE_FRACTIONS:
+        for frac in spec.finetune:
             try:
                 sub = train.subset(stratified_subset(train.labels, parse_fraction(frac), cfg.train.seed))
             except DataError as exc:  # too few labels for this fraction: an empty cell, the others still count
@@ -262,14 +263,20 @@ def _random_init_jobs(jobs: Sequence[BenchSpec], backbones: Sequence[Any], out: 
 
 
 def run_bench(methods: Sequence[str], out_dir: str | Path, budget: Budget, data: str | None = None,
-              data_root: str | None = None, config_dir: str | Path = "configs", finetune: bool = False,
+              data_root: str | None = None, config_dir: str | Path = "configs", finetune: Sequence[str] = (),
               finetune_steps: int | None = None, eval_limit: int | None = None, device: str | None = None,
               threads: int | None = None, seed: int | None = None, baseline: bool = True,
               extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run every method (one subprocess each), write ``results.{json,md,png}`` in ``out_dir``; returns the JSON."""
+    """Run every method (one subprocess each), write ``results.{json,md,png}`` in ``out_dir``; returns the JSON.
+    ``finetune``: label fractions to fine-tune with (a subset of ``FINETUNE_FRACTIONS``)."""
     from selfsup.config import ConfigError, load_config
     from selfsup.methods import get_method
     from selfsup.methods.registry import check_method_params
+
+    finetune = tuple(finetune)
+    unknown = [f for f in finetune if f not in FINETUNE_FRACTIONS]
+    if unknown:
+        raise ConfigError([f"--finetune fractions must be among {', '.join(FINETUNE_FRACTIONS)}; got {', '.join(unknown)}"])
 
     methods = [m.strip() for m in methods if m.strip()]
     if not methods:
@@ -319,13 +326,19 @@ def run_bench(methods: Sequence[str], out_dir: str | Path, budget: Budget, data:
     import platform
 
     results = {"budget": dataclasses.asdict(budget), "budget_text": budget.describe(),
-               "data": common.get("data.name", "each recipe's"), "finetune": finetune,
+               "data": common.get("data.name", "each recipe's"), "finetune": list(finetune),
                "finetune_steps": finetune_steps, "eval_limit": eval_limit, "torch": torch.__version__,
                "platform": platform.platform(), "threads": threads, "settings": dict(extra or {}), "rows": rows}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown_table(results))
     plot_results(results, out / "results.png")
     return results
+
+
+def finetune_fractions(results: dict[str, Any]) -> tuple[str, ...]:
+    """The fine-tuning label fractions of a results JSON (older files stored ``true`` for both)."""
+    value = results.get("finetune")
+    return FINETUNE_FRACTIONS if value is True else tuple(value or ())
 
 
 def _cell(key: str, value: Any) -> str:
@@ -339,7 +352,8 @@ def _cell(key: str, value: Any) -> str:
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    cols = [(k, h) for k, h in COLUMNS if (results["finetune"] or not k.startswith("finetune"))
+    fractions = finetune_fractions(results)
+    cols = [(k, h) for k, h in COLUMNS if (not k.startswith("finetune_") or k[len("finetune_"):] in fractions)
             and (k != "pretext_acc" or any(r.get(k) is not None for r in results["rows"]))]
     settings = "".join(f"; {k}={v}" for k, v in (results.get("settings") or {}).items())
     lines = [f"Budget: {results['budget_text']}; data: {results['data']}{settings}; torch {results['torch']}; "
@@ -350,7 +364,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(_cell(k, r.get(k)) for k, _ in cols) + " |")
         if "error" in r:
             notes.append(f"- {r['method']}: {r['error']}")
-        notes += [f"- {r['method']}, fine-tune {f}: {r[f'finetune_{f}_error']}" for f in FINETUNE_FRACTIONS
+        notes += [f"- {r['method']}, fine-tune {f}: {r[f'finetune_{f}_error']}" for f in fractions
                   if r.get(f"finetune_{f}_error")]
         if r.get("recipe") == "library defaults":
             notes.append(f"- {r['method']}: no configs/{r['method']}_fashion_mnist.yaml; ran with the library defaults")
@@ -360,8 +374,8 @@ def markdown_table(results: dict[str, Any]) -> str:
               + (" pretext acc.: the pretext method's accuracy on its own task over the test images;"
                  if any(k == "pretext_acc" for k, _ in cols) else "") + " wall time: pretraining (incl. the online kNN monitor); "
               "peak mem: max RSS of the method's process (CUDA: max allocated)."]
-    if results["finetune"]:
-        lines.append("Fine-tune: the whole encoder plus a linear head on a stratified 1% / 10% of the labels "
+    if fractions:
+        lines.append(f"Fine-tune: the whole encoder plus a linear head on a stratified {' / '.join(fractions)} of the labels "
                      "(selfsup.eval.finetune); the random-init row is training from scratch with the same recipe.")
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
