@@ -115,7 +115,7 @@ def test_reference_row_is_a_random_encoder_evaluated_the_same_way(recipes: Path,
     """What the extra subprocess of the matrix does for its random-init / from-scratch row (run here in-process)."""
     spec = BenchSpec("random init (small_resnet)", str(recipes / "simclr_fashion_mnist.yaml"),
                      {"data.name": "digits", "train.threads": 1, "train.device": "cpu"}, str(tmp_path / "r"),
-                     str(tmp_path / "r.json"), finetune=True, finetune_steps=2, eval_limit=300, baseline=True)
+                     str(tmp_path / "r.json"), finetune=("1%", "10%"), finetune_steps=2, eval_limit=300, baseline=True)
     row = run_one(spec)
     assert row["family"] == "reference" and row["epochs"] == 0 and "wall_time_s" not in row
     assert row["n_eval_train"] == 300 and 0 <= row["knn"] <= 1 and 0 <= row["finetune_10%"] <= 1
@@ -144,6 +144,40 @@ def test_one_random_init_row_per_distinct_backbone(recipes: Path, tmp_path: Path
     assert [j.method for j in two] == ["random init (small_resnet widths=8-16-32)",
                                        "random init (small_resnet widths=8-16)", "raw pixels"]
     assert len({j.run_dir for j in two}) == 3 and all(j.baseline for j in two)
+
+
+def test_bench_figures_are_written_into_each_run_for_the_report(recipes: Path, tmp_path: Path) -> None:
+    """Each method's kNN/linear/fine-tune land in its run directory as the files `selfsup evaluate` writes,
+    against the random encoder of its own backbone, raw pixels and from-scratch training of the same bench."""
+    from selfsup.config import load_config
+    from selfsup.report.bench import write_run_evaluations
+    from selfsup.report.html import _eval_results
+
+    jobs = [BenchSpec(name, str(recipes / f"{recipe}_fashion_mnist.yaml"), {"backbone.params.widths": widths},
+                      str(tmp_path / name), str(tmp_path / f"{name}.json")) for name, recipe, widths in
+            (("simclr", "simclr", [8, 16, 32]), ("byol", "byol", [8, 16]), ("swav", "simclr", [8, 16]))]
+    backbones = [load_config(j.recipe, j.overrides).backbone for j in jobs]
+    for j in jobs[:2]:
+        Path(j.run_dir).mkdir()
+    rows = [{"method": "simclr", "backbone": "small_resnet", "knn": 0.8, "linear": 0.85, "finetune_1%": 0.7,
+             "finetune_1%_labels": 18, "n_eval_train": 1797, "n_test": 100},
+            {"method": "byol", "knn": 0.6, "linear": 0.65, "finetune_1%": 0.5},
+            {"method": "swav", "error": "DataError: no images"}]
+    refs = [{"method": "random init (a)", "knn": 0.3, "linear": 0.4, "finetune_1%": 0.2},
+            {"method": "random init (b)", "knn": 0.1, "linear": 0.15, "finetune_1%": 0.05},
+            {"method": "raw pixels", "knn": 0.5, "linear": 0.55}]
+    results = {"data": "digits", "budget_text": "1 epoch(s)", "finetune": ["1%"], "settings": {"data.long_tail": 10}}
+    write_run_evaluations(jobs, rows, backbones, refs, results)
+    knn = json.loads((tmp_path / "simclr" / "eval_knn.json").read_text())
+    assert knn["accuracy"] == 0.8 and knn["baselines"] == {"random_encoder": 0.3, "raw_pixels": 0.5}
+    assert knn["source"] == "selfsup bench (1 epoch(s))" and knn["settings"] == {"data.long_tail": 10}
+    ft = json.loads((tmp_path / "simclr" / "eval_finetune_1pct.json").read_text())
+    assert ft["labels"] == "1%" and ft["n_train"] == 18 and ft["baselines"] == {"from_scratch": 0.2}
+    byol = json.loads((tmp_path / "byol" / "eval_linear.json").read_text())
+    assert byol["baselines"] == {"random_encoder": 0.15, "raw_pixels": 0.55}  # its own (narrower) backbone's row
+    assert not (tmp_path / "swav").exists()  # a failed method gets no files
+    page = _eval_results(tmp_path / "simclr")
+    assert "80.00%" in page and "30.00%" in page and "20.00%" in page and "From selfsup bench (1 epoch(s))" in page
 
 
 def test_raw_pixel_row_evaluates_the_pixels(recipes: Path, tmp_path: Path) -> None:

@@ -176,9 +176,14 @@ def evaluate_run(run_dir: str | Path, protocols: Sequence[str] = PROTOCOLS, data
                                     "random_encoder": accuracy(protocol, "random_encoder")}, **common}
         results.append(result)
         if write:
-            suffix = "" if not labels else f"_{str(labels).replace('%', 'pct')}"
-            (Path(run_dir) / f"eval_{protocol}{suffix}.json").write_text(json.dumps(result, indent=2))
+            (Path(run_dir) / eval_file_name(protocol, labels)).write_text(json.dumps(result, indent=2))
     return results
+
+
+def eval_file_name(protocol: str, labels: str | None = None) -> str:
+    """``eval_<protocol>[_<labels>].json`` in the run directory (``1%`` → ``1pct``); the report reads them."""
+    suffix = "" if not labels else f"_{str(labels).replace('%', 'pct')}"
+    return f"eval_{protocol}{suffix}.json"
 
 
 def _finetune(run: LoadedRun, train: ImageSet, test: ImageSet, seed: int, device: str,

@@ -240,6 +240,10 @@ def _child_main(argv: Sequence[str]) -> int:
 # ---------------------------------------------------------------- the matrix
 
 
+def _backbone_key(backbone: Any) -> str:
+    return json.dumps([backbone.name, backbone.params], sort_keys=True, default=str)
+
+
 def _random_init_jobs(jobs: Sequence[BenchSpec], backbones: Sequence[Any], out: Path) -> list[BenchSpec]:
     """One random-init reference row per distinct backbone (name and settings) among the methods, so
     that every method has its own architecture's random encoder to beat (e.g. the CNN and the ViT),
@@ -247,7 +251,7 @@ def _random_init_jobs(jobs: Sequence[BenchSpec], backbones: Sequence[Any], out: 
     ``backbones[i]`` is the resolved backbone config of ``jobs[i]``."""
     by_backbone: dict[str, tuple[Any, BenchSpec]] = {}
     for job, bb in zip(jobs, backbones):
-        by_backbone.setdefault(json.dumps([bb.name, bb.params], sort_keys=True, default=str), (bb, job))
+        by_backbone.setdefault(_backbone_key(bb), (bb, job))
     refs = []
     for i, (bb, job) in enumerate(by_backbone.values()):
         label = bb.name
@@ -301,6 +305,7 @@ def run_bench(methods: Sequence[str], out_dir: str | Path, budget: Budget, data:
         backbones.append(cfg.backbone)
         jobs.append(BenchSpec(m, str(recipe) if recipe else None, overrides, str(out / "runs" / m),
                               str(out / "runs" / f"{m}.json"), finetune, finetune_steps, eval_limit))
+    n_methods = len(jobs)
     if baseline:
         jobs += _random_init_jobs(jobs, backbones, out)
     rows = []
@@ -329,10 +334,46 @@ def run_bench(methods: Sequence[str], out_dir: str | Path, budget: Budget, data:
                "data": common.get("data.name", "each recipe's"), "finetune": list(finetune),
                "finetune_steps": finetune_steps, "eval_limit": eval_limit, "torch": torch.__version__,
                "platform": platform.platform(), "threads": threads, "settings": dict(extra or {}), "rows": rows}
+    write_run_evaluations(jobs[:n_methods], rows[:n_methods], backbones, rows[n_methods:] if baseline else [],
+                          results)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown_table(results))
     plot_results(results, out / "results.png")
     return results
+
+
+def write_run_evaluations(jobs: Sequence[BenchSpec], rows: Sequence[dict[str, Any]], backbones: Sequence[Any],
+                          reference_rows: Sequence[dict[str, Any]], results: dict[str, Any]) -> None:
+    """Each method's bench figures as ``RUN/eval_<protocol>[_<labels>].json``, the files `selfsup evaluate`
+    writes, so that `selfsup report RUN` shows them; the baselines are the reference rows of the same
+    bench (the random encoder of the method's own backbone, raw pixels, training from scratch)."""
+    random_rows = [r for r in reference_rows if r.get("method", "").startswith("random init")]
+    raw = next((r for r in reference_rows if r.get("method") == "raw pixels"), {})
+    by_key = dict(zip(dict.fromkeys(_backbone_key(bb) for bb in backbones), random_rows))
+    for spec, row, bb in zip(jobs, rows, backbones):
+        if "error" in row or not Path(spec.run_dir).is_dir():
+            continue
+        rand = by_key.get(_backbone_key(bb), {})
+        common = {"method": spec.method, "backbone": row.get("backbone"), "dataset": results["data"],
+                  "n_train": row.get("n_eval_train"), "n_test": row.get("n_test"),
+                  "source": f"selfsup bench ({results['budget_text']})", "settings": results.get("settings") or {}}
+        for protocol in ("knn", "linear"):
+            if row.get(protocol) is not None:
+                _write_eval(spec.run_dir, protocol, None, {
+                    "protocol": protocol, "accuracy": row[protocol], "labels": "100%",
+                    "baselines": {"random_encoder": rand.get(protocol), "raw_pixels": raw.get(protocol)}, **common})
+        for frac in finetune_fractions(results):
+            if row.get(f"finetune_{frac}") is not None:
+                _write_eval(spec.run_dir, "finetune", frac, {
+                    "protocol": "finetune", "accuracy": row[f"finetune_{frac}"], "labels": frac,
+                    "baselines": {"from_scratch": rand.get(f"finetune_{frac}")},
+                    **common, "n_train": row.get(f"finetune_{frac}_labels")})
+
+
+def _write_eval(run_dir: str | Path, protocol: str, labels: str | None, result: dict[str, Any]) -> None:
+    from selfsup.eval.evaluate import eval_file_name
+
+    (Path(run_dir) / eval_file_name(protocol, labels)).write_text(json.dumps(result, indent=2))
 
 
 def finetune_fractions(results: dict[str, Any]) -> tuple[str, ...]:

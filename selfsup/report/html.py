@@ -104,13 +104,14 @@ def _warnings_html(m: curves.Metrics) -> str:
 
 
 def _eval_results(run_dir: Path) -> str:
-    rows = []
+    rows, sources = [], []
     for path in sorted(run_dir.glob("eval_*.json")):
         try:
             r = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
         base = r.get("baselines", {})
+        sources.append(r.get("source", "selfsup evaluate"))
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
             r.get("protocol"), r.get("dataset"), r.get("labels"), _fmt(r.get("accuracy"), pct=True),
             _fmt(base.get("random_encoder"), pct=True), _fmt(base.get("raw_pixels"), pct=True),
@@ -119,7 +120,8 @@ def _eval_results(run_dir: Path) -> str:
         return '<p class="note">No evaluation yet: run <code>selfsup evaluate RUN</code>.</p>'
     head = "".join(f"<th>{h}</th>" for h in ("protocol", "dataset", "labels", "accuracy", "random encoder",
                                               "raw pixels", "from scratch"))
-    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+    note = f'<p class="note">From {html.escape(", ".join(dict.fromkeys(sources)))}.</p>'
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>{note}"
 
 
 def _load_for_pictures(run_dir: Path, opts: ReportOptions):
