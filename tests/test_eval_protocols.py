@@ -429,6 +429,8 @@ def test_a_run_without_its_encoder_is_a_clear_error(run_dir, tmp_path, capsys) -
 def test_a_run_from_another_version_is_a_clear_error(run_dir, tmp_path) -> None:
     old = _copy_run(run_dir, tmp_path / "old")
     env = json.loads((old / "env.json").read_text())
+    # what the run pretrained on is recorded with it
+    assert sum(env["pretraining_class_counts"].values()) == env["pretraining_images"] > 0
     env["versions"]["selfsup"] = "0.0.1"
     (old / "env.json").write_text(json.dumps(env))
     meta = json.loads((old / "encoder.json").read_text())
