@@ -445,7 +445,8 @@ def plot_results(results: dict[str, Any], path: Path) -> Path:
             ax.text(1, yi, "failed: see results.md", va="center", fontsize=7, color="#d62728")
     ax.set_yticks(y, [textwrap.fill(r["method"], 26) for r in rows], fontsize=8)
     ax.set(xlabel="test accuracy (%)", xlim=(0, 108))
-    ax.set_title(textwrap.fill(f"selfsup bench: {results['budget_text']}", 90), fontsize=9, pad=20 if keys else 6)
+    settings = "".join(f"; {k}={v}" for k, v in (results.get("settings") or {}).items())
+    ax.set_title(textwrap.fill(f"selfsup bench: {results['budget_text']}{settings}", 90), fontsize=9, pad=20 if keys else 6)
     if keys:  # on top of the axes, under the title, clear of the bars
         ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(keys), frameon=False)
     else:
