@@ -18,6 +18,8 @@ def test_collects_every_folder_into_one_table(tmp_path: Path) -> None:
     random_cnn = {"method": "random init (small_resnet)", "family": "reference", "knn": 0.778, "linear": 0.83}
     raw = {"method": "raw pixels", "family": "reference", "knn": 0.857, "linear": 0.844}
     tables = {folder: _bench([dict(random_cnn), dict(raw)]) for folder in collect.BENCH_FOLDERS}
+    tables["distillation_redundancy"]["rows"].insert(0, {"method": "byol", "family": "self-distillation", "knn": 0.86,
+                                                         "linear": 0.88})
     tables["simclr"]["rows"].insert(0, {"method": "simclr", "family": "contrastive", "epochs": 10, "knn": 0.84,
                                         "linear": 0.88, "wall_time_s": 540.0, "images_per_s": 1100.0})
     tables["pretext"]["rows"][:0] = [{"method": "rotation", "family": "pretext", "epochs": 10, "knn": 0.88, "linear": 0.89},
@@ -38,7 +40,8 @@ def test_collects_every_folder_into_one_table(tmp_path: Path) -> None:
     lines = [line for line in table.splitlines() if line.startswith("| ")]
     methods = [line.split(" | ")[0][2:] for line in lines]
     # families in order, best linear first within a family; a method in two folders taken from the first
-    assert methods[1:5] == ["simclr", "mocov2", "swav", "rotation"]
+    assert methods[1:6] == ["simclr", "mocov2", "swav", "byol", "rotation"]
+    assert "| byol | self-distillation | – | – | 86.0% | 88.0% | 80.4% † |" in table  # its fine-tune from evaluate
     assert "| simclr | contrastive | – | 10 | 84.0% | 88.0% | – | – | 1100 | 9.0 | [simclr](simclr/) |" in table
     # identical reference figures from several folders appear once
     assert methods.count("random init (small_resnet)") == 1 and methods.count("raw pixels") == 1
