@@ -65,7 +65,7 @@ def markdown(rows: list[dict[str, Any]], refs: list[dict[str, Any]], finetunes: 
              missing: list[str]) -> str:
     lines = ["# Every method on Fashion-MNIST (collected by `benchmarks/collect_results.py`)", "",
              "One row per registered method, at its recipe (`configs/<method>_fashion_mnist.yaml`) on all 55,000",
-             "pretraining images of a quiet 2-core CPU, bf16 autocast; evaluation on the full labelled train split",
+             "pretraining images on a 2-core CPU, bf16 autocast; evaluation on the full labelled train split",
              "(60,000) and the 10,000 test images. Each row comes from a `selfsup bench` command whose folder (last",
              "column) holds its README, command, results and chart. One seed per row: differences under ~1 point",
              "are noise. Compare a method with the random encoder of **its own architecture** (reference rows below).", "",
@@ -82,7 +82,9 @@ def markdown(rows: list[dict[str, Any]], refs: list[dict[str, Any]], finetunes: 
                      f"{_num((r.get('wall_time_s') or 0) / 60 or None, '{:.1f}')} | [{r['source']}]({r['source']}/) |")
     lines += ["", "Fine-tune 1%: the whole encoder and a linear head on 600 labelled images (stratified, seed 0), "
               "300 steps (`selfsup.eval.finetune`); † from `selfsup evaluate` on the same run, same recipe "
-              "(table below); – not measured.", "", "Reference rows (no pretraining), evaluated the same way:", "",
+              "(table below); – not measured. images/s and minutes: as measured in that folder's run (its README "
+              "says when the machine was shared)."]
+    lines += ["", "Reference rows (no pretraining), evaluated the same way:", "",
               "| reference | kNN | linear | fine-tune 1% (from scratch) | eff. rank | folder |", "|---|---|---|---|---|---|"]
     for r in refs:
         lines.append(f"| {r['method']} | {_pct(r.get('knn'))} | {_pct(r.get('linear'))} | "
