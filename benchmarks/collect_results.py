@@ -46,8 +46,9 @@ def load_bench_rows(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, An
                 continue
             if row.get("family") != "reference":
                 methods.setdefault(row["method"], row)
-            else:  # the same architecture and seed in two folders: identical figures, one row
-                references.setdefault(f"{row.get('knn'):.6f} {row.get('linear'):.6f}", row)
+            else:  # the same architecture and seed in two folders: identical figures, one row with all of them
+                kept = references.setdefault(f"{row.get('knn'):.6f} {row.get('linear'):.6f}", row)
+                kept.update({k: v for k, v in row.items() if kept.get(k) is None})
     rows = sorted(methods.values(), key=lambda r: (FAMILY_ORDER.index(r["family"]) if r["family"] in FAMILY_ORDER
                                                     else len(FAMILY_ORDER), -(r.get("linear") or 0)))
     return rows, list(references.values())
@@ -125,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     (args.root / "RESULTS.md").write_text(markdown(rows, refs, finetunes, missing))
     combined = {"rows": rows + refs, "finetune": ["1%"], "sources": BENCH_FOLDERS, "finetune_runs": finetunes}
     (args.root / "RESULTS.json").write_text(json.dumps(combined, indent=2))
-    chart_rows = [{**r, "method": f"{r['method']} ({r.get('epochs')} ep)" if r.get("epochs") else r["method"]}
+    evaluated = {r["method"]: r["accuracy"] for r in finetunes if r.get("labels") == "1%"}
+    chart_rows = [{**r, "method": f"{r['method']} ({r.get('epochs')} ep)" if r.get("epochs") else r["method"],
+                   "finetune_1%": r.get("finetune_1%") if r.get("finetune_1%") is not None else evaluated.get(r["method"])}
                   for r in rows + refs]
     plot_results({"rows": chart_rows, "budget_text": "each method at its recipe's epochs on all of Fashion-MNIST (RESULTS.md)"},
                  args.root / "RESULTS.png")

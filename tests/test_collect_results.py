@@ -20,6 +20,7 @@ def test_collects_every_folder_into_one_table(tmp_path: Path) -> None:
     tables = {folder: _bench([dict(random_cnn), dict(raw)]) for folder in collect.BENCH_FOLDERS}
     tables["distillation_redundancy"]["rows"].insert(0, {"method": "byol", "family": "self-distillation", "knn": 0.86,
                                                          "linear": 0.88})
+    tables["masked"]["rows"][0]["finetune_1%"] = 0.732  # the one folder that fine-tuned this reference
     tables["simclr"]["rows"].insert(0, {"method": "simclr", "family": "contrastive", "epochs": 10, "knn": 0.84,
                                         "linear": 0.88, "wall_time_s": 540.0, "images_per_s": 1100.0})
     tables["pretext"]["rows"][:0] = [{"method": "rotation", "family": "pretext", "epochs": 10, "knn": 0.88, "linear": 0.89},
@@ -45,6 +46,7 @@ def test_collects_every_folder_into_one_table(tmp_path: Path) -> None:
     assert "| simclr | contrastive | – | 10 | 84.0% | 88.0% | – | – | 1100 | 9.0 | [simclr](simclr/) |" in table
     # identical reference figures from several folders appear once
     assert methods.count("random init (small_resnet)") == 1 and methods.count("raw pixels") == 1
+    assert "| random init (small_resnet) | 77.8% | 83.0% | 73.2% |" in table  # merged from the duplicates
     assert "| byol | small_resnet | 1% | 600 | 80.4% | 77.1% | +3.37 | 77.2% | 70.2% |" in table
     assert "jigsaw" in table.split("Registered but not in the table:")[1]  # its row failed
     assert json.loads((tmp_path / "RESULTS.json").read_text())["rows"][0]["method"] == "simclr"
