@@ -72,7 +72,8 @@ def markdown(rows: list[dict[str, Any]], refs: list[dict[str, Any]], finetunes: 
              "are noise. Compare a method with the random encoder of **its own architecture** (reference rows below).", "",
              "| method | family | backbone | epochs | kNN | linear | fine-tune 1% | eff. rank | images/s | pretraining (min) | folder |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    evaluated = {r["method"]: r["accuracy"] for r in finetunes if r.get("labels") == "1%"}
+    evaluated = {r["method"]: r["accuracy"] for r in finetunes
+                 if r.get("labels") == "1%" and (r.get("settings") or {}).get("head_init", "random") == "random"}
     for r in rows:
         ft = _pct(r.get("finetune_1%"))
         if r.get("finetune_1%") is None and r["method"] in evaluated:
@@ -100,7 +101,9 @@ def markdown(rows: list[dict[str, Any]], refs: list[dict[str, Any]], finetunes: 
         for r in finetunes:
             b = r.get("baselines", {})
             gain = r["accuracy"] - b["from_scratch"] if b.get("from_scratch") is not None else None
-            lines.append(f"| {r['method']} | {r.get('backbone', '–')} | {r['labels']} | {r.get('n_train', '–')} | "
+            head = (r.get("settings") or {}).get("head_init", "random")
+            name = r["method"] if head == "random" else f"{r['method']} (LP-FT: {head} head, both columns)"
+            lines.append(f"| {name} | {r.get('backbone', '–')} | {r['labels']} | {r.get('n_train', '–')} | "
                          f"{_pct(r['accuracy'])} | {_pct(b.get('from_scratch'))} | "
                          f"{'–' if gain is None else f'{100 * gain:+.2f}'} | {_pct(b.get('raw_pixels'))} | "
                          f"{_pct(b.get('random_encoder'))} | [{r['file']}]({r['file']}) |")
@@ -126,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.root / "RESULTS.md").write_text(markdown(rows, refs, finetunes, missing))
     combined = {"rows": rows + refs, "finetune": ["1%"], "sources": BENCH_FOLDERS, "finetune_runs": finetunes}
     (args.root / "RESULTS.json").write_text(json.dumps(combined, indent=2))
-    evaluated = {r["method"]: r["accuracy"] for r in finetunes if r.get("labels") == "1%"}
+    evaluated = {r["method"]: r["accuracy"] for r in finetunes
+                 if r.get("labels") == "1%" and (r.get("settings") or {}).get("head_init", "random") == "random"}
     chart_rows = [{**r, "method": f"{r['method']} ({r.get('epochs')} ep)" if r.get("epochs") else r["method"],
                    "finetune_1%": r.get("finetune_1%") if r.get("finetune_1%") is not None else evaluated.get(r["method"])}
                   for r in rows + refs]
