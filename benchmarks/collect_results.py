@@ -62,6 +62,16 @@ def load_finetune(root: Path) -> list[dict[str, Any]]:
     return out
 
 
+def head_init(finetune: dict[str, Any]) -> str:
+    """How a fine-tune result started its head: ``random`` (the default recipe) or ``linear_probe`` (LP-FT)."""
+    return (finetune.get("settings") or {}).get("head_init", "random")
+
+
+def default_recipe_1pct(finetunes: list[dict[str, Any]]) -> dict[str, float]:
+    """Method → accuracy of its 1% fine-tune with the default (random-head) recipe, the bench's own recipe."""
+    return {r["method"]: r["accuracy"] for r in finetunes if r.get("labels") == "1%" and head_init(r) == "random"}
+
+
 def markdown(rows: list[dict[str, Any]], refs: list[dict[str, Any]], finetunes: list[dict[str, Any]],
              missing: list[str]) -> str:
     lines = ["# Every method on Fashion-MNIST (collected by `benchmarks/collect_results.py`)", "",
@@ -72,8 +82,7 @@ def markdown(rows: list[dict[str, Any]], refs: list[dict[str, Any]], finetunes: 
              "are noise. Compare a method with the random encoder of **its own architecture** (reference rows below).", "",
              "| method | family | backbone | epochs | kNN | linear | fine-tune 1% | eff. rank | images/s | pretraining (min) | folder |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    evaluated = {r["method"]: r["accuracy"] for r in finetunes
-                 if r.get("labels") == "1%" and (r.get("settings") or {}).get("head_init", "random") == "random"}
+    evaluated = default_recipe_1pct(finetunes)
     for r in rows:
         ft = _pct(r.get("finetune_1%"))
         if r.get("finetune_1%") is None and r["method"] in evaluated:
@@ -101,7 +110,7 @@ def markdown(rows: list[dict[str, Any]], refs: list[dict[str, Any]], finetunes: 
         for r in finetunes:
             b = r.get("baselines", {})
             gain = r["accuracy"] - b["from_scratch"] if b.get("from_scratch") is not None else None
-            head = (r.get("settings") or {}).get("head_init", "random")
+            head = head_init(r)
             name = r["method"] if head == "random" else f"{r['method']} (LP-FT: {head} head, both columns)"
             lines.append(f"| {name} | {r.get('backbone', '–')} | {r['labels']} | {r.get('n_train', '–')} | "
                          f"{_pct(r['accuracy'])} | {_pct(b.get('from_scratch'))} | "
@@ -129,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.root / "RESULTS.md").write_text(markdown(rows, refs, finetunes, missing))
     combined = {"rows": rows + refs, "finetune": ["1%"], "sources": BENCH_FOLDERS, "finetune_runs": finetunes}
     (args.root / "RESULTS.json").write_text(json.dumps(combined, indent=2))
-    evaluated = {r["method"]: r["accuracy"] for r in finetunes
-                 if r.get("labels") == "1%" and (r.get("settings") or {}).get("head_init", "random") == "random"}
+    evaluated = default_recipe_1pct(finetunes)
     chart_rows = [{**r, "method": f"{r['method']} ({r.get('epochs')} ep)" if r.get("epochs") else r["method"],
                    "finetune_1%": r.get("finetune_1%") if r.get("finetune_1%") is not None else evaluated.get(r["method"])}
                   for r in rows + refs]

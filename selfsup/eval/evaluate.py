@@ -176,14 +176,16 @@ def evaluate_run(run_dir: str | Path, protocols: Sequence[str] = PROTOCOLS, data
                                     "random_encoder": accuracy(protocol, "random_encoder")}, **common}
         results.append(result)
         if write:
-            (Path(run_dir) / eval_file_name(protocol, labels)).write_text(json.dumps(result, indent=2))
+            write_eval_result(run_dir, protocol, labels, result)
     return results
 
 
-def eval_file_name(protocol: str, labels: str | None = None) -> str:
-    """``eval_<protocol>[_<labels>].json`` in the run directory (``1%`` → ``1pct``); the report reads them."""
+def write_eval_result(run_dir: str | Path, protocol: str, labels: str | None, result: dict[str, Any]) -> Path:
+    """``RUN/eval_<protocol>[_<labels>].json`` (``1%`` → ``1pct``), the files the report reads."""
     suffix = "" if not labels else f"_{str(labels).replace('%', 'pct')}"
-    return f"eval_{protocol}{suffix}.json"
+    path = Path(run_dir) / f"eval_{protocol}{suffix}.json"
+    path.write_text(json.dumps(result, indent=2))
+    return path
 
 
 def _finetune(run: LoadedRun, train: ImageSet, test: ImageSet, seed: int, device: str,

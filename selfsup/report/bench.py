@@ -347,6 +347,8 @@ def write_run_evaluations(jobs: Sequence[BenchSpec], rows: Sequence[dict[str, An
     """Each method's bench figures as ``RUN/eval_<protocol>[_<labels>].json``, the files `selfsup evaluate`
     writes, so that `selfsup report RUN` shows them; the baselines are the reference rows of the same
     bench (the random encoder of the method's own backbone, raw pixels, training from scratch)."""
+    from selfsup.eval.evaluate import write_eval_result
+
     random_rows = [r for r in reference_rows if r.get("method", "").startswith("random init")]
     raw = next((r for r in reference_rows if r.get("method") == "raw pixels"), {})
     by_key = dict(zip(dict.fromkeys(_backbone_key(bb) for bb in backbones), random_rows))
@@ -359,27 +361,26 @@ def write_run_evaluations(jobs: Sequence[BenchSpec], rows: Sequence[dict[str, An
                   "source": f"selfsup bench ({results['budget_text']})", "settings": results.get("settings") or {}}
         for protocol in ("knn", "linear"):
             if row.get(protocol) is not None:
-                _write_eval(spec.run_dir, protocol, None, {
+                write_eval_result(spec.run_dir, protocol, None, {
                     "protocol": protocol, "accuracy": row[protocol], "labels": "100%",
                     "baselines": {"random_encoder": rand.get(protocol), "raw_pixels": raw.get(protocol)}, **common})
         for frac in finetune_fractions(results):
             if row.get(f"finetune_{frac}") is not None:
-                _write_eval(spec.run_dir, "finetune", frac, {
+                write_eval_result(spec.run_dir, "finetune", frac, {
                     "protocol": "finetune", "accuracy": row[f"finetune_{frac}"], "labels": frac,
                     "baselines": {"from_scratch": rand.get(f"finetune_{frac}")},
                     **common, "n_train": row.get(f"finetune_{frac}_labels")})
-
-
-def _write_eval(run_dir: str | Path, protocol: str, labels: str | None, result: dict[str, Any]) -> None:
-    from selfsup.eval.evaluate import eval_file_name
-
-    (Path(run_dir) / eval_file_name(protocol, labels)).write_text(json.dumps(result, indent=2))
 
 
 def finetune_fractions(results: dict[str, Any]) -> tuple[str, ...]:
     """The fine-tuning label fractions of a results JSON (older files stored ``true`` for both)."""
     value = results.get("finetune")
     return FINETUNE_FRACTIONS if value is True else tuple(value or ())
+
+
+def _settings_text(results: dict[str, Any]) -> str:
+    """The ``--set`` settings of a bench, as the table header and chart title state them."""
+    return "".join(f"; {k}={v}" for k, v in (results.get("settings") or {}).items())
 
 
 def _cell(key: str, value: Any) -> str:
@@ -396,7 +397,7 @@ def markdown_table(results: dict[str, Any]) -> str:
     fractions = finetune_fractions(results)
     cols = [(k, h) for k, h in COLUMNS if (not k.startswith("finetune_") or k[len("finetune_"):] in fractions)
             and (k != "pretext_acc" or any(r.get(k) is not None for r in results["rows"]))]
-    settings = "".join(f"; {k}={v}" for k, v in (results.get("settings") or {}).items())
+    settings = _settings_text(results)
     lines = [f"Budget: {results['budget_text']}; data: {results['data']}{settings}; torch {results['torch']}; "
              f"{results['platform']}" + (f"; {results['threads']} thread(s)" if results.get("threads") else ""), "",
              "| " + " | ".join(h for _, h in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
@@ -445,7 +446,7 @@ def plot_results(results: dict[str, Any], path: Path) -> Path:
             ax.text(1, yi, "failed: see results.md", va="center", fontsize=7, color="#d62728")
     ax.set_yticks(y, [textwrap.fill(r["method"], 26) for r in rows], fontsize=8)
     ax.set(xlabel="test accuracy (%)", xlim=(0, 108))
-    settings = "".join(f"; {k}={v}" for k, v in (results.get("settings") or {}).items())
+    settings = _settings_text(results)
     ax.set_title(textwrap.fill(f"selfsup bench: {results['budget_text']}{settings}", 90), fontsize=9, pad=20 if keys else 6)
     if keys:  # on top of the axes, under the title, clear of the bars
         ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(keys), frameon=False)
