@@ -150,7 +150,7 @@ def test_bench_figures_are_written_into_each_run_for_the_report(recipes: Path, t
     """Each method's kNN/linear/fine-tune land in its run directory as the files `selfsup evaluate` writes,
     against the random encoder of its own backbone, raw pixels and from-scratch training of the same bench."""
     from selfsup.config import load_config
-    from selfsup.report.bench import write_run_evaluations
+    from selfsup.report.bench import _random_init_jobs, write_run_evaluations
     from selfsup.report.html import _eval_results
 
     jobs = [BenchSpec(name, str(recipes / f"{recipe}_fashion_mnist.yaml"), {"backbone.params.widths": widths},
@@ -163,11 +163,14 @@ def test_bench_figures_are_written_into_each_run_for_the_report(recipes: Path, t
              "finetune_1%_labels": 18, "n_eval_train": 1797, "n_test": 100},
             {"method": "byol", "knn": 0.6, "linear": 0.65, "finetune_1%": 0.5},
             {"method": "swav", "error": "DataError: no images"}]
-    refs = [{"method": "random init (a)", "knn": 0.3, "linear": 0.4, "finetune_1%": 0.2},
-            {"method": "random init (b)", "knn": 0.1, "linear": 0.15, "finetune_1%": 0.05},
-            {"method": "raw pixels", "knn": 0.5, "linear": 0.55}]
+    # the reference jobs in another order than the methods' backbones: rows are matched by backbone, not order
+    ref_jobs = _random_init_jobs(jobs, backbones, tmp_path)
+    ref_jobs = [ref_jobs[1], ref_jobs[2], ref_jobs[0]]
+    refs = [{"method": "random init (b)", "knn": 0.1, "linear": 0.15, "finetune_1%": 0.05},
+            {"method": "raw pixels", "knn": 0.5, "linear": 0.55},
+            {"method": "random init (a)", "knn": 0.3, "linear": 0.4, "finetune_1%": 0.2}]
     results = {"data": "digits", "budget_text": "1 epoch(s)", "finetune": ["1%"], "settings": {"data.long_tail": 10}}
-    write_run_evaluations(jobs, rows, backbones, refs, results)
+    write_run_evaluations(jobs, rows, backbones, ref_jobs, refs, results)
     knn = json.loads((tmp_path / "simclr" / "eval_knn.json").read_text())
     assert knn["accuracy"] == 0.8 and knn["baselines"] == {"random_encoder": 0.3, "raw_pixels": 0.5}
     assert knn["source"] == "selfsup bench (1 epoch(s))" and knn["settings"] == {"data.long_tail": 10}

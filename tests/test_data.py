@@ -161,12 +161,10 @@ def test_long_tail_pretraining_subset_decays_by_the_factor_and_evaluation_keeps_
     assert len(load_dataset(cfg.labelled())[0]) == len(full)
     assert len(load_dataset(DataConfig(name="digits", long_tail=10.0, limit=50))[0]) == 50  # limit after the tail
     # what a run says and records about the images it pretrains on
-    from selfsup.train.loop import class_counts, describe_images
-
-    recorded = class_counts(train)
+    recorded = train.class_counts()
     assert list(recorded.values()) == counts.tolist() and list(recorded)[0] == train.classes[0]
-    assert describe_images(train) == f"{len(train)} images of 10 classes ({int(counts[9])}–{smallest} per class)"
-    assert class_counts(dataclasses.replace(train, labels=None)) is None
+    assert train.describe() == f"{len(train)} images of 10 classes ({int(counts[9])}–{smallest} per class)"
+    assert dataclasses.replace(train, labels=None).class_counts() is None
     with pytest.raises(ConfigError, match="data.long_tail must be ≥ 1"):
         load_config(None, {"data.long_tail": 0.5})
     with pytest.raises(DataError, match="needs labelled training images"):

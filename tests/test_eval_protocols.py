@@ -144,6 +144,63 @@ def test_linear_probe_head_init_starts_from_the_probe(run_dir, digits) -> None:
     assert classifier_accuracy(model, test, mean, std) == pytest.approx(probe["accuracy"], abs=0.03)
 
 
+def test_layer_decay_scales_each_vit_layer_below_the_head(digits) -> None:
+    """BEiT/MAE layer-wise decay: head, final norm and top block at the full rate, each block below × decay,
+    the patch embedding lowest; biases and norms without weight decay; every trainable weight in one group."""
+    from selfsup.eval.finetune import Classifier, _optimizer_groups
+    from selfsup.nn.vit import vit_tiny
+
+    model = Classifier(vit_tiny(1, 8, depth=3, embed_dim=48, num_heads=3), 48, 10)
+    groups = _optimizer_groups(model, FinetuneSettings(layer_decay=0.5, weight_decay=0.05))
+    scale, decay = {}, {}
+    for g in groups:
+        for p in g["params"]:
+            assert id(p) not in scale
+            scale[id(p)], decay[id(p)] = g["lr_scale"], g["weight_decay"]
+    named = dict(model.named_parameters())
+    assert set(scale) == {id(p) for p in named.values() if p.requires_grad}
+    expected = {"head.weight": 1, "encoder.norm.weight": 1, "encoder.blocks.2.attn.qkv.weight": 1,
+                "encoder.blocks.1.attn.qkv.weight": 0.5, "encoder.blocks.0.mlp.fc1.weight": 0.25,
+                "encoder.patch_embed.proj.weight": 0.125, "encoder.cls_token": 0.125}
+    for name, s in expected.items():
+        assert scale[id(named[name])] == pytest.approx(s), name
+    assert decay[id(named["head.weight"])] == 0.05 and decay[id(named["head.bias"])] == 0
+    assert decay[id(named["encoder.blocks.0.norm1.weight"])] == 0
+    # trained with a tiny decay, the patch embedding barely moves while the head learns
+    train, _ = digits
+    mean, std = train.mean_std()
+    watched = ["encoder.patch_embed.proj.weight", "encoder.blocks.2.attn.qkv.weight"]
+    before = {n: named[n].detach().clone() for n in watched}
+    train_classifier(model.encoder, 48, train, mean, std, FinetuneSettings(min_steps=5, max_steps=5, layer_decay=1e-4,
+                                                                            warmup_fraction=0))
+    moved = {n: float((named[n].detach() - before[n]).abs().max()) for n in watched}
+    assert moved["encoder.patch_embed.proj.weight"] < 1e-6 < 1e-4 < moved["encoder.blocks.2.attn.qkv.weight"]
+
+
+def test_layer_decay_needs_a_vit_and_a_rate_in_range(digits) -> None:
+    from selfsup.nn.backbones import SmallResNet
+
+    with pytest.raises(ValueError, match=r"layer_decay must be in \(0, 1\]"):
+        FinetuneSettings(layer_decay=0)
+    with pytest.raises(ValueError, match="head_init must be"):
+        FinetuneSettings(head_init="zeros")
+    train, _ = digits
+    with pytest.raises(ValueError, match="needs a ViT encoder; this one is a SmallResNet"):
+        train_classifier(SmallResNet(1, (8, 16)), 16, train, [0.5], [0.5], FinetuneSettings(layer_decay=0.75))
+
+
+def test_from_scratch_gets_the_better_of_the_shared_and_the_plain_recipe(run_dir) -> None:
+    """A pretrained-only knob (here the probe-initialised head) is tried on the from-scratch encoder too,
+    and without it; the baseline is the better of the two, so the margin is never flattered."""
+    settings = FinetuneSettings(min_steps=15, max_steps=15, batch_size=64, head_init="linear_probe")
+    (result,) = evaluate_run(run_dir, ["finetune"], labels="10%", finetune_settings=settings, write=False)
+    recipes = result["from_scratch_recipes"]
+    assert [(r["head_init"], r["layer_decay"]) for r in recipes] == [("linear_probe", 1.0), ("random", 1.0)]
+    assert result["baselines"]["from_scratch"] == max(r["accuracy"] for r in recipes)
+    (plain,) = evaluate_run(run_dir, ["finetune"], labels="10%", finetune_settings=FAST, write=False)
+    assert len(plain["from_scratch_recipes"]) == 1  # nothing pretrained-only: one from-scratch run
+
+
 def test_finetune_from_the_command_line(run_dir, capsys) -> None:
     argv = ["evaluate", str(run_dir), "--protocol", "finetune", "--labels", "5-shot", "--finetune-steps", "5",
             "--threads", "1", "--json"]
@@ -154,6 +211,8 @@ def test_finetune_from_the_command_line(run_dir, capsys) -> None:
     assert "from scratch (fine-tuned)" in capsys.readouterr().out
     assert main(argv + ["--finetune-head", "linear_probe"]) == 0  # LP-FT
     assert json.loads(capsys.readouterr().out)["settings"]["head_init"] == "linear_probe"
+    assert main(argv + ["--finetune-layer-decay", "1.5"]) == 2
+    assert "--finetune-layer-decay: layer_decay must be in (0, 1]" in capsys.readouterr().err
 
 
 def test_a_label_fraction_that_empties_a_class_is_an_error(run_dir, capsys) -> None:

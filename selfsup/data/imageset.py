@@ -73,6 +73,21 @@ class ImageSet:
         std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
         return mean.tolist(), std.tolist()
 
+    def class_counts(self) -> dict[str, int] | None:
+        """Images per class name (None for unlabelled data): what a long-tailed or limited run trained on."""
+        if self.labels is None:
+            return None
+        counts = torch.bincount(self.labels, minlength=self.num_classes).tolist()
+        return {str(name): int(n) for name, n in zip(self.classes or range(len(counts)), counts)}
+
+    def describe(self) -> str:
+        """``"N images of C classes (smallest–largest per class)"``, or ``"N unlabelled images"``."""
+        counts = self.class_counts()
+        if not counts:
+            return f"{len(self)} unlabelled images"
+        sizes = sorted(counts.values())
+        return f"{len(self)} images of {len(counts)} classes ({sizes[0]}–{sizes[-1]} per class)"
+
     @staticmethod
     def from_arrays(images: np.ndarray | torch.Tensor, labels=None, name: str = "arrays", classes=None) -> "ImageSet":
         """Images as (N, H, W), (N, H, W, C) or (N, C, H, W); uint8, or floats in [0, 1]."""

@@ -18,6 +18,8 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
 
 from selfsup.data.imageset import DataError, ImageSet
@@ -50,6 +52,22 @@ class FinetuneSettings:
     encoder's features (LP-FT, Kumar et al. 2022, arXiv:2202.10054), so early gradients from a random
     head do not distort pretrained features."""
     probe_l2: float = 1e-3
+    layer_decay: float = 1.0
+    """Layer-wise learning-rate decay (BEiT, Bao et al. 2021, arXiv:2106.08254; MAE's fine-tuning recipe,
+    He et al. 2021, arXiv:2111.06377 §A.2, uses 0.75): a ViT's top block and the head train at the full rate,
+    each block below at ``layer_decay`` times the one above, the patch embedding last — so the pretrained
+    lower layers move least. 1 = one rate for all; below 1 needs a ViT encoder."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.head_init not in ("random", "linear_probe"):
+            raise ValueError(f"head_init must be 'random' or 'linear_probe', got {self.head_init!r}")
+
+    def for_scratch(self) -> "FinetuneSettings":
+        """The recipe without the knobs that only make sense for pretrained weights (a probe-initialised
+        head, layer-wise decay): a from-scratch baseline gets the better of this and the shared recipe."""
+        return dataclasses.replace(self, head_init="random", layer_decay=1.0)
 
     def steps_for(self, n_labels: int) -> int:
         batch = min(self.batch_size, n_labels)
@@ -104,12 +122,7 @@ def train_classifier(encoder: nn.Module, num_features: int, train: ImageSet, mea
         model = model.to(memory_format=torch.channels_last)
     if settings.head_init == "linear_probe":
         _probe_head(model, train, mean, std, settings.probe_l2, device)
-    elif settings.head_init != "random":
-        raise ValueError(f"head_init must be 'random' or 'linear_probe', got {settings.head_init!r}")
-    groups = param_groups(model)
-    for g in groups:
-        g["weight_decay"] = 0.0 if g["exempt"] else settings.weight_decay
-    optimizer = torch.optim.AdamW(groups, lr=settings.lr)
+    optimizer = torch.optim.AdamW(_optimizer_groups(model, settings), lr=settings.lr)
     steps = settings.steps_for(len(train))
     batch = min(settings.batch_size, len(train))
     warmup = int(settings.warmup_fraction * steps)
@@ -118,7 +131,7 @@ def train_classifier(encoder: nn.Module, num_features: int, train: ImageSet, mea
     generator = torch.Generator().manual_seed(seed)
     for step, idx in enumerate(_batches(len(train), batch, steps, generator)):
         for g in optimizer.param_groups:
-            g["lr"] = warmup_cosine(step, steps, warmup, settings.lr)
+            g["lr"] = warmup_cosine(step, steps, warmup, settings.lr) * g["lr_scale"]
         idx = idx.to(device)
         with torch.no_grad():
             x = resized_crop_flip(to_float(images[idx]), train.image_size, settings.crop_scale, (3 / 4, 4 / 3),
@@ -132,6 +145,24 @@ def train_classifier(encoder: nn.Module, num_features: int, train: ImageSet, mea
         optimizer.step()
     model.eval()
     return model
+
+
+def _optimizer_groups(model: Classifier, settings: FinetuneSettings) -> list[dict]:
+    """AdamW groups with ``lr_scale``: no weight decay on biases and norms; with ``layer_decay`` < 1,
+    timm's layer-wise scales over the ViT's patch embedding, blocks and final norm (the head at 1)."""
+    if settings.layer_decay == 1.0:
+        groups = param_groups(model)
+        for g in groups:
+            g["weight_decay"] = 0.0 if g["exempt"] else settings.weight_decay
+        return groups
+    if not isinstance(model.encoder, VisionTransformer):
+        raise ValueError(f"layer-wise learning-rate decay needs a ViT encoder; this one is a "
+                         f"{type(model.encoder).__name__} (use layer_decay 1)")
+    groups = param_groups_layer_decay(model.encoder, weight_decay=settings.weight_decay,
+                                      layer_decay=settings.layer_decay)
+    head = model.head
+    return groups + [{"params": [head.weight], "weight_decay": settings.weight_decay, "lr_scale": 1.0},
+                     {"params": [head.bias], "weight_decay": 0.0, "lr_scale": 1.0}]
 
 
 @torch.no_grad()

@@ -87,6 +87,8 @@ class BenchSpec:
     """Evaluate a randomly initialised encoder of the recipe's backbone instead of pretraining."""
     raw_pixels: bool = False
     """With ``baseline``: evaluate the normalised pixels themselves (no encoder, no fine-tuning)."""
+    reference_for: str = ""
+    """A random-init row's backbone key (name and settings): the methods on that backbone are measured against it."""
 
 
 def recipe_for(method: str, config_dir: str | Path) -> Path | None:
@@ -260,7 +262,8 @@ def _random_init_jobs(jobs: Sequence[BenchSpec], backbones: Sequence[Any], out: 
                                      for k, v in sorted(bb.params.items()))
         name = "random_init" if i == 0 else f"random_init_{i}"
         refs.append(dataclasses.replace(job, method=f"random init ({label})", run_dir=str(out / "runs" / name),
-                                        result_path=str(out / "runs" / f"{name}.json"), baseline=True))
+                                        result_path=str(out / "runs" / f"{name}.json"), baseline=True,
+                                        reference_for=_backbone_key(bb)))
     refs.append(dataclasses.replace(jobs[0], method="raw pixels", run_dir=str(out / "runs" / "raw_pixels"),
                                     result_path=str(out / "runs" / "raw_pixels.json"), baseline=True, raw_pixels=True))
     return refs
@@ -334,8 +337,7 @@ def run_bench(methods: Sequence[str], out_dir: str | Path, budget: Budget, data:
                "data": common.get("data.name", "each recipe's"), "finetune": list(finetune),
                "finetune_steps": finetune_steps, "eval_limit": eval_limit, "torch": torch.__version__,
                "platform": platform.platform(), "threads": threads, "settings": dict(extra or {}), "rows": rows}
-    write_run_evaluations(jobs[:n_methods], rows[:n_methods], backbones, rows[n_methods:] if baseline else [],
-                          results)
+    write_run_evaluations(jobs[:n_methods], rows[:n_methods], backbones, jobs[n_methods:], rows[n_methods:], results)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown_table(results))
     plot_results(results, out / "results.png")
@@ -343,15 +345,15 @@ def run_bench(methods: Sequence[str], out_dir: str | Path, budget: Budget, data:
 
 
 def write_run_evaluations(jobs: Sequence[BenchSpec], rows: Sequence[dict[str, Any]], backbones: Sequence[Any],
-                          reference_rows: Sequence[dict[str, Any]], results: dict[str, Any]) -> None:
+                          reference_jobs: Sequence[BenchSpec], reference_rows: Sequence[dict[str, Any]],
+                          results: dict[str, Any]) -> None:
     """Each method's bench figures as ``RUN/eval_<protocol>[_<labels>].json``, the files `selfsup evaluate`
     writes, so that `selfsup report RUN` shows them; the baselines are the reference rows of the same
     bench (the random encoder of the method's own backbone, raw pixels, training from scratch)."""
     from selfsup.eval.evaluate import write_eval_result
 
-    random_rows = [r for r in reference_rows if r.get("method", "").startswith("random init")]
-    raw = next((r for r in reference_rows if r.get("method") == "raw pixels"), {})
-    by_key = dict(zip(dict.fromkeys(_backbone_key(bb) for bb in backbones), random_rows))
+    by_key = {ref.reference_for: row for ref, row in zip(reference_jobs, reference_rows) if ref.reference_for}
+    raw = next((row for ref, row in zip(reference_jobs, reference_rows) if ref.raw_pixels), {})
     for spec, row, bb in zip(jobs, rows, backbones):
         if "error" in row or not Path(spec.run_dir).is_dir():
             continue

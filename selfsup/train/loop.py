@@ -119,22 +119,6 @@ def prepare_data(cfg: RunConfig) -> Data:
     return Data(train, val, bank, mean, std)
 
 
-def class_counts(images: ImageSet) -> dict[str, int] | None:
-    """Images per class name (None for unlabelled data): what a long-tailed or limited run trained on."""
-    if images.labels is None:
-        return None
-    counts = torch.bincount(images.labels, minlength=images.num_classes).tolist()
-    return {str(name): int(n) for name, n in zip(images.classes or range(len(counts)), counts)}
-
-
-def describe_images(images: ImageSet) -> str:
-    counts = class_counts(images)
-    if not counts:
-        return f"{len(images)} unlabelled images"
-    sizes = sorted(counts.values())
-    return f"{len(images)} images of {len(counts)} classes ({sizes[0]}–{sizes[-1]} per class)"
-
-
 def knn_monitor(model: nn.Module, data: Data, device: torch.device, channels_last: bool) -> float | None:
     """Online kNN accuracy on the held-out split, with (part of) the training set as the bank."""
     if data.val.labels is None or len(data.val) == 0 or data.bank.labels is None:
@@ -288,11 +272,11 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False) -> di
         for stale in (run_dir / "checkpoints").glob(".*.tmp"):  # writes a kill interrupted; never loaded
             stale.unlink(missing_ok=True)
     if main:
-        log.info("pretraining on %s", describe_images(data.train))
+        log.info("pretraining on %s", data.train.describe())
         write_env(run_dir, device, t.seed, world, {"precision": str(amp_dtype or "fp32"),
                                                    "channels_last": channels_last, "resumed_from_step": start_step,
                                                    "pretraining_images": len(data.train),
-                                                   "pretraining_class_counts": class_counts(data.train)})
+                                                   "pretraining_class_counts": data.train.class_counts()})
         (run_dir / "encoder.json").write_text(json.dumps({
             "backbone": cfg.backbone.name, "params": cfg.backbone.params, "in_chans": data.train.channels,
             "image_size": data.train.image_size, "num_features": model.backbone.num_features,
