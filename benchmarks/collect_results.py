@@ -62,14 +62,20 @@ def load_finetune(root: Path) -> list[dict[str, Any]]:
     return out
 
 
-def head_init(finetune: dict[str, Any]) -> str:
-    """How a fine-tune result started its head: ``random`` (the default recipe) or ``linear_probe`` (LP-FT)."""
-    return (finetune.get("settings") or {}).get("head_init", "random")
+def recipe_changes(finetune: dict[str, Any]) -> str:
+    """How a fine-tune's recipe differs from the default: ``""``, or e.g. ``"linear_probe head, layer decay 0.75"``."""
+    settings = finetune.get("settings") or {}
+    changes = []
+    if settings.get("head_init", "random") != "random":
+        changes.append(f"{settings['head_init']} head")
+    if settings.get("layer_decay", 1.0) != 1.0:
+        changes.append(f"layer decay {settings['layer_decay']:g}")
+    return ", ".join(changes)
 
 
 def default_recipe_1pct(finetunes: list[dict[str, Any]]) -> dict[str, float]:
     """Method → accuracy of its 1% fine-tune with the default (random-head) recipe, the bench's own recipe."""
-    return {r["method"]: r["accuracy"] for r in finetunes if r.get("labels") == "1%" and head_init(r) == "random"}
+    return {r["method"]: r["accuracy"] for r in finetunes if r.get("labels") == "1%" and not recipe_changes(r)}
 
 
 def markdown(rows: list[dict[str, Any]], refs: list[dict[str, Any]], finetunes: list[dict[str, Any]],
@@ -104,14 +110,16 @@ def markdown(rows: list[dict[str, Any]], refs: list[dict[str, Any]], finetunes: 
         lines += ["", "## Fine-tuning with few labels (`selfsup evaluate RUN --protocol finetune --labels F`)", "",
                   "The whole pretrained encoder plus a linear head, beside the same architecture trained from scratch",
                   "with the same recipe, steps and data order (stratified label subset, seed 0); in the same call, linear",
-                  "probes on the same labels over raw pixels and over the frozen random encoder.", "",
+                  "probes on the same labels over raw pixels and over the frozen random encoder. A recipe change that",
+                  "only makes sense for pretrained weights (a probe-initialised head, layer-wise decay) is tried from",
+                  "scratch too, and without it: the from-scratch column is the better of the two.", "",
                   "| method | backbone | labels | images | fine-tuned | from scratch | gain | raw pixels (linear) | random encoder (linear) | file |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in finetunes:
             b = r.get("baselines", {})
             gain = r["accuracy"] - b["from_scratch"] if b.get("from_scratch") is not None else None
-            head = head_init(r)
-            name = r["method"] if head == "random" else f"{r['method']} (LP-FT: {head} head, both columns)"
+            changes = recipe_changes(r)
+            name = f"{r['method']} ({changes})" if changes else r["method"]
             lines.append(f"| {name} | {r.get('backbone', '–')} | {r['labels']} | {r.get('n_train', '–')} | "
                          f"{_pct(r['accuracy'])} | {_pct(b.get('from_scratch'))} | "
                          f"{'–' if gain is None else f'{100 * gain:+.2f}'} | {_pct(b.get('raw_pixels'))} | "

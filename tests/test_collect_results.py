@@ -36,6 +36,9 @@ def test_collects_every_folder_into_one_table(tmp_path: Path) -> None:
     (tmp_path / "finetune" / "byol_1pct.json").write_text(json.dumps(
         {"method": "byol", "backbone": "small_resnet", "labels": "1%", "n_train": 600, "accuracy": 0.8043,
          "baselines": {"from_scratch": 0.7706, "raw_pixels": 0.7716, "random_encoder": 0.7017}}))
+    (tmp_path / "finetune" / "byol_1pct_ld.json").write_text(json.dumps(  # a changed recipe: its own row, not the †
+        {"method": "byol", "backbone": "small_resnet", "labels": "1%", "n_train": 600, "accuracy": 0.9,
+         "baselines": {"from_scratch": 0.78}, "settings": {"head_init": "linear_probe", "layer_decay": 0.75}}))
     assert collect.main(["--root", str(tmp_path)]) == 0
     table = (tmp_path / "RESULTS.md").read_text()
     lines = [line for line in table.splitlines() if line.startswith("| ")]
@@ -48,6 +51,7 @@ def test_collects_every_folder_into_one_table(tmp_path: Path) -> None:
     assert methods.count("random init (small_resnet)") == 1 and methods.count("raw pixels") == 1
     assert "| random init (small_resnet) | 77.8% | 83.0% | 73.2% |" in table  # merged from the duplicates
     assert "| byol | small_resnet | 1% | 600 | 80.4% | 77.1% | +3.37 | 77.2% | 70.2% |" in table
+    assert "| byol (linear_probe head, layer decay 0.75) | small_resnet | 1% | 600 | 90.0% | 78.0% | +12.00 |" in table
     assert "jigsaw" in table.split("Registered but not in the table:")[1]  # its row failed
     assert json.loads((tmp_path / "RESULTS.json").read_text())["rows"][0]["method"] == "simclr"
     assert (tmp_path / "RESULTS.png").stat().st_size > 1000
