@@ -76,11 +76,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     protocols = [p.strip() for p in args.protocol.split(",") if p.strip()]
     _set_threads(args.threads)
     settings = None
-    if args.finetune_steps is not None or args.finetune_head != "random" or args.finetune_layer_decay != 1.0:
+    if (args.finetune_steps is not None or args.finetune_head != "random" or args.finetune_layer_decay != 1.0
+            or args.finetune_lr is not None):
         from selfsup.eval.finetune import FinetuneSettings
 
+        settings = FinetuneSettings(head_init=args.finetune_head)
+        if args.finetune_lr is not None:
+            if not args.finetune_lr > 0:
+                raise ConfigError([f"--finetune-lr must be > 0, got {args.finetune_lr}"])
+            settings = dataclasses.replace(settings, lr=args.finetune_lr)
         try:
-            settings = FinetuneSettings(head_init=args.finetune_head, layer_decay=args.finetune_layer_decay)
+            settings = dataclasses.replace(settings, layer_decay=args.finetune_layer_decay)
         except ValueError as exc:
             raise ConfigError([f"--finetune-layer-decay: {exc}"]) from None
         if args.finetune_steps is not None:
@@ -239,9 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--finetune-steps", type=int, help="fine-tuning steps (default: scaled to the label count)")
     e.add_argument("--finetune-head", choices=["random", "linear_probe"], default="random",
                    help="fine-tuning head: random init, or the linear probe's solution (LP-FT, Kumar et al. 2022)")
+    e.add_argument("--finetune-lr", type=float, metavar="LR", help="fine-tuning AdamW peak learning rate (default 1e-3)")
     e.add_argument("--finetune-layer-decay", type=float, default=1.0, metavar="DECAY",
-                   help="layer-wise learning-rate decay for a ViT (e.g. 0.75 as MAE; 1 = off); from scratch "
-                        "gets the better of this recipe and the plain one")
+                   help="layer-wise learning-rate decay for a ViT (e.g. 0.75 as MAE; 1 = off). With a changed "
+                        "recipe, from scratch gets the better of it and the default recipe")
     e.set_defaults(func=cmd_evaluate)
 
     em = sub.add_parser("embed", help="embeddings of a folder of images, with their paths (.npz or .parquet)")

@@ -5,6 +5,7 @@ Runs are real: tiny SimCLR pretraining on scikit-learn's 8×8 digits (one epoch,
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -193,9 +194,11 @@ def test_from_scratch_gets_the_better_of_the_shared_and_the_plain_recipe(run_dir
     """A pretrained-only knob (here the probe-initialised head) is tried on the from-scratch encoder too,
     and without it; the baseline is the better of the two, so the margin is never flattered."""
     settings = FinetuneSettings(min_steps=15, max_steps=15, batch_size=64, head_init="linear_probe")
+    assert settings.for_scratch() == FinetuneSettings(min_steps=15, max_steps=15, batch_size=64)
+    assert dataclasses.replace(settings, lr=1e-4, layer_decay=0.5).for_scratch() == settings.for_scratch()
     (result,) = evaluate_run(run_dir, ["finetune"], labels="10%", finetune_settings=settings, write=False)
     recipes = result["from_scratch_recipes"]
-    assert [(r["head_init"], r["layer_decay"]) for r in recipes] == [("linear_probe", 1.0), ("random", 1.0)]
+    assert [(r["head_init"], r["lr"]) for r in recipes] == [("linear_probe", 1e-3), ("random", 1e-3)]
     assert result["baselines"]["from_scratch"] == max(r["accuracy"] for r in recipes)
     (plain,) = evaluate_run(run_dir, ["finetune"], labels="10%", finetune_settings=FAST, write=False)
     assert len(plain["from_scratch_recipes"]) == 1  # nothing pretrained-only: one from-scratch run
@@ -211,6 +214,10 @@ def test_finetune_from_the_command_line(run_dir, capsys) -> None:
     assert "from scratch (fine-tuned)" in capsys.readouterr().out
     assert main(argv + ["--finetune-head", "linear_probe"]) == 0  # LP-FT
     assert json.loads(capsys.readouterr().out)["settings"]["head_init"] == "linear_probe"
+    assert main(argv + ["--finetune-lr", "3e-4"]) == 0
+    assert json.loads(capsys.readouterr().out)["settings"]["lr"] == 3e-4
+    assert main(argv + ["--finetune-lr", "0"]) == 2
+    assert "--finetune-lr must be > 0" in capsys.readouterr().err
     assert main(argv + ["--finetune-layer-decay", "1.5"]) == 2
     assert "--finetune-layer-decay: layer_decay must be in (0, 1]" in capsys.readouterr().err
 

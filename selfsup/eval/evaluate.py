@@ -198,14 +198,14 @@ def _finetune(run: LoadedRun, train: ImageSet, test: ImageSet, seed: int, device
     pretrained.load_state_dict(run.encoder.state_dict())
     d = d or pretrained.num_features
     ft = finetune_accuracy(pretrained, d, train, test, mean, std, settings, seed, device)
-    # from scratch: the same recipe, and (when it differs) the recipe without the pretrained-only knobs;
-    # the baseline is the better of the two, so a knob that only hurts random weights cannot flatter the margin
+    # from scratch: the same recipe, and (when it differs) the default recipe at the same budget; the
+    # baseline is the better of the two, so a knob that only hurts random weights cannot flatter the margin
     scratch_runs = []
     for recipe in dict.fromkeys([settings, settings.for_scratch()]):
         torch.manual_seed(seed)
         scratch = build_encoder(run.cfg, run.meta["in_chans"], run.meta["image_size"]).to(device)
         scratch_runs.append({**finetune_accuracy(scratch, d, train, test, mean, std, recipe, seed, device),
-                             "head_init": recipe.head_init, "layer_decay": recipe.layer_decay})
+                             "lr": recipe.lr, "head_init": recipe.head_init, "layer_decay": recipe.layer_decay})
     best = max(r["accuracy"] for r in scratch_runs)
     return {"protocol": "finetune", "accuracy": ft["accuracy"], "baselines": {"from_scratch": best},
             "margin_over_scratch": ft["accuracy"] - best, "settings": settings.to_dict(len(train)),

@@ -65,9 +65,11 @@ class FinetuneSettings:
             raise ValueError(f"head_init must be 'random' or 'linear_probe', got {self.head_init!r}")
 
     def for_scratch(self) -> "FinetuneSettings":
-        """The recipe without the knobs that only make sense for pretrained weights (a probe-initialised
-        head, layer-wise decay): a from-scratch baseline gets the better of this and the shared recipe."""
-        return dataclasses.replace(self, head_init="random", layer_decay=1.0)
+        """The default recipe at the same budget (epochs, steps, batch): a from-scratch baseline gets the
+        better of this and the shared recipe, so knobs chosen for pretrained weights (a probe-initialised
+        head, layer-wise decay, a lower rate) cannot flatter the margin by handicapping random weights."""
+        return FinetuneSettings(epochs=self.epochs, min_steps=self.min_steps, max_steps=self.max_steps,
+                                batch_size=self.batch_size)
 
     def steps_for(self, n_labels: int) -> int:
         batch = min(self.batch_size, n_labels)
