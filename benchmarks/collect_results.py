@@ -113,14 +113,15 @@ def markdown(rows: list[dict[str, Any]], refs: list[dict[str, Any]], finetunes: 
                   "probes on the same labels over raw pixels and over the frozen random encoder. A recipe change that",
                   "only makes sense for pretrained weights (a probe-initialised head, layer-wise decay) is tried from",
                   "scratch too, and without it: the from-scratch column is the better of the two.", "",
-                  "| method | backbone | labels | images | fine-tuned | from scratch | gain | raw pixels (linear) | random encoder (linear) | file |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| method | backbone | pretraining epochs | labels | seed | images | fine-tuned | from scratch | gain | raw pixels (linear) | random encoder (linear) | file |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in finetunes:
             b = r.get("baselines", {})
             gain = r["accuracy"] - b["from_scratch"] if b.get("from_scratch") is not None else None
             changes = recipe_changes(r)
             name = f"{r['method']} ({changes})" if changes else r["method"]
-            lines.append(f"| {name} | {r.get('backbone', '–')} | {r['labels']} | {r.get('n_train', '–')} | "
+            lines.append(f"| {name} | {r.get('backbone', '–')} | {r.get('pretraining_epochs', '–')} | {r['labels']} | "
+                         f"{r.get('seed', 0)} | {r.get('n_train', '–')} | "
                          f"{_pct(r['accuracy'])} | {_pct(b.get('from_scratch'))} | "
                          f"{'–' if gain is None else f'{100 * gain:+.2f}'} | {_pct(b.get('raw_pixels'))} | "
                          f"{_pct(b.get('random_encoder'))} | [{r['file']}]({r['file']}) |")

@@ -50,8 +50,8 @@ def test_collects_every_folder_into_one_table(tmp_path: Path) -> None:
     # identical reference figures from several folders appear once
     assert methods.count("random init (small_resnet)") == 1 and methods.count("raw pixels") == 1
     assert "| random init (small_resnet) | 77.8% | 83.0% | 73.2% |" in table  # merged from the duplicates
-    assert "| byol | small_resnet | 1% | 600 | 80.4% | 77.1% | +3.37 | 77.2% | 70.2% |" in table
-    assert "| byol (linear_probe head, layer decay 0.75) | small_resnet | 1% | 600 | 90.0% | 78.0% | +12.00 |" in table
+    assert "| byol | small_resnet | – | 1% | 0 | 600 | 80.4% | 77.1% | +3.37 | 77.2% | 70.2% |" in table
+    assert "| byol (linear_probe head, layer decay 0.75) | small_resnet | – | 1% | 0 | 600 | 90.0% | 78.0% | +12.00 |" in table
     assert "jigsaw" in table.split("Registered but not in the table:")[1]  # its row failed
     assert json.loads((tmp_path / "RESULTS.json").read_text())["rows"][0]["method"] == "simclr"
     assert (tmp_path / "RESULTS.png").stat().st_size > 1000

@@ -115,6 +115,14 @@ def test_finetune_protocol_reports_pretrained_and_from_scratch(run_dir) -> None:
     assert json.loads((run_dir / "eval_finetune_10pct.json").read_text())["accuracy"] == result["accuracy"]
     assert (run_dir / "encoder.pt").read_bytes() == weights  # the run itself is not modified
     assert "from scratch (fine-tuned)" in format_table([linear, result])
+    assert result["seed"] == 0 and result["pretraining_epochs"] == 1
+    # another seed (another label subset) is written beside seed 0's, not over it
+    (other,) = evaluate_run(run_dir, ["finetune"], labels="10%", finetune_settings=FAST, seed=1)
+    assert json.loads((run_dir / "eval_finetune_10pct_seed1.json").read_text())["seed"] == 1
+    assert json.loads((run_dir / "eval_finetune_10pct.json").read_text())["accuracy"] == result["accuracy"]
+    from selfsup.report.html import _eval_results
+
+    assert "10% (seed 1)" in _eval_results(run_dir)
     # same seed, same recipe → the same numbers
     (again,) = evaluate_run(run_dir, ["finetune"], labels="10%", finetune_settings=FAST, write=False)
     assert again["accuracy"] == result["accuracy"]

@@ -163,7 +163,8 @@ def evaluate_run(run_dir: str | Path, protocols: Sequence[str] = PROTOCOLS, data
     results = []
     for protocol in protocols:
         common = {"method": run.cfg.method.name, "backbone": run.cfg.backbone.name, "dataset": data_cfg.name,
-                  "labels": labels or "100%", "n_train": len(train), "n_test": len(test)}
+                  "pretraining_epochs": run.cfg.train.epochs, "labels": labels or "100%", "seed": seed,
+                  "n_train": len(train), "n_test": len(test)}
         if protocol == "finetune":
             result = _finetune(run, train, test, seed, device, finetune_settings or FinetuneSettings())
             # the frozen baselines of a fine-tune result are linear probes on the same labels
@@ -176,13 +177,16 @@ def evaluate_run(run_dir: str | Path, protocols: Sequence[str] = PROTOCOLS, data
                                     "random_encoder": accuracy(protocol, "random_encoder")}, **common}
         results.append(result)
         if write:
-            write_eval_result(run_dir, protocol, labels, result)
+            write_eval_result(run_dir, protocol, labels, result, seed)
     return results
 
 
-def write_eval_result(run_dir: str | Path, protocol: str, labels: str | None, result: dict[str, Any]) -> Path:
-    """``RUN/eval_<protocol>[_<labels>].json`` (``1%`` → ``1pct``), the files the report reads."""
+def write_eval_result(run_dir: str | Path, protocol: str, labels: str | None, result: dict[str, Any],
+                      seed: int = 0) -> Path:
+    """``RUN/eval_<protocol>[_<labels>][_seed<S>].json`` (``1%`` → ``1pct``; seed 0 unnamed), the files the
+    report reads: another seed's result sits beside seed 0's instead of replacing it."""
     suffix = "" if not labels else f"_{str(labels).replace('%', 'pct')}"
+    suffix += f"_seed{seed}" if seed else ""
     path = Path(run_dir) / f"eval_{protocol}{suffix}.json"
     path.write_text(json.dumps(result, indent=2))
     return path
