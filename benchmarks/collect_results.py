@@ -75,7 +75,8 @@ def recipe_changes(finetune: dict[str, Any]) -> str:
 
 def default_recipe_1pct(finetunes: list[dict[str, Any]]) -> dict[str, float]:
     """Method → accuracy of its 1% fine-tune with the default (random-head) recipe, the bench's own recipe."""
-    return {r["method"]: r["accuracy"] for r in finetunes if r.get("labels") == "1%" and not recipe_changes(r)}
+    return {r["method"]: r["accuracy"] for r in finetunes if r.get("labels") == "1%" and not recipe_changes(r)
+            and not r.get("seed")}
 
 
 def markdown(rows: list[dict[str, Any]], refs: list[dict[str, Any]], finetunes: list[dict[str, Any]],
@@ -109,13 +110,16 @@ def markdown(rows: list[dict[str, Any]], refs: list[dict[str, Any]], finetunes: 
     if finetunes:
         lines += ["", "## Fine-tuning with few labels (`selfsup evaluate RUN --protocol finetune --labels F`)", "",
                   "The whole pretrained encoder plus a linear head, beside the same architecture trained from scratch",
-                  "with the same recipe, steps and data order (stratified label subset, seed 0); in the same call, linear",
+                  "with the same recipe, steps and data order (stratified label subset drawn with the row's seed, which",
+                  "also seeds the heads and augmentations); in the same call, linear",
                   "probes on the same labels over raw pixels and over the frozen random encoder. A recipe change that",
                   "only makes sense for pretrained weights (a probe-initialised head, layer-wise decay) is tried from",
                   "scratch too, and without it: the from-scratch column is the better of the two.", "",
                   "| method | backbone | pretraining epochs | labels | seed | images | fine-tuned | from scratch | gain | raw pixels (linear) | random encoder (linear) | file |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in finetunes:
+        order = lambda r: (r["method"], recipe_changes(r), -(r.get("pretraining_epochs") or 0), r["labels"],  # noqa: E731
+                           r.get("seed", 0))
+        for r in sorted(finetunes, key=order):
             b = r.get("baselines", {})
             gain = r["accuracy"] - b["from_scratch"] if b.get("from_scratch") is not None else None
             changes = recipe_changes(r)
