@@ -226,6 +226,8 @@ def test_finetune_from_the_command_line(run_dir, capsys) -> None:
     assert json.loads(capsys.readouterr().out)["settings"]["lr"] == 3e-4
     assert main(argv + ["--finetune-lr", "0"]) == 2
     assert "--finetune-lr must be > 0" in capsys.readouterr().err
+    assert main(argv + ["--finetune-layer-decay", "0.75"]) == 2  # a CNN run: refused before any training
+    assert "layer-wise learning-rate decay needs a ViT" in capsys.readouterr().err
     assert main(argv + ["--finetune-layer-decay", "1.5"]) == 2
     assert "--finetune-layer-decay: layer_decay must be in (0, 1]" in capsys.readouterr().err
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 import yaml
 from torch import Tensor, nn
 
@@ -129,6 +130,10 @@ def evaluate_run(run_dir: str | Path, protocols: Sequence[str] = PROTOCOLS, data
     if unknown:
         raise ConfigError([f"unknown protocol(s) {', '.join(unknown)}; choose from {', '.join(ALL_PROTOCOLS)}"])
     run = load_run(run_dir, device)
+    if "finetune" in protocols and finetune_settings and finetune_settings.layer_decay != 1.0 \
+            and not isinstance(run.encoder, VisionTransformer):
+        raise ConfigError([f"layer-wise learning-rate decay needs a ViT; {run_dir} has a {run.cfg.backbone.name} "
+                           "encoder (leave --finetune-layer-decay at 1)"])
     data_cfg = run.cfg.data.labelled()
     if data:
         data_cfg = DataConfig(name=data, root=data_root, image_size=run.meta["image_size"])
