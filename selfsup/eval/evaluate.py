@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
 import yaml
 from torch import Tensor, nn
 
@@ -23,7 +22,7 @@ from selfsup.config import ConfigError, DataConfig, RunConfig, config_from_dict
 from selfsup.data import DataError, ImageSet, load_dataset
 from selfsup.data.splits import parse_fraction, stratified_subset
 from selfsup.eval.features import extract_features, pixel_features
-from selfsup.eval.finetune import FinetuneSettings, finetune_accuracy
+from selfsup.eval.finetune import FinetuneSettings, check_layer_decay, finetune_accuracy
 from selfsup.eval.knn import knn_accuracy
 from selfsup.eval.linear import linear_probe
 from selfsup.train.build import build_encoder
@@ -130,10 +129,8 @@ def evaluate_run(run_dir: str | Path, protocols: Sequence[str] = PROTOCOLS, data
     if unknown:
         raise ConfigError([f"unknown protocol(s) {', '.join(unknown)}; choose from {', '.join(ALL_PROTOCOLS)}"])
     run = load_run(run_dir, device)
-    if "finetune" in protocols and finetune_settings and finetune_settings.layer_decay != 1.0 \
-            and not isinstance(run.encoder, VisionTransformer):
-        raise ConfigError([f"layer-wise learning-rate decay needs a ViT; {run_dir} has a {run.cfg.backbone.name} "
-                           "encoder (leave --finetune-layer-decay at 1)"])
+    if "finetune" in protocols and finetune_settings:
+        check_layer_decay(run.encoder, finetune_settings)  # before any feature extraction or training
     data_cfg = run.cfg.data.labelled()
     if data:
         data_cfg = DataConfig(name=data, root=data_root, image_size=run.meta["image_size"])

@@ -22,6 +22,7 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
 
+from selfsup.config import ConfigError
 from selfsup.data.imageset import DataError, ImageSet
 from selfsup.eval.features import extract_features
 from selfsup.eval.linear import fit_logistic
@@ -149,6 +150,13 @@ def train_classifier(encoder: nn.Module, num_features: int, train: ImageSet, mea
     return model
 
 
+def check_layer_decay(encoder: nn.Module, settings: FinetuneSettings) -> None:
+    """Layer-wise decay needs an encoder made of numbered blocks: a ViT. Called before any training too."""
+    if settings.layer_decay != 1.0 and not isinstance(encoder, VisionTransformer):
+        raise ConfigError([f"layer-wise learning-rate decay needs a ViT encoder; this one is a "
+                           f"{type(encoder).__name__} (leave the layer decay at 1)"])
+
+
 def _optimizer_groups(model: Classifier, settings: FinetuneSettings) -> list[dict]:
     """AdamW groups with ``lr_scale``: no weight decay on biases and norms; with ``layer_decay`` < 1,
     timm's layer-wise scales over the ViT's patch embedding, blocks and final norm (the head at 1)."""
@@ -157,9 +165,7 @@ def _optimizer_groups(model: Classifier, settings: FinetuneSettings) -> list[dic
         for g in groups:
             g["weight_decay"] = 0.0 if g["exempt"] else settings.weight_decay
         return groups
-    if not isinstance(model.encoder, VisionTransformer):
-        raise ValueError(f"layer-wise learning-rate decay needs a ViT encoder; this one is a "
-                         f"{type(model.encoder).__name__} (use layer_decay 1)")
+    check_layer_decay(model.encoder, settings)
     groups = param_groups_layer_decay(model.encoder, weight_decay=settings.weight_decay,
                                       layer_decay=settings.layer_decay)
     head = model.head
