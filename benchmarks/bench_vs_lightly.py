@@ -63,8 +63,8 @@ def main() -> None:
 
     from selfsup.config import load_config
     from selfsup.data import load_dataset
-    from selfsup.eval.features import extract_features
-    from selfsup.eval.knn import knn_accuracy
+    from selfsup.monitor.features import extract_features
+    from selfsup.monitor.knn import knn_accuracy
     from selfsup.eval.linear import linear_probe
     from selfsup.methods.base import Progress
     from selfsup.train.build import build_method, view_recipe

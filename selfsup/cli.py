@@ -54,7 +54,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         print(cfg.to_yaml(), end="")
         return 0
     out = args.out or f"runs/{cfg.method.name}"
-    from selfsup.train import distributed
+    from selfsup import distributed
 
     distributed.init_from_env(cfg.train.device)
     main_process = distributed.is_main()
@@ -113,7 +113,7 @@ def _set_threads(threads: int | None) -> None:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from selfsup.eval.embed import embed_folder, write_embeddings
-    from selfsup.eval.evaluate import load_run
+    from selfsup.train.rundir import load_run
 
     _set_threads(args.threads)
     emb = embed_folder(load_run(args.run_dir, args.device), args.data, args.device)
@@ -127,7 +127,7 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from selfsup.eval.embed import embed_folder, encode, load_query_image
-    from selfsup.eval.evaluate import load_run
+    from selfsup.train.rundir import load_run
     from selfsup.eval.neighbors import cosine_topk, duplicate_groups
 
     if (args.query is None) == (not args.duplicates):
@@ -168,7 +168,7 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from selfsup.eval.evaluate import load_run
+    from selfsup.train.rundir import load_run
     from selfsup.eval.export import FORMATS, export_encoder, resolve_format
 
     fmt = resolve_format(args.format, args.out)

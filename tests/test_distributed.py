@@ -101,7 +101,7 @@ def test_two_processes_match_one(name):
 
 
 def test_gather_is_identity_on_one_process():
-    from selfsup.train.distributed import all_reduce_mean, gather, gather_no_grad
+    from selfsup.distributed import all_reduce_mean, gather, gather_no_grad
 
     x = torch.randn(3, 4, requires_grad=True)
     assert gather(x) is x and gather_no_grad(x) is x

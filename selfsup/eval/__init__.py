@@ -1,10 +1,6 @@
-"""Evaluation on frozen features (kNN, linear probe), baselines and collapse diagnostics."""
-from selfsup.eval.diagnostics import alignment, batch_diagnostics, effective_rank, energy_gap, spread, uniformity
-from selfsup.eval.evaluate import evaluate_run, format_table, load_run
-from selfsup.eval.features import extract_features, pixel_features
-from selfsup.eval.knn import knn_accuracy, knn_predict
+"""Evaluation of a run's encoder: kNN and linear probe on frozen features, fine-tuning, baselines, and the
+encoder's uses (embeddings, neighbours, export). Frozen features and kNN live in :mod:`selfsup.monitor`."""
+from selfsup.eval.evaluate import evaluate_run, format_table
 from selfsup.eval.linear import linear_probe
 
-__all__ = ["alignment", "batch_diagnostics", "effective_rank", "energy_gap", "spread", "uniformity", "evaluate_run",
-           "format_table", "load_run", "extract_features", "pixel_features", "knn_accuracy", "knn_predict",
-           "linear_probe"]
+__all__ = ["evaluate_run", "format_table", "linear_probe"]

@@ -17,8 +17,8 @@ from torch import Tensor
 
 from selfsup.data.folder import load_image_folder, read_image
 from selfsup.data.imageset import DataError, ImageSet
-from selfsup.eval.evaluate import LoadedRun
-from selfsup.eval.features import extract_features
+from selfsup.train.rundir import LoadedRun
+from selfsup.monitor.features import extract_features
 
 
 @dataclass

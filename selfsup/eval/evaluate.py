@@ -8,97 +8,26 @@ same labels with the same recipe (:mod:`selfsup.eval.finetune`).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import yaml
-from torch import Tensor, nn
+from torch import Tensor
 
-from selfsup import __version__
-from selfsup.config import ConfigError, DataConfig, RunConfig, config_from_dict
+from selfsup.config import ConfigError, DataConfig
 from selfsup.data import DataError, ImageSet, load_dataset
 from selfsup.data.splits import parse_fraction, stratified_subset
-from selfsup.eval.features import extract_features, pixel_features
+from selfsup.monitor.features import extract_features, pixel_features
 from selfsup.eval.finetune import FinetuneSettings, check_layer_decay, finetune_accuracy
-from selfsup.eval.knn import knn_accuracy
+from selfsup.monitor.knn import knn_accuracy
 from selfsup.eval.linear import linear_probe
 from selfsup.train.build import build_encoder
-from selfsup.train.checkpoint import CheckpointError, safe_load
+from selfsup.train.rundir import LoadedRun, load_run
 
 PROTOCOLS = ("knn", "linear")
 """The default protocols (frozen features)."""
 ALL_PROTOCOLS = PROTOCOLS + ("finetune",)
-ENCODER_META_KEYS = ("in_chans", "image_size", "mean", "std")
-
-
-@dataclasses.dataclass
-class LoadedRun:
-    cfg: RunConfig
-    encoder: nn.Module
-    meta: dict[str, Any]
-
-
-def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> LoadedRun:
-    """The run's config and its final encoder (``encoder.pt``, loaded weights-only)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run directory not found: {run_dir}")
-    for name in ("config.yaml", "encoder.json"):
-        if not (run_dir / name).is_file():
-            raise CheckpointError(f"{run_dir} is not a selfsup run directory (no {name})")
-    try:
-        cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-        meta = json.loads((run_dir / "encoder.json").read_text())
-    except (ConfigError, yaml.YAMLError, json.JSONDecodeError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"{run_dir} cannot be read by selfsup {__version__}{_written_by(run_dir)}: "
-                              f"{exc}") from None
-    missing = [k for k in ENCODER_META_KEYS if not isinstance(meta, dict) or k not in meta]
-    if missing:
-        raise CheckpointError(f"{run_dir}/encoder.json lacks {', '.join(missing)}{_written_by(run_dir)}; "
-                              f"re-run `selfsup pretrain` with selfsup {__version__} to evaluate it")
-    if not (run_dir / "encoder.pt").is_file():
-        raise CheckpointError(f"{run_dir} has no encoder.pt: pretraining did not finish. Run the same "
-                              "`selfsup pretrain` command again to resume it from its last checkpoint.")
-    encoder = build_encoder(cfg, meta["in_chans"], meta["image_size"])
-    state = safe_load(run_dir / "encoder.pt")
-    try:
-        encoder.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{run_dir}/encoder.pt does not fit backbone {cfg.backbone.name!r}"
-                              f"{_written_by(run_dir)}: {str(exc).splitlines()[0]}") from None
-    return LoadedRun(cfg, encoder.to(device), meta)
-
-
-def load_method(run: LoadedRun, run_dir: str | Path, device: torch.device | str = "cpu") -> nn.Module:
-    """The whole trained method (heads, decoder, classifier) from ``checkpoints/last.pt``, weights-only;
-    for what needs more than the encoder (reconstructions, pretext accuracy)."""
-    from selfsup.train.build import build_method
-    from selfsup.train.checkpoint import check_compatible
-
-    path = Path(run_dir) / "checkpoints" / "last.pt"
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found: the run kept no training checkpoint")
-    method = build_method(run.cfg, run.meta["in_chans"], run.meta["image_size"])
-    ckpt = safe_load(path)
-    check_compatible(ckpt, run.cfg.method.name, run.cfg.backbone.name)
-    try:
-        method.load_state_dict(ckpt["model"])
-    except (KeyError, RuntimeError) as exc:
-        raise CheckpointError(f"{path} does not fit method {run.cfg.method.name!r}: "
-                              f"{str(exc).splitlines()[0]}") from None
-    return method.to(device)
-
-
-def _written_by(run_dir: Path) -> str:
-    """`` (written by selfsup X)`` from the run's env.json, or nothing when unknown."""
-    try:
-        version = json.loads((run_dir / "env.json").read_text())["versions"]["selfsup"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return ""
-    return f" (written by selfsup {version})" if version != __version__ else ""
 
 
 def _check_compatible(images: ImageSet, meta: dict[str, Any]) -> None:

@@ -12,12 +12,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from selfsup import __version__
 from selfsup.config import ConfigError
-from selfsup.eval.evaluate import LoadedRun
+from selfsup.train.rundir import LoadedRun
 from selfsup.nn.backbones import TorchvisionResNet
 from selfsup.train.checkpoint import CheckpointError, atomic_save
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from selfsup.config import ConfigError
 from selfsup.data.imageset import DataError, ImageSet
-from selfsup.eval.features import extract_features
+from selfsup.monitor.features import extract_features
 from selfsup.eval.linear import fit_logistic
 from selfsup.train.optim import param_groups
 from selfsup.train.schedules import warmup_cosine

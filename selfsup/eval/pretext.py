@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from selfsup.data import ImageSet
-from selfsup.eval.features import eval_mode
+from selfsup.monitor.features import eval_mode
 from selfsup.methods.base import Progress
 from selfsup.views import ViewRecipe, make_views
 

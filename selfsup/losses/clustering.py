@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from selfsup.losses.precision import at_least_f32  # softmaxes and exp(S/ε) in bf16 lose the small codes
-from selfsup.train.distributed import all_reduce_mean, world_size
+from selfsup.distributed import all_reduce_mean, world_size
 
 
 @torch.no_grad()

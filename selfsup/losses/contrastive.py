@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from selfsup.losses.precision import fp32_loss
-from selfsup.train.distributed import gather as gather_ranks
-from selfsup.train.distributed import gather_no_grad
-from selfsup.train.distributed import rank
+from selfsup.distributed import gather as gather_ranks
+from selfsup.distributed import gather_no_grad
+from selfsup.distributed import rank
 
 
 @fp32_loss

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from selfsup.losses.clustering import sinkhorn_knopp
 from selfsup.losses.precision import fp32_loss
-from selfsup.train import distributed as dist
+from selfsup import distributed as dist
 
 
 def prototype_probs(z: Tensor, prototypes: Tensor, temperature: float) -> Tensor:

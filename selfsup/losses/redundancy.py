@@ -6,7 +6,7 @@ with negatives: Barlow Twins drives the cross-correlation matrix to the identity
 dimension's variance up and the covariances down, W-MSE whitens the batch before comparing.
 
 With ``gather=True`` the batch statistics use the embeddings of every process, gathered with
-gradients through :func:`selfsup.train.distributed.gather`, so the loss equals the one of a single
+gradients through :func:`selfsup.distributed.gather`, so the loss equals the one of a single
 process holding the global batch.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from selfsup.losses.precision import fp32_loss  # batch statistics and D×D (cross-)covariances in fp32
-from selfsup.train.distributed import gather as gather_ranks
+from selfsup.distributed import gather as gather_ranks
 
 
 def _off_diagonal(m: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ from selfsup.losses.clustering import deepcluster_loss, spherical_kmeans
 from selfsup.methods.base import Progress
 from selfsup.methods.registry import register
 from selfsup.nn.heads import mlp
-from selfsup.train.distributed import world_size
+from selfsup.distributed import world_size
 from selfsup.views import Augment, ViewRecipe, group_by_size
 
 _SIZED_BY_DATA = ("memory", "filled", "assignments")

@@ -25,7 +25,7 @@ from selfsup.methods.base import Progress
 from selfsup.methods.registry import register
 from selfsup.nn.ema import cosine_schedule, ema_update_, frozen_copy
 from selfsup.nn.heads import mlp
-from selfsup.train.distributed import all_reduce_mean
+from selfsup.distributed import all_reduce_mean
 from selfsup.views import Augment, ViewRecipe, group_by_size
 
 

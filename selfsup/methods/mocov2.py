@@ -32,7 +32,7 @@ from selfsup.methods.registry import register
 from selfsup.nn.ema import ema_update_, frozen_copy
 from selfsup.nn.heads import mlp
 from selfsup.nn.queue import MemoryQueue
-from selfsup.train.distributed import gather_no_grad
+from selfsup.distributed import gather_no_grad
 from selfsup.views import Augment, ViewRecipe
 
 

@@ -23,7 +23,7 @@ from selfsup.methods.base import Progress
 from selfsup.methods.registry import register
 from selfsup.nn.heads import mlp
 from selfsup.nn.queue import MemoryQueue
-from selfsup.train.distributed import gather_no_grad
+from selfsup.distributed import gather_no_grad
 from selfsup.views import Augment, ViewRecipe
 
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from selfsup.losses.pretext import pirl_loss
 from selfsup.methods.base import Progress
 from selfsup.methods.registry import register
-from selfsup.train.distributed import world_size
+from selfsup.distributed import world_size
 from selfsup.views import Augment, ViewRecipe
 from selfsup.views.tiles import check_grid, cut_tiles, shuffle_tiles, tile_batch
 

@@ -18,7 +18,7 @@ from selfsup.losses.redundancy import wmse_loss
 from selfsup.methods.base import Progress
 from selfsup.methods.registry import register
 from selfsup.nn.heads import mlp
-from selfsup.train.distributed import world_size
+from selfsup.distributed import world_size
 from selfsup.views import Augment, ViewRecipe
 
 # The paper's CIFAR augmentations: crops of 20–100% of the image, colour jitter, 10% grayscale, no blur.

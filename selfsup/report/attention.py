@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 import torch.nn.functional as F
 from torch import Tensor
 
-from selfsup.eval.features import eval_mode
+from selfsup.monitor.features import eval_mode
 from selfsup.report.curves import save_figure
 from selfsup.nn.vit import ViT
 from selfsup.report.reconstructions import model_inputs

@@ -125,9 +125,9 @@ def evaluate_encoder(encoder: torch.nn.Module | None, cfg, mean: Sequence[float]
 
     from selfsup.data import DataError, load_dataset
     from selfsup.data.splits import parse_fraction, stratified_subset
-    from selfsup.eval.diagnostics import effective_rank
+    from selfsup.monitor.diagnostics import effective_rank
     from selfsup.eval.evaluate import evaluate_features
-    from selfsup.eval.features import extract_features, pixel_features
+    from selfsup.monitor.features import extract_features, pixel_features
     from selfsup.report.embeddings import sample_indices
 
     train, test = load_dataset(cfg.data.labelled())
@@ -166,7 +166,7 @@ def held_out_pretext_accuracy(run, run_dir: str | Path, device: torch.device) ->
     """The pretext method's accuracy on its own task over the test split (the train split when there
     is no test split), with its training views; see :mod:`selfsup.eval.pretext`."""
     from selfsup.data import load_dataset
-    from selfsup.eval.evaluate import load_method
+    from selfsup.train.rundir import load_method
     from selfsup.eval.pretext import pretext_accuracy
     from selfsup.methods import get_method
     from selfsup.train.build import view_recipe
@@ -181,7 +181,7 @@ def held_out_pretext_accuracy(run, run_dir: str | Path, device: torch.device) ->
 def run_one(spec: BenchSpec) -> dict[str, Any]:
     """Pretrain (or build a random encoder), then evaluate; what one bench subprocess does."""
     from selfsup.config import load_config
-    from selfsup.eval.evaluate import load_run
+    from selfsup.train.rundir import load_run
     from selfsup.methods import get_method
     from selfsup.train.loop import pretrain, resolve_device
 

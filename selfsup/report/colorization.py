@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfsup.eval.features import eval_mode
+from selfsup.monitor.features import eval_mode
 from selfsup.methods.colorization import LUMA, merge_chroma, split_chroma
 from selfsup.report.reconstructions import save_reconstruction_grid, unnormalize
 from selfsup.views import normalize, to_float

@@ -11,7 +11,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from selfsup.eval.collapse import CollapseMonitor
+from selfsup.monitor.collapse import CollapseMonitor
 
 WARN_COLOR = "#d62728"
 

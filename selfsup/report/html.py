@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from selfsup.data import DataError, load_dataset
-from selfsup.eval.diagnostics import effective_rank
-from selfsup.eval.features import extract_features
+from selfsup.monitor.diagnostics import effective_rank
+from selfsup.monitor.features import extract_features
 from selfsup.report import curves, embeddings
 from selfsup.train.checkpoint import CheckpointError
 from selfsup.train.rundir import read_metrics
@@ -128,7 +128,7 @@ def _eval_results(run_dir: Path) -> str:
 def _load_for_pictures(run_dir: Path, opts: ReportOptions):
     """(the run's encoder and config, its train split, its test split — the train split when there is
     none), or the reason they cannot be had (missing data, an unfinished run) as a string."""
-    from selfsup.eval.evaluate import load_run
+    from selfsup.train.rundir import load_run
 
     try:
         run = load_run(run_dir, opts.device)
@@ -166,7 +166,7 @@ def _model_pictures(run, test, run_dir: Path, out: Path, opts: ReportOptions) ->
     reconstruct (MAE, SimMIM; the whole method, decoder included, from ``checkpoints/last.pt``), the
     colorization grid (grey input, predicted colours, originals) and
     CLS attention maps for ViT encoders. A missing or mismatched checkpoint gives a note, not an error."""
-    from selfsup.eval.evaluate import load_method
+    from selfsup.train.rundir import load_method
     from selfsup.methods import get_method
     from selfsup.nn.vit import ViT
     from selfsup.report.attention import save_attention_maps

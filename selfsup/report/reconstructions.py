@@ -13,7 +13,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from selfsup.eval.features import eval_mode
+from selfsup.monitor.features import eval_mode
 from selfsup.report.curves import save_figure
 from selfsup.views import normalize, to_float
 

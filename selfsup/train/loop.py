@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import signal
 import sys
@@ -23,15 +22,15 @@ from torch import Tensor, nn
 
 from selfsup.config import ConfigError, RunConfig
 from selfsup.data import DataError, ImageSet, holdout_split, load_dataset
-from selfsup.eval.collapse import CollapseMonitor
-from selfsup.eval.diagnostics import batch_diagnostics
-from selfsup.eval.features import extract_features
-from selfsup.eval.knn import knn_accuracy
+from selfsup.monitor.collapse import CollapseMonitor
+from selfsup.monitor.diagnostics import batch_diagnostics
+from selfsup.monitor.features import extract_features
+from selfsup.monitor.knn import knn_accuracy
 from selfsup.methods import get_method
 from selfsup.methods.base import Progress
-from selfsup.train import distributed as dist
+from selfsup import distributed as dist
 from selfsup.train.build import build_method, check_batch, check_names, check_run, view_recipe
-from selfsup.train.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, check_compatible, safe_load
+from selfsup.train.checkpoint import FORMAT_VERSION, atomic_save, check_compatible, safe_load
 from selfsup.train.optim import build_optimizer, set_lr
 from selfsup.train.rundir import MetricsLog, check_resumable, write_env
 from selfsup.train.schedules import scaled_lr, warmup_cosine

@@ -1,6 +1,8 @@
-"""The run directory: resolved config, environment, metrics log and the resume decision."""
+"""The run directory, written and read: resolved config, environment, metrics log, the resume decision, and
+loading a finished run's encoder (or whole method) back."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -10,8 +12,14 @@ from typing import Any
 
 import torch
 import yaml
+from torch import nn
 
-from selfsup.config import ConfigError, RunConfig
+from selfsup import __version__
+from selfsup.config import ConfigError, RunConfig, config_from_dict
+from selfsup.train.build import build_encoder, build_method
+from selfsup.train.checkpoint import CheckpointError, check_compatible, safe_load
+
+ENCODER_META_KEYS = ("in_chans", "image_size", "mean", "std")
 
 # Keys that may differ between a run and its resumption without changing what is computed.
 RESUME_FREE_KEYS = {("train", "progress"), ("train", "log_every"), ("train", "device"), ("train", "threads"),
@@ -21,8 +29,6 @@ RESUME_FREE_KEYS = {("train", "progress"), ("train", "log_every"), ("train", "de
 def versions() -> dict[str, str]:
     import numpy
     import torchvision
-
-    from selfsup import __version__
 
     return {"selfsup": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "numpy": numpy.__version__}
@@ -85,3 +91,67 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    cfg: RunConfig
+    encoder: nn.Module
+    meta: dict[str, Any]
+
+
+def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> LoadedRun:
+    """The run's config and its final encoder (``encoder.pt``, loaded weights-only)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory not found: {run_dir}")
+    for name in ("config.yaml", "encoder.json"):
+        if not (run_dir / name).is_file():
+            raise CheckpointError(f"{run_dir} is not a selfsup run directory (no {name})")
+    try:
+        cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        meta = json.loads((run_dir / "encoder.json").read_text())
+    except (ConfigError, yaml.YAMLError, json.JSONDecodeError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{run_dir} cannot be read by selfsup {__version__}{_written_by(run_dir)}: "
+                              f"{exc}") from None
+    missing = [k for k in ENCODER_META_KEYS if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise CheckpointError(f"{run_dir}/encoder.json lacks {', '.join(missing)}{_written_by(run_dir)}; "
+                              f"re-run `selfsup pretrain` with selfsup {__version__} to evaluate it")
+    if not (run_dir / "encoder.pt").is_file():
+        raise CheckpointError(f"{run_dir} has no encoder.pt: pretraining did not finish. Run the same "
+                              "`selfsup pretrain` command again to resume it from its last checkpoint.")
+    encoder = build_encoder(cfg, meta["in_chans"], meta["image_size"])
+    state = safe_load(run_dir / "encoder.pt")
+    try:
+        encoder.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{run_dir}/encoder.pt does not fit backbone {cfg.backbone.name!r}"
+                              f"{_written_by(run_dir)}: {str(exc).splitlines()[0]}") from None
+    return LoadedRun(cfg, encoder.to(device), meta)
+
+
+def load_method(run: LoadedRun, run_dir: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+    """The whole trained method (heads, decoder, classifier) from ``checkpoints/last.pt``, weights-only;
+    for what needs more than the encoder (reconstructions, pretext accuracy)."""
+    path = Path(run_dir) / "checkpoints" / "last.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: the run kept no training checkpoint")
+    method = build_method(run.cfg, run.meta["in_chans"], run.meta["image_size"])
+    ckpt = safe_load(path)
+    check_compatible(ckpt, run.cfg.method.name, run.cfg.backbone.name)
+    try:
+        method.load_state_dict(ckpt["model"])
+    except (KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} does not fit method {run.cfg.method.name!r}: "
+                              f"{str(exc).splitlines()[0]}") from None
+    return method.to(device)
+
+
+def _written_by(run_dir: Path) -> str:
+    """`` (written by selfsup X)`` from the run's env.json, or nothing when unknown."""
+    try:
+        version = json.loads((run_dir / "env.json").read_text())["versions"]["selfsup"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    return f" (written by selfsup {version})" if version != __version__ else ""

@@ -1,6 +1,6 @@
 """Collapse warnings: watch spread and effective rank during training and say clearly when they fail.
 
-Two failures look different in the diagnostics (``selfsup.eval.diagnostics``):
+Two failures look different in the diagnostics (``selfsup.monitor.diagnostics``):
 
 - complete collapse — every input maps to (nearly) one point: the spread of the l2-normalised
   embeddings falls towards 0 instead of staying near 1/√D (SimSiam without stop-gradient, Chen & He
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from selfsup.train import distributed as dist
+from selfsup import distributed as dist
 
 log = logging.getLogger("selfsup")
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from selfsup.cli import main
-from selfsup.eval.collapse import CollapseMonitor
+from selfsup.monitor.collapse import CollapseMonitor
 from selfsup.report.html import ReportOptions, write_report
 from selfsup.train.checkpoint import CheckpointError
 

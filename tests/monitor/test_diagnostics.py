@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from selfsup.eval.collapse import CollapseMonitor
-from selfsup.eval.diagnostics import (alignment, batch_diagnostics, effective_rank, energy_gap, healthy_spread,
+from selfsup.monitor.collapse import CollapseMonitor
+from selfsup.monitor.diagnostics import (alignment, batch_diagnostics, effective_rank, energy_gap, healthy_spread,
                                       spread, uniformity)
 
 

@@ -1,13 +1,12 @@
 """Augmentation statistics: parameters inside their ranges and drawn per sample."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 
 from selfsup.config import ConfigError
-from selfsup.views import Augment, ViewRecipe, apply_overrides, group_by_size, make_views, resolve_sizes
+from selfsup.views import ViewRecipe, apply_overrides, group_by_size, make_views, resolve_sizes
 from selfsup.views.ops import color_jitter, gaussian_blur, resized_crop_flip, sample_crop_boxes, solarize
 
 

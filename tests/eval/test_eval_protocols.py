@@ -21,8 +21,9 @@ from selfsup.cli import main
 from selfsup.config import ConfigError, config_from_dict
 from selfsup.data import DataError
 from selfsup.eval.embed import embed_folder, read_embeddings, write_embeddings
-from selfsup.eval.evaluate import evaluate_run, format_table, load_run
-from selfsup.eval.features import extract_features
+from selfsup.eval.evaluate import evaluate_run, format_table
+from selfsup.train.rundir import load_run
+from selfsup.monitor.features import extract_features
 from selfsup.eval.finetune import FinetuneSettings, classifier_accuracy, train_classifier
 from selfsup.eval.neighbors import cosine_topk, duplicate_groups
 from selfsup.train.checkpoint import CheckpointError

@@ -8,7 +8,6 @@ methods); the tiny settings for each backbone come from ``conftest.TINY_BACKBONE
 """
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from selfsup.config import ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig
-from selfsup.eval.diagnostics import effective_rank, healthy_spread, spread
+from selfsup.monitor.diagnostics import effective_rank, healthy_spread, spread
 from selfsup.losses.distillation import byol_loss, dino_loss, negative_cosine
 from selfsup.methods.base import Progress
 from selfsup.methods.byol import BYOL
