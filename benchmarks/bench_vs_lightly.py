@@ -69,8 +69,8 @@ def main() -> None:
     from selfsup.methods.base import Progress
     from selfsup.train.build import build_method, view_recipe
     from selfsup.train.loop import resolve_precision
-    from selfsup.train.optim import build_optimizer, set_lr
-    from selfsup.train.schedules import scaled_lr, warmup_cosine
+    from selfsup.train.optim import build_optimizer, set_optim_values
+    from selfsup.schedules import scaled_lr, warmup_cosine
     from selfsup.views import make_views
 
     version, NTXentLoss, SimCLRProjectionHead, SimCLRTransform, LightlyLARS = import_lightly()
@@ -141,7 +141,7 @@ def main() -> None:
         t0 = time.perf_counter()
         for i in range(steps):
             step = epoch * steps + i
-            set_lr(ours_opt, warmup_cosine(step, total, warmup, lr), lr)
+            set_optim_values(ours_opt, warmup_cosine(step, total, warmup, lr), lr)
             with torch.no_grad():
                 views = make_views(train.images[order[i * b : (i + 1) * b]], recipe, mean, std)
             views = [x.contiguous(memory_format=torch.channels_last) for x in views]

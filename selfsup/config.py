@@ -17,6 +17,11 @@ from typing import Any
 import yaml
 
 
+AUTO = "auto"
+"""A setting decided for the data at hand when the run starts (``backbone: auto``); the run directory stores
+the decision."""
+
+
 class ConfigError(ValueError):
     """A configuration the user must fix; the message lists every problem found."""
 
@@ -64,6 +69,9 @@ class OptimConfig:
     lr_scaling: str = "linear"
     """``linear`` (lr × B/256), ``sqrt`` (lr × √B, the SimCLR paper's rule for small batches) or ``none``."""
     weight_decay: float = 1e-6
+    weight_decay_end: float | None = None
+    """Weight decay moves from ``weight_decay`` to this along a cosine over the run (DINO, arXiv:2104.14294:
+    0.04 → 0.4); ``None`` keeps it constant."""
     momentum: float = 0.9
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_epochs: float = 1.0
@@ -104,7 +112,8 @@ class TrainConfig:
 @dataclass
 class RunConfig:
     method: ModelConfig = field(default_factory=lambda: ModelConfig("simclr"))
-    backbone: ModelConfig = field(default_factory=lambda: ModelConfig("small_resnet"))
+    backbone: ModelConfig = field(default_factory=lambda: ModelConfig(AUTO))
+    """``auto``: the method's default backbone (a ViT for masked methods), else the small residual CNN."""
     data: DataConfig = field(default_factory=DataConfig)
     views: dict[str, Any] = field(default_factory=dict)
     """Overrides of the method's view recipe, applied to every view (see ``selfsup.views.Augment``);
@@ -257,6 +266,8 @@ def check_values(cfg: RunConfig) -> list[str]:
         p.append(f"optim.lr must be > 0, got {o.lr}")
     if isinstance(o.weight_decay, float) and o.weight_decay < 0:
         p.append(f"optim.weight_decay must be ≥ 0, got {o.weight_decay}")
+    if isinstance(o.weight_decay_end, float) and o.weight_decay_end < 0:
+        p.append(f"optim.weight_decay_end must be ≥ 0 or null, got {o.weight_decay_end}")
     if isinstance(o.warmup_epochs, float) and o.warmup_epochs < 0:
         p.append(f"optim.warmup_epochs must be ≥ 0, got {o.warmup_epochs}")
     if isinstance(o.min_lr_ratio, float) and not 0 <= o.min_lr_ratio <= 1:

@@ -21,12 +21,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from selfsup.methods import METHODS
-from selfsup.methods.base import Progress
+from selfsup.methods.base import make_progress
 from selfsup.methods.registry import method_params
 
 WORLD = 2
 GATHER_METHODS = sorted(n for n, info in METHODS.items()
-                        if "gather" in method_params(info.cls) and not getattr(info.cls, "stochastic_step", False))
+                        if "gather" in method_params(info.cls) and not info.spec.stochastic_step)
 
 
 def _free_port() -> int:
@@ -39,7 +39,7 @@ def _build(name: str, gather: bool):
     from test_methods import tiny_method  # the same tiny settings as the registry tests
 
     torch.manual_seed(0)
-    method = tiny_method(name, getattr(METHODS[name].cls, "test_in_chans", 1))
+    method = tiny_method(name, METHODS[name].spec.test_in_chans)
     method.gather = gather
     return method.eval()
 
@@ -48,9 +48,9 @@ def _views(name: str, n: int):
     method = _build(name, False)
     from selfsup.views import make_views, resolve_sizes
 
-    recipe = resolve_sizes(type(method).views, 16)
+    recipe = resolve_sizes(method.spec.views, 16)
     g = torch.Generator().manual_seed(1)
-    images = torch.randint(0, 256, (n, getattr(METHODS[name].cls, "test_in_chans", 1), 16, 16), generator=g,
+    images = torch.randint(0, 256, (n, METHODS[name].spec.test_in_chans, 16, 16), generator=g,
                            dtype=torch.uint8)
     torch.manual_seed(2)
     c = images.shape[1]
@@ -59,7 +59,7 @@ def _views(name: str, n: int):
 
 def _step(method, views):
     torch.manual_seed(3)
-    loss, _ = method.training_step(views, Progress(5, 100, 0, 10))
+    loss, _ = method.training_step(views, make_progress(method, 5, 100, 0, 10))
     method.zero_grad()
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in method.named_parameters() if p.grad is not None}

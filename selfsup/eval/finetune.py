@@ -27,7 +27,7 @@ from selfsup.data.imageset import DataError, ImageSet
 from selfsup.monitor.features import extract_features
 from selfsup.eval.linear import fit_logistic
 from selfsup.train.optim import param_groups
-from selfsup.train.schedules import warmup_cosine
+from selfsup.schedules import warmup_cosine
 from selfsup.views import normalize, to_float
 from selfsup.views.ops import resized_crop_flip
 

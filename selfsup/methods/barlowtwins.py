@@ -14,7 +14,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from selfsup.losses.redundancy import barlow_twins_loss
-from selfsup.methods.base import Progress
+from selfsup.methods.base import MethodSpec, Progress
 from selfsup.methods.registry import register
 from selfsup.nn.heads import mlp
 from selfsup.views import Augment, ViewRecipe
@@ -27,9 +27,10 @@ _VIEW_2 = Augment(saturation=0.2, blur_p=0.1, solarize_p=0.2)
 @register("barlowtwins", "redundancy-reduction",
           "Zbontar et al. 2021, Barlow Twins: Self-Supervised Learning via Redundancy Reduction, arXiv:2103.03230")
 class BarlowTwins(nn.Module):
-    views = ViewRecipe(globals_=(_VIEW_1, _VIEW_2))
-    min_batch_size = 2
-    test_params = {"proj_hidden": 64, "proj_dim": 64}
+    spec = MethodSpec(
+        views=ViewRecipe(globals_=(_VIEW_1, _VIEW_2)),
+        test_params={"proj_hidden": 64, "proj_dim": 64},
+    )
 
     def __init__(self, backbone: nn.Module, *, lambd: float = 5e-3, proj_hidden: int = 8192, proj_dim: int = 8192,
                  proj_layers: int = 3, bias_lr_scale: float = 0.024, gather: bool = False):

@@ -1,23 +1,41 @@
-"""What every method shares: the step-progress record and the view/batch declarations.
+"""The method contract: what a method is, what it declares, and the one place its optional hooks are read.
 
-There is no method base class. A method is a plain ``nn.Module`` with
-``forward(x) -> (B, D)`` features, ``training_step(views, progress) -> (loss, logs)``, an optional
-``after_step(progress)``, and two class attributes: ``views`` (a :class:`ViewRecipe`) and
-``min_batch_size``. Optional hooks: ``check_run(n_train, batch_size, recipe) -> list[str]`` (problems
-found before training starts), ``ema_pairs() -> [(teacher, student)]`` with ``momentum(progress)`` for
-methods with EMA teachers, ``default_backbone`` (a registered backbone name), ``needs_indices = True``
-(``training_step`` then also gets ``indices=``, the batch's positions in the training set, for per-sample
-memories: DeepCluster-v2, PIRL) and ``test_params`` (small constructor settings for the registry tests). A
-method whose recipe has no local crops is never given any (multi-crop is opt-in by declaring them). Optimiser parameter groups come from an optional ``param_groups()`` returning
-``[{"params": [...], "lr_scale": float, ...}]`` (e.g. a predictor with its own learning rate).
+There is no method base class. A method is a plain ``nn.Module`` that satisfies :class:`Method`:
 
-``logs`` holds scalar tensors (logged without forcing a device sync every step) and, optionally,
-``"z"``: (B, D) embeddings of one view with ``"z_pair"``: (B, D) those of its positives, detached,
-from which the loop measures collapse (embedding spread, effective rank, energy gap).
+- ``spec``: a :class:`MethodSpec` class attribute, everything the loop, the builder and the tests need to
+  know before the method runs (views, smallest batch, default backbone, whether it needs sample indices);
+- ``backbone``: the encoder being pretrained, with ``num_features``;
+- ``forward(x) -> (B, D)``: the backbone features used for evaluation;
+- ``training_step(views, progress, **extra) -> (loss, logs)``: wires heads and losses. ``logs`` holds scalar
+  tensors (logged without forcing a device sync every step), optionally ``"z"``/``"z_pair"`` ((B, D) detached
+  embeddings of one view and of its positives, from which the loop measures collapse), and whatever
+  ``after_step`` needs (keys named by the method, e.g. MoCo's new keys): nothing passes between the two
+  through attributes. A method whose recipe has no local crops is never given any.
+
+Optional hooks, each read only through the function of the same purpose below:
+
+- ``after_step(progress, logs)``: state updates once the optimiser step is taken (queue pushes, centres) —
+  :func:`run_after_step`;
+- ``ema_pairs() -> [(teacher, student)]``: modules the loop moves towards their students with the
+  ``"teacher_momentum"`` schedule value in one :func:`~selfsup.nn.ema.update_teachers` — :func:`teacher_pairs`;
+- ``schedules() -> {name: Schedule}``: per-step values (teacher momentum, teacher temperature) evaluated by
+  :func:`make_progress` and read in ``training_step`` as ``progress.value(name)`` — :func:`schedules_of`;
+- ``param_groups() -> [{"params": [...], "lr_scale": s, "fixed_lr": bool}]``: parts with their own learning
+  rate (a predictor) — :func:`custom_param_groups`;
+- ``check_run(n_train, batch_size, recipe) -> [problem, ...]``: checks against the data and the views before
+  training starts (a queue larger than the dataset) — :func:`run_checks`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, ClassVar, Mapping, Protocol, runtime_checkable
+
+from torch import Tensor, nn
+
+from selfsup.nn.ema import update_teachers
+from selfsup.schedules import Schedule
+from selfsup.views import ViewRecipe
 
 
 @dataclass(frozen=True)
@@ -29,8 +47,104 @@ class Progress:
     total_steps: int
     epoch: int
     steps_per_epoch: int
+    values: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    """This step's values of the method's :class:`Schedule` s, computed once by :func:`make_progress`."""
 
     @property
     def fraction(self) -> float:
         """Training progress in [0, 1]; the argument of every per-iteration schedule."""
         return self.step / max(1, self.total_steps)
+
+    def value(self, name: str) -> float:
+        """A scheduled value (``"teacher_momentum"``, ``"teacher_temp"``) at this step."""
+        if name not in self.values:
+            raise KeyError(f"progress holds no scheduled value {name!r} (it has {sorted(self.values)}); build it "
+                           "with selfsup.methods.base.make_progress(method, ...) so the method's schedules are evaluated")
+        return self.values[name]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method declares about itself (a class attribute ``spec``), read by the loop and the builder."""
+
+    views: ViewRecipe
+    """The paper's views; a run's ``views:`` config overrides fields of it."""
+    min_batch_size: int = 2
+    default_backbone: str | None = None
+    """The backbone a run gets when it names none (a ViT for masked methods)."""
+    needs_indices: bool = False
+    """``training_step`` also gets ``indices=`` (B,): the batch's positions in the training set (per-sample
+    memories: PIRL, DeepCluster-v2)."""
+    stochastic_step: bool = False
+    """``training_step`` draws randomness of its own (masks): parity tests compare its loss, not its step."""
+    test_params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    """Small constructor settings for the registry-wide tests."""
+    pictures: tuple[str, ...] = ()
+    """What ``selfsup report`` draws from the trained method besides the encoder's pictures:
+    ``"reconstructions"`` (the method has ``reconstruct(x) -> (masked input, reconstruction)``: MAE, SimMIM),
+    ``"colorization"`` (``predict_chroma(y)``)."""
+    test_in_chans: int = 1
+    """Image channels of the registry-wide tests' inputs (3 for a method that needs colour)."""
+
+
+@runtime_checkable
+class Method(Protocol):
+    """The required part of the contract (see the module docstring for the optional hooks)."""
+
+    spec: ClassVar[MethodSpec]
+    backbone: nn.Module
+
+    def forward(self, x: Tensor) -> Tensor: ...
+
+    def training_step(self, views: list[Tensor], progress: Progress,
+                      **extra: Tensor) -> tuple[Tensor, dict[str, Tensor]]: ...
+
+
+def method_spec(method: nn.Module | type) -> MethodSpec:
+    spec = getattr(method, "spec", None)
+    if not isinstance(spec, MethodSpec):
+        name = method.__name__ if isinstance(method, type) else type(method).__name__
+        raise TypeError(f"{name} has no `spec = MethodSpec(...)` class attribute; every method declares one")
+    return spec
+
+
+def schedules_of(method: nn.Module) -> dict[str, Schedule]:
+    hook = getattr(method, "schedules", None)
+    return dict(hook()) if hook is not None else {}
+
+
+def make_progress(method: nn.Module, step: int, total_steps: int, epoch: int, steps_per_epoch: int) -> Progress:
+    """The :class:`Progress` of one step with every schedule of ``method`` evaluated: the one place
+    per-step method values are computed (the loop calls it; so do tests that drive a method by hand)."""
+    values = {name: s.at(step, total_steps, steps_per_epoch) for name, s in schedules_of(method).items()}
+    return Progress(step, total_steps, epoch, steps_per_epoch, MappingProxyType(values))
+
+
+def teacher_pairs(method: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    hook = getattr(method, "ema_pairs", None)
+    return list(hook()) if hook is not None else []
+
+
+def run_after_step(method: nn.Module, progress: Progress, logs: dict[str, Tensor]) -> None:
+    hook = getattr(method, "after_step", None)
+    if hook is not None:
+        hook(progress, logs)
+
+
+def finish_step(method: nn.Module, progress: Progress, logs: dict[str, Tensor]) -> None:
+    """What follows a taken optimiser step, in order: the method's ``after_step`` with what its
+    ``training_step`` returned, then one EMA update of every teacher with this step's ``teacher_momentum``."""
+    run_after_step(method, progress, logs)
+    pairs = teacher_pairs(method)
+    if pairs:
+        update_teachers(pairs, progress.value("teacher_momentum"))
+
+
+def custom_param_groups(method: nn.Module) -> list[dict[str, Any]]:
+    hook = getattr(method, "param_groups", None)
+    return list(hook()) if hook is not None else []
+
+
+def run_checks(method: nn.Module, n_train: int, batch_size: int, recipe: ViewRecipe) -> list[str]:
+    hook = getattr(method, "check_run", None)
+    return list(hook(n_train, batch_size, recipe)) if hook is not None else []

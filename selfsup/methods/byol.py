@@ -16,25 +16,25 @@ import torch
 from torch import Tensor, nn
 
 from selfsup.losses.distillation import byol_loss
-from selfsup.methods.base import Progress
+from selfsup.methods.base import MethodSpec, Progress
 from selfsup.methods.registry import register
-from selfsup.nn.ema import cosine_schedule, ema_update_, frozen_copy
+from selfsup.nn.ema import check_momentum, frozen_copy
 from selfsup.nn.heads import mlp
+from selfsup.schedules import Schedule
 from selfsup.views import Augment, ViewRecipe
 
 
 @register("byol", "self-distillation", "Grill et al. 2020, Bootstrap Your Own Latent, arXiv:2006.07733")
 class BYOL(nn.Module):
-    views = ViewRecipe(globals_=(Augment(blur_p=1.0, solarize_p=0.0), Augment(blur_p=0.1, solarize_p=0.2)))
-    min_batch_size = 2
-    test_params = {"proj_hidden": 32, "proj_dim": 16, "pred_hidden": 32}
+    spec = MethodSpec(
+        views=ViewRecipe(globals_=(Augment(blur_p=1.0, solarize_p=0.0), Augment(blur_p=0.1, solarize_p=0.2))),
+        test_params={"proj_hidden": 32, "proj_dim": 16, "pred_hidden": 32},
+    )
 
     def __init__(self, backbone: nn.Module, *, proj_hidden: int = 4096, proj_dim: int = 256, pred_hidden: int = 4096,
-                 base_momentum: float = 0.996, final_momentum: float = 1.0, predictor_lr_scale: float = 1.0):
+                 momentum_start: float = 0.996, momentum_end: float = 1.0, predictor_lr_scale: float = 1.0):
         super().__init__()
-        for name, m in (("base_momentum", base_momentum), ("final_momentum", final_momentum)):
-            if not 0.0 <= m <= 1.0:
-                raise ValueError(f"byol: {name} must be in [0, 1], got {m}")
+        check_momentum("byol", momentum_start, momentum_end)
         if predictor_lr_scale <= 0:
             raise ValueError(f"byol: predictor_lr_scale must be > 0, got {predictor_lr_scale}")
         if min(proj_hidden, proj_dim, pred_hidden) < 1:
@@ -44,7 +44,7 @@ class BYOL(nn.Module):
         self.predictor = mlp([proj_dim, pred_hidden, proj_dim], norm="bn")
         self.target_backbone = frozen_copy(self.backbone)
         self.target_projector = frozen_copy(self.projector)
-        self.base_momentum, self.final_momentum = base_momentum, final_momentum
+        self.teacher_momentum = Schedule(momentum_start, momentum_end)
         self.predictor_lr_scale = predictor_lr_scale
 
     def forward(self, x: Tensor) -> Tensor:
@@ -59,17 +59,11 @@ class BYOL(nn.Module):
         loss = byol_loss(p[0], t[1]) + byol_loss(p[1], t[0])
         return loss, {"z": z[0].detach(), "z_pair": z[1].detach()}
 
-    def momentum(self, progress: Progress) -> float:
-        return cosine_schedule(progress.fraction, self.base_momentum, self.final_momentum)
+    def schedules(self) -> dict[str, Schedule]:
+        return {"teacher_momentum": self.teacher_momentum}
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.target_backbone, self.backbone), (self.target_projector, self.projector)]
-
-    @torch.no_grad()
-    def after_step(self, progress: Progress) -> None:
-        m = self.momentum(progress)
-        for teacher, student in self.ema_pairs():
-            ema_update_(teacher, student, m)
 
     def param_groups(self) -> list[dict]:
         return [{"params": list(self.predictor.parameters()), "lr_scale": self.predictor_lr_scale}]

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfsup.methods.base import Progress
+from selfsup.methods.base import MethodSpec, Progress
 from selfsup.methods.registry import register
 from selfsup.nn.heads import mlp
 from selfsup.views import Augment, ViewRecipe
@@ -51,10 +51,12 @@ def input_channels(backbone: nn.Module) -> int | None:
 
 @register("colorization", "pretext", "Zhang et al. 2016, Colorful Image Colorization, arXiv:1603.08511")
 class Colorization(nn.Module):
-    views = ViewRecipe(globals_=(Augment(scale=(0.5, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0),))
-    min_batch_size = 2
-    test_in_chans = 3
-    test_params = {"out_size": 4, "hidden": 64}
+    spec = MethodSpec(
+        views=ViewRecipe(globals_=(Augment(scale=(0.5, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0),)),
+        pictures=("colorization",),
+        test_params={"out_size": 4, "hidden": 64},
+        test_in_chans=3,
+    )
 
     def __init__(self, backbone: nn.Module, *, out_size: int = 8, hidden: int = 512):
         super().__init__()

@@ -20,23 +20,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.losses.clustering import deepcluster_loss, spherical_kmeans
-from selfsup.methods.base import Progress
+from selfsup.methods.base import MethodSpec, Progress
 from selfsup.methods.registry import register
 from selfsup.nn.heads import mlp
 from selfsup.distributed import world_size
+from selfsup.nn.memory import IndexedMemory
 from selfsup.views import Augment, ViewRecipe, group_by_size
-
-_SIZED_BY_DATA = ("memory", "filled", "assignments")
 
 
 @register("deepclusterv2", "clustering", "Caron et al. 2020, arXiv:2006.09882 (appendix A: DeepCluster-v2)")
 class DeepClusterV2(nn.Module):
-    views = ViewRecipe(globals_=(Augment(scale=(0.14, 1.0)), Augment(scale=(0.14, 1.0))), local_crops=4,
-                       local=Augment(scale=(0.05, 0.14)))
-    min_batch_size = 2
-    needs_indices = True
-    """The loop passes ``indices=`` (B,): the batch's positions in the training set, keys of the memory."""
-    test_params = {"proj_hidden": 32, "proj_dim": 16, "num_clusters": 4}
+    spec = MethodSpec(
+        views=ViewRecipe(globals_=(Augment(scale=(0.14, 1.0)), Augment(scale=(0.14, 1.0))), local_crops=4,
+                         local=Augment(scale=(0.05, 0.14))),
+        needs_indices=True,
+        test_params={"proj_hidden": 32, "proj_dim": 16, "num_clusters": 4},
+    )
 
     def __init__(self, backbone: nn.Module, *, num_clusters: int = 3000, temperature: float = 0.1,
                  kmeans_iters: int = 10, proj_hidden: int = 2048, proj_dim: int = 128):
@@ -50,10 +49,8 @@ class DeepClusterV2(nn.Module):
         self.projector = mlp([backbone.num_features, proj_hidden, proj_dim], norm="bn")
         self.temperature, self.kmeans_iters = temperature, kmeans_iters
         self.register_buffer("centroids", F.normalize(torch.randn(num_clusters, proj_dim), dim=1))
-        # Sized by the largest sample index seen, so the method needs no dataset size at construction.
-        self.register_buffer("memory", torch.zeros(0, proj_dim))
-        self.register_buffer("filled", torch.zeros(0, dtype=torch.bool))
-        self.register_buffer("assignments", torch.zeros(0, dtype=torch.long))
+        self.memory = IndexedMemory(proj_dim)  # one projection per training sample
+        self.assignments = IndexedMemory(1, dtype=torch.long, fill=-1)  # its cluster in the last k-means (−1: none)
         self.register_buffer("clustered_epoch", torch.tensor(-1))
         self.register_buffer("clustered_rows", torch.tensor(0))
 
@@ -70,20 +67,12 @@ class DeepClusterV2(nn.Module):
         return problems
 
     @torch.no_grad()
-    def _grow(self, n: int) -> None:
-        if n > self.memory.shape[0]:
-            extra = n - self.memory.shape[0]
-            self.memory = torch.cat([self.memory, self.memory.new_zeros(extra, self.memory.shape[1])])
-            self.filled = torch.cat([self.filled, self.filled.new_zeros(extra)])
-            self.assignments = torch.cat([self.assignments, self.assignments.new_full((extra,), -1)])
-
-    @torch.no_grad()
     def cluster(self, epoch: int) -> None:
         """k-means on the filled memory rows: new centroids and a label for each of those samples."""
-        rows = self.filled.nonzero().squeeze(1)
-        self.centroids, labels = spherical_kmeans(self.memory[rows], self.centroids.shape[0], self.kmeans_iters)
-        self.assignments.fill_(-1)
-        self.assignments[rows] = labels
+        rows = self.memory.filled_indices()
+        self.centroids, labels = spherical_kmeans(self.memory.rows[rows], self.centroids.shape[0], self.kmeans_iters)
+        self.assignments.clear()
+        self.assignments.write(rows, labels[:, None])
         self.clustered_epoch.fill_(epoch)
         self.clustered_rows.fill_(rows.numel())
 
@@ -94,26 +83,18 @@ class DeepClusterV2(nn.Module):
         b = views[0].shape[0]
         emb = z[:b].detach().float()
         # Without indices (a call outside the loop) the batch stands in for the whole training set.
-        idx = (torch.arange(b) if indices is None else indices).to(self.memory.device)
+        idx = (torch.arange(b) if indices is None else indices).to(self.centroids.device)
         with torch.no_grad():
-            self._grow(int(idx.max()) + 1)
-            if not self.filled.any():  # first step: cluster the first batch rather than nothing
-                self.memory[idx], self.filled[idx] = emb, True
-            if progress.epoch != int(self.clustered_epoch) or int(self.filled.sum()) >= 2 * int(self.clustered_rows):
+            if not self.memory.filled.any():  # first step: cluster the first batch rather than nothing
+                self.memory.write(idx, emb)
+            filled = int(self.memory.filled.sum())
+            if progress.epoch != int(self.clustered_epoch) or filled >= 2 * int(self.clustered_rows):
                 self.cluster(progress.epoch)
-            targets = self.assignments[idx]
+            targets = self.assignments.read(idx)[:, 0]
             unknown = targets < 0
             targets[unknown] = (emb[unknown] @ self.centroids.T).argmax(dim=1)
-            self.memory[idx], self.filled[idx] = emb, True
+            self.memory.write(idx, emb)
         scores = (z @ self.centroids.T.to(z.dtype)).view(len(views), b, -1)  # (V, B, K)
         loss = deepcluster_loss(scores, targets, self.temperature)
         logs = {"z": z[:b].detach(), "z_pair": z[b : 2 * b].detach(), "labels_from_kmeans": (~unknown).float().mean()}
         return loss, logs
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        # The memory grows with the data, so a checkpoint's may be larger than a fresh model's.
-        for name in _SIZED_BY_DATA:
-            saved = state_dict.get(prefix + name)
-            if saved is not None:
-                setattr(self, name, getattr(self, name).new_zeros(saved.shape))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

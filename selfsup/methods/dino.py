@@ -21,11 +21,12 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from selfsup.losses.distillation import dino_loss
-from selfsup.methods.base import Progress
+from selfsup.methods.base import MethodSpec, Progress
 from selfsup.methods.registry import register
-from selfsup.nn.ema import cosine_schedule, ema_update_, frozen_copy
+from selfsup.nn.ema import frozen_copy
 from selfsup.nn.heads import mlp
 from selfsup.distributed import all_reduce_mean
+from selfsup.schedules import Schedule
 from selfsup.views import Augment, ViewRecipe, group_by_size
 
 
@@ -66,22 +67,23 @@ class DINOHead(nn.Module):
 @register("dino", "self-distillation", "Caron et al. 2021, Emerging Properties in Self-Supervised Vision "
           "Transformers, arXiv:2104.14294")
 class DINO(nn.Module):
-    views = ViewRecipe(globals_=(Augment(scale=(0.4, 1.0), blur_p=1.0),
-                                 Augment(scale=(0.4, 1.0), blur_p=0.1, solarize_p=0.2)),
-                       local_crops=8, local=Augment(scale=(0.05, 0.4), blur_p=0.5))
-    min_batch_size = 2
-    test_params = {"out_dim": 64, "hidden": 32, "bottleneck": 16, "freeze_last_layer_epochs": 0}
+    spec = MethodSpec(
+        views=ViewRecipe(globals_=(Augment(scale=(0.4, 1.0), blur_p=1.0),
+                                   Augment(scale=(0.4, 1.0), blur_p=0.1, solarize_p=0.2)),
+                         local_crops=8, local=Augment(scale=(0.05, 0.4), blur_p=0.5)),
+        test_params={"out_dim": 64, "hidden": 32, "bottleneck": 16, "freeze_last_layer_epochs": 0},
+    )
 
     def __init__(self, backbone: nn.Module, *, out_dim: int = 65536, hidden: int = 2048, bottleneck: int = 256,
                  norm_last_layer: bool = True, student_temp: float = 0.1, teacher_temp: float = 0.07,
                  warmup_teacher_temp: float = 0.04, warmup_teacher_temp_epochs: float = 30,
-                 center_momentum: float = 0.9, base_momentum: float = 0.996, final_momentum: float = 1.0,
+                 center_momentum: float = 0.9, momentum_start: float = 0.996, momentum_end: float = 1.0,
                  freeze_last_layer_epochs: int = 1, use_bn_in_head: bool = False):
         super().__init__()
         problems = [f"{n} must be > 0, got {v}" for n, v in (("student_temp", student_temp),
                     ("teacher_temp", teacher_temp), ("warmup_teacher_temp", warmup_teacher_temp)) if v <= 0]
         problems += [f"{n} must be in [0, 1], got {v}" for n, v in (("center_momentum", center_momentum),
-                     ("base_momentum", base_momentum), ("final_momentum", final_momentum)) if not 0 <= v <= 1]
+                     ("momentum_start", momentum_start), ("momentum_end", momentum_end)) if not 0 <= v <= 1]
         if warmup_teacher_temp_epochs < 0:
             problems.append(f"warmup_teacher_temp_epochs must be ≥ 0, got {warmup_teacher_temp_epochs}")
         if teacher_temp < warmup_teacher_temp:
@@ -98,24 +100,17 @@ class DINO(nn.Module):
         self.teacher_backbone = frozen_copy(self.backbone)
         self.teacher_head = frozen_copy(self.head)
         self.register_buffer("center", torch.zeros(1, out_dim))
-        self.student_temp, self.teacher_temp = student_temp, teacher_temp
-        self.warmup_teacher_temp, self.warmup_teacher_temp_epochs = warmup_teacher_temp, warmup_teacher_temp_epochs
-        self.center_momentum, self.base_momentum, self.final_momentum = center_momentum, base_momentum, final_momentum
+        self.student_temp, self.center_momentum = student_temp, center_momentum
         self.freeze_last_layer_epochs = freeze_last_layer_epochs
-        self._teacher_mean: Tensor | None = None
+        # Linear warm-up over ``warmup_teacher_temp_epochs`` (fractional epochs, per iteration), then constant.
+        self.teacher_temp = Schedule(warmup_teacher_temp, teacher_temp, "warmup", warmup_teacher_temp_epochs)
+        self.teacher_momentum = Schedule(momentum_start, momentum_end)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(x)
 
-    def teacher_temperature(self, progress: Progress) -> float:
-        """Linear warm-up over ``warmup_teacher_temp_epochs`` (fractional epochs), then constant."""
-        if self.warmup_teacher_temp_epochs == 0:
-            return self.teacher_temp
-        t = min(progress.step / (self.warmup_teacher_temp_epochs * max(1, progress.steps_per_epoch)), 1.0)
-        return self.warmup_teacher_temp + t * (self.teacher_temp - self.warmup_teacher_temp)
-
     def training_step(self, views: list[Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
-        n_global, b = len(self.views.globals_), views[0].shape[0]
+        n_global, b = len(self.spec.views.globals_), views[0].shape[0]
         frozen = progress.epoch < self.freeze_last_layer_epochs
         student: list[Tensor | None] = [None] * len(views)
         embeds: list[Tensor] = []
@@ -126,26 +121,22 @@ class DINO(nn.Module):
                 student[i] = out
         with torch.no_grad():  # the teacher sees the global crops only
             teacher = self.teacher_head(self.teacher_backbone(torch.cat(views[:n_global])))
-        self._teacher_mean = teacher.mean(dim=0, keepdim=True)
-        temp = self.teacher_temperature(progress)
+        temp = progress.value("teacher_temp")
         loss = dino_loss(student, teacher.chunk(n_global), self.center, self.student_temp, temp)
         with torch.no_grad():  # log K when the teacher has turned uniform (one of DINO's two collapses)
             entropy = torch.special.entr(F.softmax((teacher - self.center) / temp, dim=-1)).sum(dim=-1).mean()
         return loss, {"teacher_temp": torch.tensor(temp), "teacher_entropy": entropy,
+                      "teacher_mean": teacher.mean(dim=0, keepdim=True),
                       "z": embeds[0][:b].detach(), "z_pair": embeds[0][b:2 * b].detach()}
 
-    def momentum(self, progress: Progress) -> float:
-        return cosine_schedule(progress.fraction, self.base_momentum, self.final_momentum)
+    def schedules(self) -> dict[str, Schedule]:
+        return {"teacher_momentum": self.teacher_momentum, "teacher_temp": self.teacher_temp}
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.teacher_backbone, self.backbone), (self.teacher_head, self.head)]
 
     @torch.no_grad()
-    def after_step(self, progress: Progress) -> None:
-        m = self.momentum(progress)
-        for teacher, student in self.ema_pairs():
-            ema_update_(teacher, student, m)
-        if self._teacher_mean is not None:  # c ← m·c + (1 − m)·mean of this step's teacher outputs, all ranks
-            batch_mean = all_reduce_mean(self._teacher_mean)
-            self.center.mul_(self.center_momentum).add_(batch_mean, alpha=1 - self.center_momentum)
-            self._teacher_mean = None
+    def after_step(self, progress: Progress, logs: dict[str, Tensor]) -> None:
+        """c ← m·c + (1 − m)·mean of this step's teacher outputs over every rank (arXiv:2104.14294, eq. 4)."""
+        batch_mean = all_reduce_mean(logs["teacher_mean"])
+        self.center.mul_(self.center_momentum).add_(batch_mean, alpha=1 - self.center_momentum)

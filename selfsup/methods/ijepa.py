@@ -18,11 +18,12 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from selfsup.losses.masked import latent_prediction_loss, layer_norm_targets
-from selfsup.methods.base import Progress
+from selfsup.methods.base import MethodSpec, Progress
 from selfsup.methods.registry import register
-from selfsup.nn.ema import cosine_schedule, ema_update_, frozen_copy
+from selfsup.nn.ema import check_momentum, frozen_copy
 from selfsup.nn.masking import block_masks, gather_tokens
 from selfsup.nn.vit import require_vit, sincos_pos_embed_2d
+from selfsup.schedules import Schedule
 from selfsup.views import Augment, ViewRecipe
 
 
@@ -51,10 +52,12 @@ class JEPAPredictor(nn.Module):
 
 @register("ijepa", "latent-prediction", "Assran et al. 2023, Joint-Embedding Predictive Architecture (I-JEPA), arXiv:2301.08243")
 class IJEPA(nn.Module):
-    views = ViewRecipe(globals_=(Augment.identity(),))
-    min_batch_size = 1
-    default_backbone = "vit_tiny"
-    test_params = {"num_targets": 2, "min_context": 2}
+    spec = MethodSpec(
+        views=ViewRecipe(globals_=(Augment.identity(),)),
+        min_batch_size=1,
+        default_backbone="vit_tiny",
+        test_params={"num_targets": 2, "min_context": 2},
+    )
 
     def __init__(self, backbone: nn.Module, *, num_targets: int = 4, target_scale: tuple[float, float] = (0.15, 0.2),
                  target_aspect: tuple[float, float] = (0.75, 1.5), context_scale: tuple[float, float] = (0.85, 1.0),
@@ -62,8 +65,7 @@ class IJEPA(nn.Module):
                  momentum_start: float = 0.996, momentum_end: float = 1.0, loss: str = "l2"):
         super().__init__()
         vit = require_vit(backbone, "ijepa")
-        if not (0.0 <= momentum_start <= 1.0 and 0.0 <= momentum_end <= 1.0):
-            raise ValueError(f"ijepa: EMA momentum must be in [0, 1], got {momentum_start} → {momentum_end}")
+        check_momentum("ijepa", momentum_start, momentum_end)
         if loss not in ("l2", "smooth_l1"):
             raise ValueError(f"ijepa: loss must be 'l2' or 'smooth_l1', got {loss!r}")
         if predictor_depth < 1 or predictor_dim % predictor_heads or predictor_dim % 4:
@@ -78,7 +80,8 @@ class IJEPA(nn.Module):
         self.backbone = vit  # the context encoder
         self.target_encoder = frozen_copy(vit)
         self.predictor = JEPAPredictor(vit.num_features, vit.grid_size, predictor_dim, predictor_depth, predictor_heads)
-        self.momentum_start, self.momentum_end, self.loss = momentum_start, momentum_end, loss
+        self.teacher_momentum = Schedule(momentum_start, momentum_end)
+        self.loss = loss
 
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(x)
@@ -96,12 +99,9 @@ class IJEPA(nn.Module):
         loss = latent_prediction_loss(pred, target, self.loss)
         return loss, {"z": self.backbone.pool_tokens(ctx).detach(), "context_patches": torch.tensor(float(masks.context.shape[1]))}
 
-    def momentum(self, progress: Progress) -> float:
-        return cosine_schedule(progress.fraction, self.momentum_start, self.momentum_end)
+    def schedules(self) -> dict[str, Schedule]:
+        return {"teacher_momentum": self.teacher_momentum}
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.target_encoder, self.backbone)]
 
-    @torch.no_grad()
-    def after_step(self, progress: Progress) -> None:
-        ema_update_(self.target_encoder, self.backbone, self.momentum(progress))

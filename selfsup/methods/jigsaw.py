@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfsup.methods.base import Progress
+from selfsup.methods.base import MethodSpec, Progress
 from selfsup.methods.registry import register
 from selfsup.nn.heads import mlp
 from selfsup.views import Augment, ViewRecipe
@@ -28,9 +28,10 @@ from selfsup.views.tiles import check_grid, cut_tiles, normalize_tiles, permutat
 @register("jigsaw", "pretext", "Noroozi & Favaro 2016, Unsupervised Learning of Visual Representations by Solving "
           "Jigsaw Puzzles, arXiv:1603.09246")
 class Jigsaw(nn.Module):
-    views = ViewRecipe(globals_=(Augment(scale=(0.6, 1.0), gray_p=0.3, blur_p=0.0),))
-    min_batch_size = 2
-    test_params = {"num_permutations": 10, "gap": 1}
+    spec = MethodSpec(
+        views=ViewRecipe(globals_=(Augment(scale=(0.6, 1.0), gray_p=0.3, blur_p=0.0),)),
+        test_params={"num_permutations": 10, "gap": 1},
+    )
 
     def __init__(self, backbone: nn.Module, *, grid: int = 3, gap: int = 2, tile_size: int | None = None,
                  num_permutations: int = 100, permutation_seed: int = 0, tile_dim: int = 128, hidden: int = 512,

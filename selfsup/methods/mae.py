@@ -15,7 +15,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from selfsup.losses.masked import masked_mse, normalize_patches
-from selfsup.methods.base import Progress
+from selfsup.methods.base import MethodSpec, Progress
 from selfsup.methods.registry import register
 from selfsup.nn.masking import check_mask_ratio, patchify, random_masking, unpatchify
 from selfsup.nn.vit import require_vit, sincos_pos_embed_2d
@@ -24,9 +24,12 @@ from selfsup.views import Augment, ViewRecipe
 
 @register("mae", "masked-modelling", "He et al. 2021, Masked Autoencoders Are Scalable Vision Learners, arXiv:2111.06377")
 class MAE(nn.Module):
-    views = ViewRecipe(globals_=(Augment(scale=(0.2, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0),))
-    min_batch_size = 1
-    default_backbone = "vit_tiny"
+    spec = MethodSpec(
+        views=ViewRecipe(globals_=(Augment(scale=(0.2, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0),)),
+        min_batch_size=1,
+        default_backbone="vit_tiny",
+        pictures=("reconstructions",),
+    )
 
     def __init__(self, backbone: nn.Module, *, mask_ratio: float = 0.75, decoder_dim: int = 128,
                  decoder_depth: int = 2, decoder_heads: int = 4, norm_pix_loss: bool = True):

@@ -27,29 +27,31 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.losses.contrastive import info_nce
-from selfsup.methods.base import Progress
+from selfsup.methods.base import MethodSpec, Progress
 from selfsup.methods.registry import register
-from selfsup.nn.ema import ema_update_, frozen_copy
+from selfsup.nn.ema import check_momentum, frozen_copy
 from selfsup.nn.heads import mlp
 from selfsup.nn.queue import MemoryQueue
 from selfsup.distributed import gather_no_grad
+from selfsup.schedules import Schedule
 from selfsup.views import Augment, ViewRecipe
 
 
 @register("mocov2", "contrastive", "Chen et al. 2020, Improved Baselines with Momentum Contrast, arXiv:2003.04297")
 class MoCoV2(nn.Module):
-    views = ViewRecipe(globals_=(Augment(scale=(0.2, 1.0)), Augment(scale=(0.2, 1.0))))  # MoCo v2's crops
-    min_batch_size = 2
-    test_params = {"queue_size": 16, "proj_hidden": 32, "proj_dim": 16, "bn_splits": 2}
+    spec = MethodSpec(
+        # MoCo v2's crops
+        views=ViewRecipe(globals_=(Augment(scale=(0.2, 1.0)), Augment(scale=(0.2, 1.0)))),
+        test_params={"queue_size": 16, "proj_hidden": 32, "proj_dim": 16, "bn_splits": 2},
+    )
 
-    def __init__(self, backbone: nn.Module, *, temperature: float = 0.2, momentum: float = 0.999,
-                 queue_size: int = 65536, proj_hidden: int = 2048, proj_dim: int = 128, bn_splits: int = 8,
+    def __init__(self, backbone: nn.Module, *, temperature: float = 0.2, momentum_start: float = 0.999,
+                 momentum_end: float = 0.999, queue_size: int = 65536, proj_hidden: int = 2048, proj_dim: int = 128, bn_splits: int = 8,
                  gather: bool = False):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"mocov2: temperature must be > 0, got {temperature}")
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"mocov2: momentum must be in [0, 1], got {momentum}")
+        check_momentum("mocov2", momentum_start, momentum_end)
         if queue_size < 1:
             raise ValueError(f"mocov2: queue_size must be ≥ 1, got {queue_size}")
         if bn_splits < 1:
@@ -60,10 +62,9 @@ class MoCoV2(nn.Module):
         self.key_projector = frozen_copy(self.projector)
         self.queue = MemoryQueue(queue_size, proj_dim)
         self.temperature = temperature
-        self.base_momentum = momentum
+        self.teacher_momentum = Schedule(momentum_start, momentum_end)  # constant in the paper
         self.bn_splits = bn_splits
         self.gather = gather
-        self._new_keys: Tensor | None = None  # this step's keys, queued by after_step once the step is taken
 
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(x)
@@ -85,21 +86,18 @@ class MoCoV2(nn.Module):
             loss = info_nce(q, k, self.temperature, negatives=queued, in_batch=False)
         else:  # first step, nothing queued yet: the batch's other keys are the negatives (MoCo v3's form)
             loss = info_nce(q, k, self.temperature, gather=self.gather)
-        self._new_keys = F.normalize(k.float(), dim=1)
-        return loss, {"z": q.detach(), "z_pair": k}
+        # this step's keys join the queue in after_step, once the step is taken
+        return loss, {"z": q.detach(), "z_pair": k, "new_keys": F.normalize(k.float(), dim=1)}
 
-    def momentum(self, progress: Progress) -> float:
-        return self.base_momentum
+    def schedules(self) -> dict[str, Schedule]:
+        return {"teacher_momentum": self.teacher_momentum}
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.key_backbone, self.backbone), (self.key_projector, self.projector)]
 
-    def after_step(self, progress: Progress) -> None:
-        for teacher, student in self.ema_pairs():
-            ema_update_(teacher, student, self.momentum(progress))
-        if self._new_keys is not None:
-            self.queue.push(gather_no_grad(self._new_keys) if self.gather else self._new_keys)
-            self._new_keys = None
+    def after_step(self, progress: Progress, logs: dict[str, Tensor]) -> None:
+        keys = logs["new_keys"]
+        self.queue.push(gather_no_grad(keys) if self.gather else keys)
 
     def check_run(self, n_train: int, batch_size: int, recipe: ViewRecipe) -> list[str]:
         problems = []

@@ -14,27 +14,30 @@ import torch
 from torch import Tensor, nn
 
 from selfsup.losses.contrastive import info_nce
-from selfsup.methods.base import Progress
+from selfsup.methods.base import MethodSpec, Progress
 from selfsup.methods.registry import register
-from selfsup.nn.ema import cosine_schedule, ema_update_, frozen_copy
+from selfsup.nn.ema import check_momentum, frozen_copy
 from selfsup.nn.heads import mlp
+from selfsup.schedules import Schedule
 from selfsup.views import Augment, ViewRecipe
 
 
 @register("mocov3", "contrastive", "Chen, Xie, He 2021, Training Self-Supervised Vision Transformers, arXiv:2104.02057")
 class MoCoV3(nn.Module):
-    views = ViewRecipe(globals_=(Augment(scale=(0.08, 1.0), blur_p=1.0), Augment(blur_p=0.1, solarize_p=0.2)))  # BYOL's
-    min_batch_size = 2
-    test_params = {"proj_hidden": 32, "proj_dim": 16, "pred_hidden": 32}
+    spec = MethodSpec(
+        # BYOL's
+        views=ViewRecipe(globals_=(Augment(scale=(0.08, 1.0), blur_p=1.0), Augment(blur_p=0.1, solarize_p=0.2))),
+        test_params={"proj_hidden": 32, "proj_dim": 16, "pred_hidden": 32},
+    )
 
-    def __init__(self, backbone: nn.Module, *, temperature: float = 1.0, base_momentum: float = 0.99,
+    def __init__(self, backbone: nn.Module, *, temperature: float = 1.0, momentum_start: float = 0.99,
+                 momentum_end: float = 1.0,
                  proj_hidden: int = 4096, proj_dim: int = 256, proj_layers: int = 2, pred_hidden: int = 4096,
                  gather: bool = False):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"mocov3: temperature must be > 0, got {temperature}")
-        if not 0.0 <= base_momentum <= 1.0:
-            raise ValueError(f"mocov3: base_momentum must be in [0, 1], got {base_momentum}")
+        check_momentum("mocov3", momentum_start, momentum_end)
         if proj_layers < 1:
             raise ValueError(f"mocov3: proj_layers must be ≥ 1, got {proj_layers}")
         self.backbone = backbone
@@ -44,7 +47,7 @@ class MoCoV3(nn.Module):
         self.momentum_backbone = frozen_copy(backbone)
         self.momentum_projector = frozen_copy(self.projector)
         self.temperature = temperature
-        self.base_momentum = base_momentum
+        self.teacher_momentum = Schedule(momentum_start, momentum_end)
         self.gather = gather
 
     def forward(self, x: Tensor) -> Tensor:
@@ -62,13 +65,8 @@ class MoCoV3(nn.Module):
         loss = 2 * tau * (info_nce(q1, k2, tau, gather=self.gather) + info_nce(q2, k1, tau, gather=self.gather))
         return loss, {"z": z1.detach(), "z_pair": z2.detach()}
 
-    def momentum(self, progress: Progress) -> float:
-        return cosine_schedule(progress.fraction, self.base_momentum, 1.0)
+    def schedules(self) -> dict[str, Schedule]:
+        return {"teacher_momentum": self.teacher_momentum}
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.momentum_backbone, self.backbone), (self.momentum_projector, self.projector)]
-
-    def after_step(self, progress: Progress) -> None:
-        m = self.momentum(progress)
-        for teacher, student in self.ema_pairs():
-            ema_update_(teacher, student, m)

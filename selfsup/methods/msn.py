@@ -20,22 +20,26 @@ import torch
 from torch import Tensor, nn
 
 from selfsup.losses.msn import msn_loss
-from selfsup.methods.base import Progress
+from selfsup.methods.base import MethodSpec, Progress
 from selfsup.methods.registry import register
-from selfsup.nn.ema import cosine_schedule, ema_update_, frozen_copy
+from selfsup.nn.ema import check_momentum, frozen_copy
 from selfsup.nn.heads import mlp
 from selfsup.nn.masking import check_mask_ratio, random_masking
 from selfsup.nn.vit import require_vit
+from selfsup.schedules import Schedule
 from selfsup.views import Augment, ViewRecipe
 
 
 @register("msn", "self-distillation", "Assran et al. 2022, Masked Siamese Networks for Label-Efficient Learning, arXiv:2204.07141")
 class MSN(nn.Module):
-    views = ViewRecipe(globals_=(Augment(scale=(0.3, 1.0)), Augment(scale=(0.3, 1.0))))  # target, then anchors
-    min_batch_size = 2
-    stochastic_step = True  # draws its masks inside training_step: parity tests compare its loss, not its step
-    default_backbone = "vit_tiny"
-    test_params = {"num_prototypes": 32, "proj_hidden": 64, "proj_dim": 32}
+    spec = MethodSpec(
+        # target, then anchors
+        views=ViewRecipe(globals_=(Augment(scale=(0.3, 1.0)), Augment(scale=(0.3, 1.0)))),
+        default_backbone="vit_tiny",
+        # draws its masks inside training_step: parity tests compare its loss, not its step
+        stochastic_step=True,
+        test_params={"num_prototypes": 32, "proj_hidden": 64, "proj_dim": 32},
+    )
 
     def __init__(self, backbone: nn.Module, *, mask_ratio: float = 0.15, num_prototypes: int = 1024,
                  proj_hidden: int = 2048, proj_dim: int = 256, temperature: float = 0.1,
@@ -49,8 +53,7 @@ class MSN(nn.Module):
         if target_temperature > temperature:
             raise ValueError(f"msn: target_temperature ({target_temperature}) must not exceed temperature "
                              f"({temperature}); targets are sharpened")
-        if not (0.0 <= momentum_start <= 1.0 and 0.0 <= momentum_end <= 1.0):
-            raise ValueError(f"msn: EMA momentum must be in [0, 1], got {momentum_start} → {momentum_end}")
+        check_momentum("msn", momentum_start, momentum_end)
         if num_prototypes < 2 or me_max_weight < 0 or sinkhorn_iterations < 0:
             raise ValueError(f"msn: need ≥ 2 prototypes, me_max_weight ≥ 0 and sinkhorn_iterations ≥ 0, got "
                              f"{num_prototypes}, {me_max_weight}, {sinkhorn_iterations}")
@@ -63,7 +66,7 @@ class MSN(nn.Module):
         self.mask_ratio = mask_ratio
         self.loss_args = dict(temperature=temperature, target_temperature=target_temperature,
                               me_max_weight=me_max_weight, sinkhorn_iterations=sinkhorn_iterations, gather=gather)
-        self.momentum_start, self.momentum_end = momentum_start, momentum_end
+        self.teacher_momentum = Schedule(momentum_start, momentum_end)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(x)
@@ -79,14 +82,9 @@ class MSN(nn.Module):
         b = target_view.shape[0]
         return loss, {**parts, "z": anchor[:b].detach(), "z_pair": target.detach()}
 
-    def momentum(self, progress: Progress) -> float:
-        return cosine_schedule(progress.fraction, self.momentum_start, self.momentum_end)
+    def schedules(self) -> dict[str, Schedule]:
+        return {"teacher_momentum": self.teacher_momentum}
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.target_encoder, self.backbone), (self.target_projector, self.projector)]
 
-    @torch.no_grad()
-    def after_step(self, progress: Progress) -> None:
-        m = self.momentum(progress)
-        for teacher, student in self.ema_pairs():
-            ema_update_(teacher, student, m)

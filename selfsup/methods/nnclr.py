@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.losses.contrastive import info_nce
-from selfsup.methods.base import Progress
+from selfsup.methods.base import MethodSpec, Progress
 from selfsup.methods.registry import register
 from selfsup.nn.heads import mlp
 from selfsup.nn.queue import MemoryQueue
@@ -29,9 +29,10 @@ from selfsup.views import Augment, ViewRecipe
 
 @register("nnclr", "contrastive", "Dwibedi et al. 2021, Nearest-Neighbor Contrastive Learning, arXiv:2104.14548")
 class NNCLR(nn.Module):
-    views = ViewRecipe(globals_=(Augment(blur_p=1.0), Augment(blur_p=0.1, solarize_p=0.2)))
-    min_batch_size = 2
-    test_params = {"support_size": 40, "proj_hidden": 32, "proj_dim": 16, "pred_hidden": 32}
+    spec = MethodSpec(
+        views=ViewRecipe(globals_=(Augment(blur_p=1.0), Augment(blur_p=0.1, solarize_p=0.2))),
+        test_params={"support_size": 40, "proj_hidden": 32, "proj_dim": 16, "pred_hidden": 32},
+    )
 
     def __init__(self, backbone: nn.Module, *, temperature: float = 0.1, support_size: int = 98304,
                  proj_hidden: int = 2048, proj_dim: int = 256, proj_layers: int = 3, pred_hidden: int = 4096,
@@ -50,7 +51,6 @@ class NNCLR(nn.Module):
         self.support = MemoryQueue(support_size, proj_dim)
         self.temperature = temperature
         self.gather = gather
-        self._new_rows: Tensor | None = None  # this step's projections, added by after_step once the step is taken
 
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(x)
@@ -71,13 +71,12 @@ class NNCLR(nn.Module):
         nn1, nn2 = self.nearest(z1), self.nearest(z2)
         loss = 0.5 * (info_nce(nn1, p2, self.temperature, gather=self.gather)
                       + info_nce(nn2, p1, self.temperature, gather=self.gather))
-        self._new_rows = F.normalize(z1.detach().float(), dim=1)
-        return loss, {"z": z1.detach(), "z_pair": z2.detach()}
+        # this step's view-1 projections join the support set in after_step, once the step is taken
+        return loss, {"z": z1.detach(), "z_pair": z2.detach(), "support_rows": F.normalize(z1.detach().float(), dim=1)}
 
-    def after_step(self, progress: Progress) -> None:
-        if self._new_rows is not None:
-            self.support.push(gather_no_grad(self._new_rows) if self.gather else self._new_rows)
-            self._new_rows = None
+    def after_step(self, progress: Progress, logs: dict[str, Tensor]) -> None:
+        rows = logs["support_rows"]
+        self.support.push(gather_no_grad(rows) if self.gather else rows)
 
     def check_run(self, n_train: int, batch_size: int, recipe: ViewRecipe) -> list[str]:
         problems = []

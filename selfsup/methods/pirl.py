@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.losses.pretext import pirl_loss
-from selfsup.methods.base import Progress
+from selfsup.methods.base import MethodSpec, Progress
 from selfsup.methods.registry import register
 from selfsup.distributed import world_size
+from selfsup.nn.memory import IndexedMemory
 from selfsup.views import Augment, ViewRecipe
 from selfsup.views.tiles import check_grid, cut_tiles, shuffle_tiles, tile_batch
 
@@ -33,11 +34,11 @@ GRID = 3
 @register("pirl", "contrastive", "Misra & van der Maaten 2019, Self-Supervised Learning of Pretext-Invariant "
           "Representations, arXiv:1912.01991")
 class PIRL(nn.Module):
-    views = ViewRecipe(globals_=(Augment(), Augment(scale=(0.6, 1.0))))
-    min_batch_size = 2
-    needs_indices = True
-    """The loop passes ``indices=`` (B,): the batch's positions in the training set, the memory-bank keys."""
-    test_params = {"gap": 1, "num_negatives": 64}
+    spec = MethodSpec(
+        views=ViewRecipe(globals_=(Augment(), Augment(scale=(0.6, 1.0)))),
+        needs_indices=True,
+        test_params={"gap": 1, "num_negatives": 64},
+    )
 
     def __init__(self, backbone: nn.Module, *, temperature: float = 0.07, lam: float = 0.5,
                  bank_momentum: float = 0.5, num_negatives: int = 4096, proj_dim: int = 128, gap: int = 2,
@@ -57,9 +58,7 @@ class PIRL(nn.Module):
         self.g = nn.Linear(GRID * GRID * proj_dim, proj_dim)  # jigsaw branch on the shuffled concatenation
         self.temperature, self.lam, self.bank_momentum = temperature, lam, bank_momentum
         self.num_negatives, self.gap, self.tile_size = num_negatives, gap, tile_size
-        # Sized by the largest sample index seen, so the method needs no dataset size at construction.
-        self.register_buffer("bank", torch.zeros(0, proj_dim))
-        self.register_buffer("filled", torch.zeros(0, dtype=torch.bool))
+        self.bank = IndexedMemory(proj_dim)  # m_I, one l2-normalised row per training image
 
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(x)
@@ -78,13 +77,6 @@ class PIRL(nn.Module):
         order = torch.rand(b, GRID * GRID, device=x.device).argsort(dim=1)
         return self.g(shuffle_tiles(h, order).flatten(1))
 
-    @torch.no_grad()
-    def _grow(self, n: int) -> None:
-        if n > self.bank.shape[0]:
-            extra = n - self.bank.shape[0]
-            self.bank = torch.cat([self.bank, self.bank.new_zeros(extra, self.bank.shape[1])])
-            self.filled = torch.cat([self.filled, self.filled.new_zeros(extra)])
-
     def training_step(self, views: list[Tensor], progress: Progress,
                       indices: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         image, source = views
@@ -92,25 +84,17 @@ class PIRL(nn.Module):
         f = self.f(self.backbone(image))
         g = self.jigsaw_embedding(source)
         # Without indices (a call outside the loop) the batch stands in for the whole training set.
-        idx = (torch.arange(b) if indices is None else indices).to(self.bank.device)
+        idx = (torch.arange(b) if indices is None else indices).to(self.bank.rows.device)
         with torch.no_grad():
             f_unit = F.normalize(f.detach().float(), dim=1)
-            self._grow(int(idx.max()) + 1)
-            new = ~self.filled[idx]
-            self.bank[idx[new]], self.filled[idx[new]] = f_unit[new], True
-            memory = self.bank[idx].clone()
-            visited = self.filled.nonzero().squeeze(1)
-            negatives = self.bank[visited[torch.randint(len(visited), (self.num_negatives,), device=idx.device)]]
+            self.bank.grow(int(idx.max()) + 1)
+            new = ~self.bank.filled[idx]
+            self.bank.write(idx[new], f_unit[new])  # first visit: the image's own embedding
+            memory = self.bank.read(idx)
+            visited = self.bank.filled_indices()
+            negatives = self.bank.rows[visited[torch.randint(len(visited), (self.num_negatives,), device=idx.device)]]
         loss = pirl_loss(f, g, memory.to(f.dtype), negatives.to(f.dtype), self.temperature, self.lam)
         with torch.no_grad():
             m = self.bank_momentum
-            self.bank[idx] = F.normalize(m * memory + (1 - m) * f_unit, dim=1)
+            self.bank.write(idx, F.normalize(m * memory + (1 - m) * f_unit, dim=1))
         return loss, {"z": f.detach(), "z_pair": g.detach(), "new_rows": new.float().mean()}
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        # The bank grows with the data, so a checkpoint's is larger than a fresh model's.
-        for name in ("bank", "filled"):
-            saved = state_dict.get(prefix + name)
-            if saved is not None:
-                setattr(self, name, getattr(self, name).new_zeros(saved.shape))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

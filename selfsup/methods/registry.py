@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from selfsup.config import ConfigError, _coerce
+from selfsup.methods.base import MethodSpec, method_spec
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,10 @@ class MethodInfo:
     cls: type[nn.Module]
     family: str
     paper: str
+
+    @property
+    def spec(self) -> MethodSpec:
+        return method_spec(self.cls)
 
 
 METHODS: dict[str, MethodInfo] = {}
@@ -30,6 +35,7 @@ def register(name: str, family: str, paper: str):
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
 
     def wrap(cls):
+        method_spec(cls)  # a method without its spec fails at import, not in the middle of a run
         if name in METHODS and METHODS[name].cls is not cls:
             raise ValueError(f"method {name!r} registered twice")
         METHODS[name] = MethodInfo(name, cls, family, paper)

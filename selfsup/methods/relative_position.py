@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfsup.methods.base import Progress
+from selfsup.methods.base import MethodSpec, Progress
 from selfsup.methods.registry import register
 from selfsup.nn.heads import mlp
 from selfsup.views import Augment, ViewRecipe
@@ -62,9 +62,10 @@ def drop_colours(patches: Tensor, noise: float = 0.01) -> Tensor:
 @register("relative_position", "pretext", "Doersch et al. 2015, Unsupervised Visual Representation Learning by "
           "Context Prediction, arXiv:1505.05192")
 class RelativePosition(nn.Module):
-    views = ViewRecipe(globals_=(Augment(scale=(0.6, 1.0), gray_p=0.0, blur_p=0.0),))
-    min_batch_size = 2
-    test_params = {"gap": 1}
+    spec = MethodSpec(
+        views=ViewRecipe(globals_=(Augment(scale=(0.6, 1.0), gray_p=0.0, blur_p=0.0),)),
+        test_params={"gap": 1},
+    )
 
     def __init__(self, backbone: nn.Module, *, gap: int = 2, tile_size: int | None = None, patch_dim: int = 128,
                  hidden: int = 512, colour_drop: bool = True):

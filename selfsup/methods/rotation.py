@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfsup.methods.base import Progress
+from selfsup.methods.base import MethodSpec, Progress
 from selfsup.methods.registry import register
 from selfsup.nn.heads import mlp
 from selfsup.views import Augment, ViewRecipe
@@ -43,8 +43,9 @@ def unrotate(x: Tensor, labels: Tensor) -> Tensor:
 @register("rotation", "pretext", "Gidaris et al. 2018, Unsupervised Representation Learning by Predicting Image "
           "Rotations, arXiv:1803.07728")
 class RotationPrediction(nn.Module):
-    views = ViewRecipe(globals_=(Augment(scale=(0.5, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0),))
-    min_batch_size = 2
+    spec = MethodSpec(
+        views=ViewRecipe(globals_=(Augment(scale=(0.5, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0),)),
+    )
 
     def __init__(self, backbone: nn.Module, *, head_hidden: int = 512):
         super().__init__()

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from selfsup.losses.contrastive import nt_xent
-from selfsup.methods.base import Progress
+from selfsup.methods.base import MethodSpec, Progress
 from selfsup.methods.registry import register
 from selfsup.nn.heads import mlp
 from selfsup.views import Augment, ViewRecipe
@@ -20,8 +20,9 @@ from selfsup.views import Augment, ViewRecipe
 
 @register("simclr", "contrastive", "Chen et al. 2020, A Simple Framework for Contrastive Learning, arXiv:2002.05709")
 class SimCLR(nn.Module):
-    views = ViewRecipe(globals_=(Augment(), Augment()))
-    min_batch_size = 2
+    spec = MethodSpec(
+        views=ViewRecipe(globals_=(Augment(), Augment())),
+    )
 
     def __init__(self, backbone: nn.Module, *, temperature: float = 0.5, proj_hidden: int = 2048,
                  proj_dim: int = 128, proj_layers: int = 2, gather: bool = False):

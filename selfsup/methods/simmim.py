@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from selfsup.losses.masked import masked_l1
-from selfsup.methods.base import Progress
+from selfsup.methods.base import MethodSpec, Progress
 from selfsup.methods.registry import register
 from selfsup.nn.masking import check_mask_ratio, patchify, random_masking, unpatchify
 from selfsup.nn.vit import require_vit
@@ -24,9 +24,12 @@ from selfsup.views import Augment, ViewRecipe
 
 @register("simmim", "masked-modelling", "Xie et al. 2021, SimMIM: A Simple Framework for Masked Image Modeling, arXiv:2111.09886")
 class SimMIM(nn.Module):
-    views = ViewRecipe(globals_=(Augment(scale=(0.67, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0),))
-    min_batch_size = 1
-    default_backbone = "vit_tiny"
+    spec = MethodSpec(
+        views=ViewRecipe(globals_=(Augment(scale=(0.67, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0),)),
+        min_batch_size=1,
+        default_backbone="vit_tiny",
+        pictures=("reconstructions",),
+    )
 
     def __init__(self, backbone: nn.Module, *, mask_ratio: float = 0.6, mask_patch_size: int | None = None):
         super().__init__()

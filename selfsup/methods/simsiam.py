@@ -15,7 +15,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from selfsup.losses.distillation import negative_cosine
-from selfsup.methods.base import Progress
+from selfsup.methods.base import MethodSpec, Progress
 from selfsup.methods.registry import register
 from selfsup.nn.heads import mlp
 from selfsup.views import Augment, ViewRecipe
@@ -24,9 +24,10 @@ from selfsup.views import Augment, ViewRecipe
 @register("simsiam", "self-distillation", "Chen & He 2020, Exploring Simple Siamese Representation Learning, "
           "arXiv:2011.10566")
 class SimSiam(nn.Module):
-    views = ViewRecipe(globals_=(Augment(), Augment()))
-    min_batch_size = 2
-    test_params = {"proj_hidden": 32, "proj_dim": 32, "pred_hidden": 8}
+    spec = MethodSpec(
+        views=ViewRecipe(globals_=(Augment(), Augment())),
+        test_params={"proj_hidden": 32, "proj_dim": 32, "pred_hidden": 8},
+    )
 
     def __init__(self, backbone: nn.Module, *, proj_hidden: int = 2048, proj_dim: int = 2048, proj_layers: int = 3,
                  pred_hidden: int = 512, stop_gradient: bool = True, predictor: bool = True,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.losses.clustering import sinkhorn_knopp, swav_loss
-from selfsup.methods.base import Progress
+from selfsup.methods.base import MethodSpec, Progress
 from selfsup.methods.registry import register
 from selfsup.nn.heads import mlp
 from selfsup.nn.queue import MemoryQueue
@@ -29,10 +29,11 @@ N_GLOBAL = 2
 @register("swav", "clustering", "Caron et al. 2020, Unsupervised Learning of Visual Features by Contrasting "
                                 "Cluster Assignments (SwAV), arXiv:2006.09882")
 class SwAV(nn.Module):
-    views = ViewRecipe(globals_=(Augment(scale=(0.14, 1.0)), Augment(scale=(0.14, 1.0))), local_crops=4,
-                       local=Augment(scale=(0.05, 0.14)))
-    min_batch_size = 2
-    test_params = {"proj_hidden": 32, "proj_dim": 16, "num_prototypes": 8, "freeze_prototypes_iters": 0}
+    spec = MethodSpec(
+        views=ViewRecipe(globals_=(Augment(scale=(0.14, 1.0)), Augment(scale=(0.14, 1.0))), local_crops=4,
+                         local=Augment(scale=(0.05, 0.14))),
+        test_params={"proj_hidden": 32, "proj_dim": 16, "num_prototypes": 8, "freeze_prototypes_iters": 0},
+    )
 
     def __init__(self, backbone: nn.Module, *, num_prototypes: int = 3000, temperature: float = 0.1,
                  epsilon: float = 0.05, sinkhorn_iterations: int = 3, proj_hidden: int = 2048, proj_dim: int = 128,
@@ -56,7 +57,6 @@ class SwAV(nn.Module):
                                     if queue_length else [])
         self.temperature, self.epsilon, self.iterations = temperature, epsilon, sinkhorn_iterations
         self.freeze_prototypes_iters, self.gather = freeze_prototypes_iters, gather
-        self._pending: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(x)
@@ -97,13 +97,12 @@ class SwAV(nn.Module):
             codes = torch.stack([self.codes(scores[g].detach().float(), g, w.detach().float())
                                  for g in range(N_GLOBAL)])
         loss = swav_loss(scores, codes, self.temperature)
-        self._pending = z[: N_GLOBAL * b].detach()
         logs = {"z": z[:b].detach(), "z_pair": z[b : 2 * b].detach(),
-                "code_entropy": -(codes * codes.clamp_min(1e-12).log()).sum(2).mean()}
+                "code_entropy": -(codes * codes.clamp_min(1e-12).log()).sum(2).mean(),
+                "queue_rows": z[: N_GLOBAL * b].detach()}  # the global crops' projections, queued in after_step
         return loss, logs
 
-    def after_step(self, progress: Progress) -> None:
-        if self.queues and self._pending is not None:
-            for g, part in enumerate(self._pending.chunk(N_GLOBAL)):
+    def after_step(self, progress: Progress, logs: dict[str, Tensor]) -> None:
+        if self.queues:
+            for g, part in enumerate(logs["queue_rows"].chunk(N_GLOBAL)):
                 self.queues[g].push(part)
-        self._pending = None

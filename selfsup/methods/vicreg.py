@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from selfsup.losses.redundancy import check_vicreg_settings, vicreg_loss
-from selfsup.methods.base import Progress
+from selfsup.methods.base import MethodSpec, Progress
 from selfsup.methods.registry import register
 from selfsup.nn.heads import mlp
 from selfsup.views import Augment, ViewRecipe
@@ -26,9 +26,10 @@ _VIEW_2 = Augment(saturation=0.2, blur_p=0.1, solarize_p=0.2)
 @register("vicreg", "redundancy-reduction",
           "Bardes et al. 2022, VICReg: Variance-Invariance-Covariance Regularization, arXiv:2105.04906")
 class VICReg(nn.Module):
-    views = ViewRecipe(globals_=(_VIEW_1, _VIEW_2))
-    min_batch_size = 2
-    test_params = {"proj_hidden": 64, "proj_dim": 64}
+    spec = MethodSpec(
+        views=ViewRecipe(globals_=(_VIEW_1, _VIEW_2)),
+        test_params={"proj_hidden": 64, "proj_dim": 64},
+    )
 
     def __init__(self, backbone: nn.Module, *, sim_weight: float = 25.0, var_weight: float = 25.0,
                  cov_weight: float = 1.0, gamma: float = 1.0, eps: float = 1e-4, proj_hidden: int = 8192,

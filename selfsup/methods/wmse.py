@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from selfsup.losses.redundancy import wmse_loss
-from selfsup.methods.base import Progress
+from selfsup.methods.base import MethodSpec, Progress
 from selfsup.methods.registry import register
 from selfsup.nn.heads import mlp
 from selfsup.distributed import world_size
@@ -28,9 +28,10 @@ _VIEW = Augment(scale=(0.2, 1.0), gray_p=0.1, blur_p=0.0)
 @register("wmse", "redundancy-reduction",
           "Ermolov et al. 2021, Whitening for Self-Supervised Representation Learning, arXiv:2007.06346")
 class WMSE(nn.Module):
-    views = ViewRecipe(globals_=(_VIEW, _VIEW))
-    min_batch_size = 2
-    test_params = {"proj_hidden": 32, "proj_dim": 8, "w_size": 16}
+    spec = MethodSpec(
+        views=ViewRecipe(globals_=(_VIEW, _VIEW)),
+        test_params={"proj_hidden": 32, "proj_dim": 8, "w_size": 16},
+    )
 
     def __init__(self, backbone: nn.Module, *, w_size: int = 128, w_iter: int = 1, eps: float = 1e-4,
                  proj_hidden: int = 1024, proj_dim: int = 64, gather: bool = False):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-import math
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -33,10 +33,16 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
         tb.copy_(sb)
 
 
-def cosine_schedule(t: float, start: float, end: float) -> float:
-    """A value moving from ``start`` (t=0) to ``end`` (t=1) along a half cosine.
+@torch.no_grad()
+def update_teachers(pairs: Iterable[tuple[nn.Module, nn.Module]], momentum: float) -> None:
+    """One EMA step of every (teacher, student) pair a method declares (its ``ema_pairs()``), with this step's
+    scheduled momentum: the one teacher update the loop runs after each optimiser step."""
+    for teacher, student in pairs:
+        ema_update_(teacher, student, momentum)
 
-    The one schedule helper: learning rates, momentum (BYOL: 0.996 → 1), temperatures, weight decay.
-    """
-    t = min(max(t, 0.0), 1.0)
-    return end + (start - end) * (1 + math.cos(math.pi * t)) / 2
+
+def check_momentum(method: str, start: float, end: float) -> None:
+    """The one check of a method's ``momentum_start``/``momentum_end`` settings (each in [0, 1])."""
+    for name, m in (("momentum_start", start), ("momentum_end", end)):
+        if not 0.0 <= m <= 1.0:
+            raise ValueError(f"{method}: {name} must be in [0, 1], got {m}")

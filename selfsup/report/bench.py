@@ -173,7 +173,7 @@ def held_out_pretext_accuracy(run, run_dir: str | Path, device: torch.device) ->
 
     train, test = load_dataset(run.cfg.data.labelled())
     images = test if len(test) else train
-    recipe = view_recipe(run.cfg, get_method(run.cfg.method.name).cls, images.image_size)
+    recipe = view_recipe(run.cfg, get_method(run.cfg.method.name).spec, images.image_size)
     return pretext_accuracy(load_method(run, run_dir, device), images, recipe, run.meta["mean"], run.meta["std"],
                             device, seed=run.cfg.train.seed)
 

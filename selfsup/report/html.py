@@ -178,16 +178,16 @@ def _model_pictures(run, test, run_dir: Path, out: Path, opts: ReportOptions) ->
     paths, note = [], ""
     if isinstance(run.encoder, ViT):
         paths.append(save_attention_maps(run.encoder, images, out / "attention.png", mean, std))
-    cls = get_method(run.cfg.method.name).cls
-    if hasattr(cls, "reconstruct") or hasattr(cls, "predict_chroma"):
+    pictures = get_method(run.cfg.method.name).spec.pictures
+    if pictures:
         try:
             method = load_method(run, run_dir, opts.device)
         except CheckpointError as exc:
             note = f"the method's own pictures skipped: {str(exc).splitlines()[0]}"
         else:
-            if hasattr(cls, "reconstruct"):
+            if "reconstructions" in pictures:
                 paths.append(save_method_pictures(method, images, out, mean, std, opts.seed))
-            if hasattr(cls, "predict_chroma"):
+            if "colorization" in pictures:
                 paths.append(save_colorization_grid(method, images, mean, std, out / COLORIZATION_PNG,
                                                     f"colorization on {run.cfg.data.name} test images"))
     return paths, note

@@ -1,13 +1,20 @@
 """From a validated config to the model and view recipe of a run (shared by pretrain and evaluate)."""
 from __future__ import annotations
 
+import dataclasses
+import logging
+
 from torch import nn
 
-from selfsup.config import ConfigError, RunConfig
+from selfsup.config import AUTO, ConfigError, ModelConfig, RunConfig
+from selfsup.data import ImageSet
 from selfsup.methods import check_method_params, get_method
+from selfsup.methods.base import MethodSpec, run_checks
 from selfsup.methods.registry import method_params
 from selfsup.nn.backbones import BACKBONES, BackboneError, build_backbone
 from selfsup.views import ViewRecipe, apply_overrides, resolve_sizes
+
+log = logging.getLogger("selfsup")
 
 
 def check_names(cfg: RunConfig) -> None:
@@ -17,15 +24,32 @@ def check_names(cfg: RunConfig) -> None:
         cfg.method.params = check_method_params(cfg.method.name, cfg.method.params)
     except ConfigError as exc:
         problems += exc.problems
-    if cfg.backbone.name not in BACKBONES:
+    if cfg.backbone.name != AUTO and cfg.backbone.name not in BACKBONES:
         problems.append(f"unknown backbone {cfg.backbone.name!r}; choose one of: {', '.join(sorted(BACKBONES))}")
     if problems:
         raise ConfigError(problems)
 
 
+def auto_backbone(method: str, image_size: int) -> str:
+    """The backbone of ``backbone: auto`` (the default): the method's own (``spec.default_backbone``, a ViT for
+    masked methods), else the small residual CNN."""
+    return get_method(method).spec.default_backbone or "small_resnet"
+
+
+def resolve_config(cfg: RunConfig, train: ImageSet) -> RunConfig:
+    """The config with every ``auto`` setting decided for this data; the run directory stores this one."""
+    if cfg.backbone.name != AUTO:
+        return cfg
+    name = auto_backbone(cfg.method.name, train.image_size)
+    log.info("backbone: %s (the default for %s at %d px; --backbone NAME picks another)", name, cfg.method.name,
+             train.image_size)
+    return dataclasses.replace(cfg, backbone=ModelConfig(name, dict(cfg.backbone.params)))
+
+
 def build_encoder(cfg: RunConfig, in_chans: int, image_size: int) -> nn.Module:
+    name = auto_backbone(cfg.method.name, image_size) if cfg.backbone.name == AUTO else cfg.backbone.name
     try:
-        return build_backbone(cfg.backbone.name, in_chans, image_size, **cfg.backbone.params)
+        return build_backbone(name, in_chans, image_size, **cfg.backbone.params)
     except (BackboneError, TypeError, ValueError) as exc:
         raise ConfigError([f"backbone: {exc}"]) from None
 
@@ -47,22 +71,22 @@ def build_method(cfg: RunConfig, in_chans: int, image_size: int, world: int = 1)
         raise ConfigError([f"method {cfg.method.name!r}: {exc}"]) from None
 
 
-def view_recipe(cfg: RunConfig, method_cls: type, image_size: int) -> ViewRecipe:
+def view_recipe(cfg: RunConfig, spec: MethodSpec, image_size: int) -> ViewRecipe:
     """The method's views with the run's overrides. Overrides cannot change the number of global views; local
     crops are accepted only by methods whose own recipe has them (multi-crop methods: SwAV, DINO, …), so a
     two-view method is never handed extra views it would silently ignore."""
-    recipe = apply_overrides(method_cls.views, cfg.views)
-    if recipe.local_crops and not method_cls.views.local_crops:
+    recipe = apply_overrides(spec.views, cfg.views)
+    if recipe.local_crops and not spec.views.local_crops:
         raise ConfigError([f"{cfg.method.name} takes exactly {len(recipe.globals_)} view(s) and no local crops; "
                            f"remove views.local_crops={recipe.local_crops}"])
     return resolve_sizes(recipe, image_size)
 
 
-def check_batch(cfg: RunConfig, method_cls: type, n_train: int, world: int) -> None:
+def check_batch(cfg: RunConfig, spec: MethodSpec, n_train: int, world: int) -> None:
     b = cfg.train.batch_size
     problems = []
-    if b < getattr(method_cls, "min_batch_size", 2):
-        problems.append(f"batch size {b} is too small for {cfg.method.name} (needs ≥ {method_cls.min_batch_size})")
+    if b < spec.min_batch_size:
+        problems.append(f"batch size {b} is too small for {cfg.method.name} (needs ≥ {spec.min_batch_size})")
     if b % world:
         problems.append(f"batch size {b} is not divisible by the {world} processes")
     if b > n_train:
@@ -72,10 +96,8 @@ def check_batch(cfg: RunConfig, method_cls: type, n_train: int, world: int) -> N
 
 
 def check_run(model: nn.Module, cfg: RunConfig, n_train: int, recipe: ViewRecipe) -> None:
-    """A method's own checks against the data and views (``check_run(n_train, batch_size, recipe)``,
-    optional, returns a list of problems): e.g. a queue larger than the dataset, a two-view method
-    given another number of views."""
-    hook = getattr(model, "check_run", None)
-    problems = hook(n_train, cfg.train.batch_size, recipe) if hook else []
+    """A method's own checks against the data and views (its optional ``check_run``): e.g. a queue larger than
+    the dataset, a two-view method given another number of views."""
+    problems = run_checks(model, n_train, cfg.train.batch_size, recipe)
     if problems:
         raise ConfigError([f"{cfg.method.name}: {p}" for p in problems])

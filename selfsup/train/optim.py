@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from selfsup.config import OptimConfig
+from selfsup.methods.base import custom_param_groups
 
 
 class LARS(torch.optim.Optimizer):
@@ -57,7 +58,7 @@ def param_groups(model: nn.Module) -> list[dict]:
     for parts that need their own rate (a predictor, say); the remaining parameters form the default group.
     Each group is split into decayed weights and exempt biases/norms.
     """
-    custom = model.param_groups() if hasattr(model, "param_groups") else []
+    custom = custom_param_groups(model)
     claimed = {id(p) for g in custom for p in g["params"]}
     names = {id(p): n for n, p in model.named_parameters()}
     default = [p for p in model.parameters() if p.requires_grad and id(p) not in claimed]
@@ -89,8 +90,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opti
     raise ValueError(f"unknown optimizer {cfg.name!r}")
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float, base_lr: float) -> None:
-    """The scheduled ``lr`` times each group's ``lr_scale``; groups with ``fixed_lr`` keep ``base_lr``
-    (SimSiam's predictor, arXiv:2011.10566 §4.2, table 1c)."""
+def set_optim_values(optimizer: torch.optim.Optimizer, lr: float, base_lr: float, weight_decay: float | None = None) -> None:
+    """This step's values: the scheduled ``lr`` times each group's ``lr_scale`` (groups with ``fixed_lr`` keep
+    ``base_lr``: SimSiam's predictor, arXiv:2011.10566 §4.2, table 1c), and when given the scheduled weight
+    decay on every decayed group (biases and norms stay at 0)."""
     for g in optimizer.param_groups:
         g["lr"] = (base_lr if g.get("fixed_lr") else lr) * g.get("lr_scale", 1.0)
+        if weight_decay is not None and not g.get("exempt", False):
+            g["weight_decay"] = weight_decay

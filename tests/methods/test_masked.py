@@ -19,7 +19,7 @@ from selfsup.data.imbalance import long_tail_sizes, long_tail_subset
 from selfsup.losses.masked import latent_prediction_loss, masked_l1, masked_mse, normalize_patches
 from selfsup.losses.msn import msn_loss, prototype_probs
 from selfsup.methods import METHODS
-from selfsup.methods.base import Progress
+from selfsup.methods.base import Progress, finish_step, make_progress
 from selfsup.nn.backbones import build_backbone
 from selfsup.nn.masking import (block_masks, gather_tokens, patchify, random_masking, substitute_mask_tokens,
                                 unpatchify)
@@ -34,7 +34,7 @@ def tiny_vit(image_size: int = 16, **kw):
 
 def tiny(name: str, **params):
     cls = METHODS[name].cls
-    return cls(tiny_vit(), **{**getattr(cls, "test_params", {}), **params})
+    return cls(tiny_vit(), **{**cls.spec.test_params, **params})
 
 
 # ---------------------------------------------------------------- patches and masks
@@ -405,21 +405,21 @@ def test_ijepa_target_encoder_gets_no_gradient_and_follows_ema():
     x = torch.randn(4, 1, 16, 16)
     opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.5)
     before = [p.detach().clone() for p in method.target_encoder.parameters()]
-    loss, logs = method.training_step([x], Progress(10, 100, 0, 10))
+    progress = make_progress(method, 10, 100, 0, 10)
+    loss, logs = method.training_step([x], progress)
     loss.backward()
     assert all(not p.requires_grad and p.grad is None for p in method.target_encoder.parameters())
     assert all(p.grad is not None for p in method.predictor.parameters())
     opt.step()
     for p, old in zip(method.target_encoder.parameters(), before):
         assert torch.equal(p, old)  # the optimiser never moves the target
-    progress = Progress(10, 100, 0, 10)
-    m = method.momentum(progress)
+    m = progress.value("teacher_momentum")
     assert 0.996 < m < 1.0
-    method.after_step(progress)
+    finish_step(method, progress, logs)
     for t, old, s in zip(method.target_encoder.parameters(), before, method.backbone.parameters()):
         torch.testing.assert_close(t, m * old + (1 - m) * s.detach())
-    assert method.momentum(Progress(0, 100, 0, 10)) == pytest.approx(0.996)
-    assert method.momentum(Progress(100, 100, 0, 10)) == pytest.approx(1.0)
+    assert make_progress(method, 0, 100, 0, 10).value("teacher_momentum") == pytest.approx(0.996)
+    assert make_progress(method, 100, 100, 0, 10).value("teacher_momentum") == pytest.approx(1.0)
 
 
 def test_ijepa_predicts_layer_normalised_targets_at_target_positions():

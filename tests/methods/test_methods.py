@@ -3,8 +3,10 @@
 Checks: a finite loss; every trainable parameter gets a gradient and no teacher parameter does;
 EMA teachers follow θ_t ← m·θ_t + (1 − m)·θ_s; a few optimiser steps on a fixed batch lower the loss.
 
-A method may declare ``default_backbone`` (a registered backbone name, e.g. a ViT for masked
-methods); the tiny settings for each backbone come from ``conftest.TINY_BACKBONES``.
+A method's ``spec`` names its default backbone (e.g. a ViT for masked methods), its small test settings and
+its test input channels; the tiny settings for each backbone come from ``conftest.TINY_BACKBONES``. Methods
+are driven as the loop drives them: ``make_progress`` evaluates their schedules, ``run_after_step`` and
+``update_teachers`` follow each optimiser step.
 """
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ import torch
 
 from conftest import TINY_BACKBONES
 from selfsup.methods import METHODS
-from selfsup.methods.base import Progress
+from selfsup.methods.base import Method, make_progress, run_after_step, teacher_pairs
 from selfsup.nn.backbones import build_backbone
+from selfsup.nn.ema import update_teachers
 from selfsup.views import make_views, resolve_sizes
 
 IMAGE_SIZE, BATCH = 16, 16
@@ -23,13 +26,13 @@ IMAGE_SIZE, BATCH = 16, 16
 
 def tiny_method(name: str, in_chans: int = 1):
     cls = METHODS[name].cls
-    bb_name = getattr(cls, "default_backbone", "small_resnet")
+    bb_name = cls.spec.default_backbone or "small_resnet"
     backbone = build_backbone(bb_name, in_chans, IMAGE_SIZE, **TINY_BACKBONES.get(bb_name, {}))
-    return cls(backbone, **getattr(cls, "test_params", {}))
+    return cls(backbone, **cls.spec.test_params)
 
 
 def fixed_views(method, images: torch.Tensor) -> list[torch.Tensor]:
-    recipe = resolve_sizes(type(method).views, IMAGE_SIZE)
+    recipe = resolve_sizes(method.spec.views, IMAGE_SIZE)
     torch.manual_seed(1)
     return make_views(images, recipe, [0.5] * images.shape[1], [0.25] * images.shape[1])
 
@@ -42,17 +45,17 @@ def tiny_batch(digits, in_chans: int = 1) -> torch.Tensor:
 
 
 def _in_chans(name: str) -> int:
-    return getattr(METHODS[name].cls, "test_in_chans", 1)
+    return METHODS[name].spec.test_in_chans
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_loss_finite_and_gradients_reach_student_only(name, digits):
     method = tiny_method(name, _in_chans(name))
     views = fixed_views(method, tiny_batch(digits, _in_chans(name)))
-    loss, logs = method.training_step(views, Progress(0, 100, 0, 10))
+    loss, logs = method.training_step(views, make_progress(method, 0, 100, 0, 10))
     assert loss.ndim == 0 and torch.isfinite(loss), f"{name}: loss {loss}"
     loss.backward()
-    teacher_ids = {id(p) for t, _ in getattr(method, "ema_pairs", lambda: [])() for p in t.parameters()}
+    teacher_ids = {id(p) for t, _ in teacher_pairs(method) for p in t.parameters()}
     missing = [n for n, p in method.named_parameters() if p.requires_grad and id(p) not in teacher_ids
                and (p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0)]
     assert not missing, f"{name}: no gradient reached {missing}"
@@ -65,18 +68,20 @@ def test_loss_finite_and_gradients_reach_student_only(name, digits):
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_ema_follows_formula(name, digits):
     method = tiny_method(name, _in_chans(name))
-    pairs = getattr(method, "ema_pairs", lambda: [])()
+    pairs = teacher_pairs(method)
     if not pairs:
         pytest.skip(f"{name} has no EMA teacher")
     views = fixed_views(method, tiny_batch(digits, _in_chans(name)))
     opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.1)
-    progress = Progress(3, 100, 0, 10)
-    loss, _ = method.training_step(views, progress)
+    progress = make_progress(method, 3, 100, 0, 10)
+    loss, logs = method.training_step(views, progress)
     loss.backward()
     opt.step()
     before = [[p.detach().clone() for p in t.parameters()] for t, _ in pairs]
-    m = method.momentum(progress)
-    method.after_step(progress)
+    m = progress.value("teacher_momentum")
+    assert 0 < m < 1
+    run_after_step(method, progress, logs)
+    update_teachers(pairs, m)
     for (teacher, student), old in zip(pairs, before):
         for t_new, t_old, s in zip(teacher.parameters(), old, student.parameters()):
             torch.testing.assert_close(t_new, m * t_old + (1 - m) * s.detach())
@@ -89,14 +94,15 @@ def test_a_few_steps_lower_the_loss(name, digits):
     opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-3, weight_decay=0)
     losses = []
     for step in range(12):
-        progress = Progress(step, 1000, 0, 100)
+        progress = make_progress(method, step, 1000, 0, 100)
         torch.manual_seed(step)  # methods that draw masks or crops draw the same ones each run
-        loss, _ = method.training_step(views, progress)
+        loss, logs = method.training_step(views, progress)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if hasattr(method, "after_step"):
-            method.after_step(progress)
+        run_after_step(method, progress, logs)
+        if teacher_pairs(method):
+            update_teachers(teacher_pairs(method), progress.value("teacher_momentum"))
         losses.append(float(loss.detach()))
     assert min(losses[-3:]) < losses[0], f"{name}: loss did not go down: {losses}"
 
@@ -105,15 +111,22 @@ def test_a_few_steps_lower_the_loss(name, digits):
 def test_method_declares_contract(name):
     info = METHODS[name]
     cls = info.cls
-    assert hasattr(cls, "views") and hasattr(cls, "training_step") and hasattr(cls, "min_batch_size")
+    assert cls.spec.views.num_views >= 1 and cls.spec.min_batch_size >= 1
     assert info.paper and "arXiv" in info.paper or "doi" in info.paper.lower() or info.family == "pretext"
     method = tiny_method(name, _in_chans(name))
+    assert isinstance(method, Method)  # the Protocol: spec, backbone, forward, training_step
+    assert not [k for k in vars(method) if k.startswith("_") and not k.startswith("__") and k not in nn_module_fields()], \
+        f"{name}: private attributes outside nn.Module's own (state passed between calls?)"
     x = torch.randn(4, _in_chans(name), IMAGE_SIZE, IMAGE_SIZE)
     method.eval()
     assert method(x).shape == (4, method.backbone.num_features)
 
 
-@pytest.mark.parametrize("name", sorted(n for n, m in METHODS.items() if not m.cls.views.local_crops))
+def nn_module_fields() -> set[str]:
+    return set(vars(torch.nn.Module()))
+
+
+@pytest.mark.parametrize("name", sorted(n for n, m in METHODS.items() if not m.spec.views.local_crops))
 def test_fixed_view_methods_refuse_local_crops(name):
     """A method that compares a fixed set of views is never handed extra crops it would ignore."""
     from selfsup.config import ConfigError, load_config
@@ -121,4 +134,4 @@ def test_fixed_view_methods_refuse_local_crops(name):
 
     cfg = load_config(None, {"method.name": name, "views.local_crops": 2})
     with pytest.raises(ConfigError, match="no local crops"):
-        view_recipe(cfg, METHODS[name].cls, 28)
+        view_recipe(cfg, METHODS[name].spec, 28)

@@ -12,7 +12,7 @@ from conftest import TINY_BACKBONES
 from selfsup.config import ConfigError, ModelConfig, RunConfig
 from selfsup.losses.contrastive import dcl_loss, info_nce, nt_xent, vmf_weights
 from selfsup.methods import METHODS
-from selfsup.methods.base import Progress
+from selfsup.methods.base import Progress, finish_step, make_progress
 from selfsup.nn.backbones import build_backbone
 from selfsup.nn.queue import MemoryQueue
 from selfsup.train.build import build_method, check_run
@@ -171,7 +171,7 @@ SIZE, BATCH = 16, 8
 
 def tiny(name: str, **params):
     backbone = build_backbone("small_resnet", 1, SIZE, **TINY_BACKBONES["small_resnet"])
-    return METHODS[name].cls(backbone, **{**getattr(METHODS[name].cls, "test_params", {}), **params})
+    return METHODS[name].cls(backbone, **{**METHODS[name].spec.test_params, **params})
 
 
 def two_views(n: int = BATCH) -> list[torch.Tensor]:
@@ -179,10 +179,10 @@ def two_views(n: int = BATCH) -> list[torch.Tensor]:
 
 
 def step(method, views, i: int = 0) -> tuple[torch.Tensor, dict]:
-    progress = Progress(i, 100, 0, 10)
+    progress = make_progress(method, i, 100, 0, 10)
     loss, logs = method.training_step(views, progress)
     loss.backward()
-    method.after_step(progress)
+    finish_step(method, progress, logs)
     return loss, logs
 
 
@@ -219,14 +219,15 @@ def test_queue_is_only_written_after_the_step():
     torch.manual_seed(0)
     method = tiny("mocov2", queue_size=16, bn_splits=2)
     views = two_views()
-    loss, logs = method.training_step(views, Progress(0, 10, 0, 10))
+    progress = make_progress(method, 0, 10, 0, 10)
+    loss, logs = method.training_step(views, progress)
     assert int(method.queue.count) == 0  # a skipped (non-finite) step would leave the queue untouched
     loss.backward()
-    method.after_step(Progress(0, 10, 0, 10))
+    finish_step(method, progress, logs)
     assert int(method.queue.count) == BATCH
     torch.testing.assert_close(method.queue.contents(), F.normalize(logs["z_pair"], dim=1))
     # the next loss uses the queued keys as negatives, and no gradient reaches them
-    loss2, _ = method.training_step(two_views(), Progress(1, 10, 0, 10))
+    loss2, _ = method.training_step(two_views(), make_progress(method, 1, 10, 0, 10))
     loss2.backward()
     assert method.queue.rows.grad is None
     assert all(p.grad is None for p in method.key_backbone.parameters())
@@ -238,7 +239,7 @@ def test_mocov2_loss_is_info_nce_against_the_queue():
     step(method, two_views(), 0)
     method.eval()  # BN on running statistics: the keys are then a plain function of the images
     views = two_views()
-    loss, _ = method.training_step(views, Progress(1, 10, 0, 10))
+    loss, _ = method.training_step(views, make_progress(method, 1, 10, 0, 10))
     q = method.projector(method.backbone(views[0]))
     k = method.key_projector(method.key_backbone(views[1]))
     torch.testing.assert_close(loss, info_nce(q, k, 0.2, negatives=method.queue.contents(), in_batch=False))
@@ -276,12 +277,13 @@ def test_nnclr_loss_and_push_after_step():
     assert method.support.full and int(method.support.ptr) == 24 % 11
     assert method.support.rows.grad is None
     views = two_views()
-    loss, logs = method.training_step(views, Progress(3, 10, 0, 10))
+    progress = make_progress(method, 3, 10, 0, 10)
+    loss, logs = method.training_step(views, progress)
     z1, z2 = logs["z"], logs["z_pair"]
     p1, p2 = method.predictor(torch.cat([z1, z2])).chunk(2)
     expected = 0.5 * (info_nce(method.nearest(z1), p2, 0.1) + info_nce(method.nearest(z2), p1, 0.1))
     torch.testing.assert_close(loss, expected)
-    method.after_step(Progress(3, 10, 0, 10))
+    finish_step(method, progress, logs)
     newest = F.normalize(z1, dim=1)
     assert (method.support.contents() @ newest.T).max(dim=0).values.min() > 0.9999
 
@@ -290,14 +292,15 @@ def test_mocov3_loss_and_momentum_schedule():
     torch.manual_seed(0)
     method = tiny("mocov3", temperature=0.2)
     views = two_views()
-    loss, _ = method.training_step(views, Progress(0, 10, 0, 10))
+    loss, _ = method.training_step(views, make_progress(method, 0, 10, 0, 10))
     q1, q2 = (method.predictor(method.projector(method.backbone(v))) for v in views)
     with torch.no_grad():
         k1, k2 = (method.momentum_projector(method.momentum_backbone(v)) for v in views)
     torch.testing.assert_close(loss, 2 * 0.2 * (info_nce(q1, k2, 0.2) + info_nce(q2, k1, 0.2)))
-    assert method.momentum(Progress(0, 100, 0, 10)) == pytest.approx(0.99)
-    assert method.momentum(Progress(50, 100, 0, 10)) == pytest.approx(0.995)
-    assert method.momentum(Progress(100, 100, 0, 10)) == pytest.approx(1.0)
+    momentum = lambda k: make_progress(method, k, 100, 0, 10).value("teacher_momentum")
+    assert momentum(0) == pytest.approx(0.99)
+    assert momentum(50) == pytest.approx(0.995)
+    assert momentum(100) == pytest.approx(1.0)
     assert isinstance(method.projector[-1], torch.nn.BatchNorm1d) and not method.projector[-1].affine
 
 
@@ -305,10 +308,10 @@ def test_mocov3_loss_and_momentum_schedule():
 
 @pytest.mark.parametrize("name,params,match", [
     ("mocov2", {"temperature": 0.0}, "temperature"),
-    ("mocov2", {"momentum": 1.5}, "momentum"),
+    ("mocov2", {"momentum_start": 1.5}, "momentum_start"),
     ("mocov2", {"queue_size": 0}, "queue_size"),
     ("mocov3", {"temperature": -1.0}, "temperature"),
-    ("mocov3", {"base_momentum": -0.1}, "momentum"),
+    ("mocov3", {"momentum_start": -0.1}, "momentum_start"),
     ("nnclr", {"temperature": 0.0}, "temperature"),
     ("nnclr", {"support_size": 0}, "support_size"),
     ("dcl", {"temperature": 0.0}, "temperature"),

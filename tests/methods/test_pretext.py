@@ -187,18 +187,19 @@ def test_pirl_memory_bank_follows_its_update_rule():
     x = torch.randn(4, 1, 18, 18)
     idx = torch.tensor([7, 2, 9, 4])
     method.training_step([x, x], Progress(0, 10, 0, 5), indices=idx)
-    assert method.bank.shape[0] == 10 and method.filled.nonzero().squeeze(1).tolist() == [2, 4, 7, 9]
-    old = method.bank[idx].clone()
+    assert len(method.bank) == 10 and method.bank.filled_indices().tolist() == [2, 4, 7, 9]
+    old = method.bank.read(idx)
     method.eval()  # BN in eval so f(v_I) can be recomputed exactly
     torch.manual_seed(1)
     _, logs = method.training_step([x, x], Progress(1, 10, 0, 5), indices=idx)
     f = F.normalize(method.f(method.backbone(x)), dim=1)
-    torch.testing.assert_close(method.bank[idx], F.normalize(0.5 * old + 0.5 * f, dim=1))
+    torch.testing.assert_close(method.bank.read(idx), F.normalize(0.5 * old + 0.5 * f, dim=1))
     assert float(logs["new_rows"]) == 0.0
     state = method.state_dict()
     fresh = PIRL(backbone(), gap=1, num_negatives=8)
     fresh.load_state_dict(state)  # the bank grows to the checkpoint's size (resume)
-    torch.testing.assert_close(fresh.bank, method.bank)
+    torch.testing.assert_close(fresh.bank.rows, method.bank.rows)
+    assert torch.equal(fresh.bank.filled, method.bank.filled)
 
 
 def test_classifiers_log_pretext_accuracy():
@@ -322,8 +323,8 @@ def test_pretext_accuracy_of_a_trained_rotation_model_is_repeatable_and_none_for
     torch.manual_seed(0)
     data = ImageSet(torch.randint(0, 256, (10, 1, 18, 18), dtype=torch.uint8))
     rot = get_method("rotation").cls(backbone())
-    recipe = resolve_sizes(rot.views, 18)
+    recipe = resolve_sizes(rot.spec.views, 18)
     first = pretext_accuracy(rot, data, recipe, [0.5], [0.25], seed=3)
     assert 0.0 <= first <= 1.0 and first == pretext_accuracy(rot, data, recipe, [0.5], [0.25], seed=3)
-    simclr = get_method("simclr").cls(backbone(), **getattr(get_method("simclr").cls, "test_params", {}))
-    assert pretext_accuracy(simclr, data, resolve_sizes(simclr.views, 18), [0.5], [0.25]) is None
+    simclr = get_method("simclr").cls(backbone(), **get_method("simclr").spec.test_params)
+    assert pretext_accuracy(simclr, data, resolve_sizes(simclr.spec.views, 18), [0.5], [0.25]) is None

@@ -11,14 +11,14 @@ import torch
 from selfsup.config import ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig
 from selfsup.monitor.diagnostics import effective_rank, healthy_spread, spread
 from selfsup.losses.distillation import byol_loss, dino_loss, negative_cosine
-from selfsup.methods.base import Progress
+from selfsup.methods.base import Progress, make_progress, run_after_step
 from selfsup.methods.byol import BYOL
 from selfsup.methods.dino import DINO
 from selfsup.methods.simsiam import SimSiam
 from selfsup.nn.backbones import build_backbone
 from selfsup.train.build import build_method
 from selfsup.train.loop import pretrain
-from selfsup.train.optim import build_optimizer, set_lr
+from selfsup.train.optim import build_optimizer, set_optim_values
 from selfsup.views import apply_overrides, make_views, normalize, resolve_sizes, to_float
 
 f64 = dict(dtype=torch.float64)
@@ -105,46 +105,46 @@ def test_dino_loss_rejects_bad_inputs():
 @pytest.mark.parametrize("k", [0, 1, 25, 50, 99, 100])
 def test_byol_momentum_follows_the_paper(k):
     """τ = 1 − (1 − τ_base)·(cos(πk/K) + 1)/2 (arXiv:2006.07733, §3.2)."""
-    method = BYOL(tiny_backbone(), **BYOL.test_params, base_momentum=0.99)
+    method = BYOL(tiny_backbone(), **BYOL.spec.test_params, momentum_start=0.99)
     K = 100
     expected = 1 - (1 - 0.99) * (math.cos(math.pi * k / K) + 1) / 2
-    assert method.momentum(Progress(k, K, 0, 10)) == pytest.approx(expected, abs=1e-12)
+    assert make_progress(method, k, K, 0, 10).value("teacher_momentum") == pytest.approx(expected, abs=1e-12)
 
 
 def test_dino_teacher_temperature_warms_up_linearly_then_stays():
-    method = DINO(tiny_backbone(), **{**DINO.test_params, "warmup_teacher_temp_epochs": 2})
-    at = lambda step: method.teacher_temperature(Progress(step, 100, step // 10, 10))
+    method = DINO(tiny_backbone(), **{**DINO.spec.test_params, "warmup_teacher_temp_epochs": 2})
+    at = lambda step: make_progress(method, step, 100, step // 10, 10).value("teacher_temp")
     assert at(0) == pytest.approx(0.04)
     assert at(10) == pytest.approx(0.055)
     assert at(20) == at(60) == pytest.approx(0.07)
-    no_warmup = DINO(tiny_backbone(), **{**DINO.test_params, "warmup_teacher_temp_epochs": 0})
-    assert no_warmup.teacher_temperature(Progress(0, 100, 0, 10)) == pytest.approx(0.07)
+    no_warmup = DINO(tiny_backbone(), **{**DINO.spec.test_params, "warmup_teacher_temp_epochs": 0})
+    assert make_progress(no_warmup, 0, 100, 0, 10).value("teacher_temp") == pytest.approx(0.07)
 
 
 def _dino_views(method: DINO, n: int = 8) -> list[torch.Tensor]:
     images = torch.randint(0, 256, (n, 1, 16, 16), dtype=torch.uint8)
-    return make_views(images, resolve_sizes(apply_overrides(type(method).views, {"local_crops": 2}), 16), [0.5], [0.25])
+    return make_views(images, resolve_sizes(apply_overrides(method.spec.views, {"local_crops": 2}), 16), [0.5], [0.25])
 
 
 def test_dino_center_moves_by_its_momentum_and_teacher_sees_globals_only():
-    method = DINO(tiny_backbone(), **{**DINO.test_params, "center_momentum": 0.8})
+    method = DINO(tiny_backbone(), **{**DINO.spec.test_params, "center_momentum": 0.8})
     seen: list[int] = []
     method.teacher_backbone.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
     for step in range(2):  # twice, so the second update starts from a non-zero centre
         views = _dino_views(method)
-        progress = Progress(step, 10, 0, 10)
-        method.training_step(views, progress)
+        progress = make_progress(method, step, 10, 0, 10)
+        _, logs = method.training_step(views, progress)
         with torch.no_grad():
             teacher_out = method.teacher_head(method.teacher_backbone(torch.cat(views[:2])))
         old = method.center.clone()
-        method.after_step(progress)
+        run_after_step(method, progress, logs)
         torch.testing.assert_close(method.center, 0.8 * old + 0.2 * teacher_out.mean(dim=0, keepdim=True))
     assert seen[0] == 2 * 8  # two global views of 8 images; the local crops never reach the teacher
 
 
 @pytest.mark.parametrize("use_bn_in_head", [False, True])
 def test_dino_last_layer_frozen_during_first_epochs_and_magnitude_fixed(use_bn_in_head):
-    method = DINO(tiny_backbone(), **{**DINO.test_params, "freeze_last_layer_epochs": 1,
+    method = DINO(tiny_backbone(), **{**DINO.spec.test_params, "freeze_last_layer_epochs": 1,
                                       "use_bn_in_head": use_bn_in_head})
     magnitude = method.head.last_layer.parametrizations.weight.original0
     direction = method.head.last_layer.parametrizations.weight.original1
@@ -152,7 +152,7 @@ def test_dino_last_layer_frozen_during_first_epochs_and_magnitude_fixed(use_bn_i
     views = _dino_views(method)
     for epoch, frozen in ((0, True), (1, False)):
         method.zero_grad(set_to_none=True)
-        loss, _ = method.training_step(views, Progress(epoch * 10, 100, epoch, 10))
+        loss, _ = method.training_step(views, make_progress(method, epoch * 10, 100, epoch, 10))
         loss.backward()
         assert (direction.grad.abs().sum() == 0) == frozen, f"epoch {epoch}"
         assert method.head.mlp[0].weight.grad.abs().sum() > 0  # the rest of the head learns meanwhile
@@ -162,23 +162,23 @@ def test_dino_last_layer_frozen_during_first_epochs_and_magnitude_fixed(use_bn_i
 
 
 def test_byol_predictor_lr_scale_and_simsiam_fixed_predictor_lr():
-    byol = BYOL(tiny_backbone(), **BYOL.test_params, predictor_lr_scale=10.0)
+    byol = BYOL(tiny_backbone(), **BYOL.spec.test_params, predictor_lr_scale=10.0)
     opt = build_optimizer(byol, OptimConfig(name="sgd"), lr=0.1)
-    set_lr(opt, 0.05, 0.1)
+    set_optim_values(opt, 0.05, 0.1)
     pred = {id(p) for p in byol.predictor.parameters()}
     for g in opt.param_groups:
         is_pred = all(id(p) in pred for p in g["params"])
         assert g["lr"] == pytest.approx(0.5 if is_pred else 0.05)
-    simsiam = SimSiam(tiny_backbone(), **SimSiam.test_params)
+    simsiam = SimSiam(tiny_backbone(), **SimSiam.spec.test_params)
     opt = build_optimizer(simsiam, OptimConfig(name="sgd"), lr=0.1)
-    set_lr(opt, 0.01, 0.1)  # late in the cosine decay: the predictor keeps the base rate (arXiv:2011.10566 §4.2)
+    set_optim_values(opt, 0.01, 0.1)  # late in the cosine decay: the predictor keeps the base rate (arXiv:2011.10566 §4.2)
     pred = {id(p) for p in simsiam.predictor.parameters()}
     for g in opt.param_groups:
         assert g["lr"] == pytest.approx(0.1 if all(id(p) in pred for p in g["params"]) else 0.01)
 
 
 def test_byol_recipe_declares_asymmetric_views():
-    a, b = BYOL.views.globals_
+    a, b = BYOL.spec.views.globals_
     assert (a.blur_p, a.solarize_p, b.blur_p, b.solarize_p) == (1.0, 0.0, 0.1, 0.2)
 
 
@@ -186,9 +186,9 @@ def test_byol_recipe_declares_asymmetric_views():
 
 
 @pytest.mark.parametrize("name,params,match", [
-    ("byol", {"base_momentum": 1.5}, "base_momentum must be in"),
-    ("byol", {"final_momentum": -0.1}, "final_momentum must be in"),
-    ("dino", {"base_momentum": 1.01}, "base_momentum must be in"),
+    ("byol", {"momentum_start": 1.5}, "momentum_start must be in"),
+    ("byol", {"momentum_end": -0.1}, "momentum_end must be in"),
+    ("dino", {"momentum_start": 1.01}, "momentum_start must be in"),
     ("dino", {"center_momentum": -0.5}, "center_momentum must be in"),
     ("dino", {"warmup_teacher_temp_epochs": -1}, "warmup_teacher_temp_epochs must be ≥ 0"),
     ("dino", {"teacher_temp": 0.03, "warmup_teacher_temp": 0.04}, "must be ≥ warmup_teacher_temp"),
@@ -222,7 +222,7 @@ def _train_simsiam(digits, stop_gradient: bool, steps: int = 100, batch: int = 1
     torch.manual_seed(0)
     method = SimSiam(build_backbone("small_resnet", 1, 8, widths=[16, 32]), proj_hidden=64, proj_dim=64,
                      proj_layers=2, pred_hidden=16, stop_gradient=stop_gradient)
-    recipe = resolve_sizes(apply_overrides(SimSiam.views, {"scale": [0.3, 1.0], "blur_p": 0.0}), 8)
+    recipe = resolve_sizes(apply_overrides(SimSiam.spec.views, {"scale": [0.3, 1.0], "blur_p": 0.0}), 8)
     opt = torch.optim.SGD(method.parameters(), lr=0.3, momentum=0.9, weight_decay=1e-4)
     for step in range(steps):
         x = train.images[torch.randint(0, len(train), (batch,))]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from selfsup.config import ConfigError, config_from_dict
 from selfsup.losses.clustering import deepcluster_loss, sinkhorn_knopp, spherical_kmeans, swav_loss
 from selfsup.methods import METHODS
-from selfsup.methods.base import Progress
+from selfsup.methods.base import Progress, finish_step
 from selfsup.nn.backbones import build_backbone
 from selfsup.train.build import build_method, check_run, view_recipe
 
@@ -134,7 +134,7 @@ def test_kmeans_recovers_separated_clusters():
 def _method(name: str, **params):
     cls = METHODS[name].cls
     backbone = build_backbone("small_resnet", 1, 16, widths=[8, 16])
-    return cls(backbone, **{**cls.test_params, **params})
+    return cls(backbone, **{**cls.spec.test_params, **params})
 
 
 def _views(n_views: int = 6, b: int = 8) -> list[torch.Tensor]:
@@ -158,8 +158,8 @@ def test_swav_queue_codes_use_only_batch_rows():
     views = _views(b=8)
     for step in range(2):  # two pushes of 8 fill the queue
         assert not m.queues[0].full
-        m.training_step(views, Progress(step, 100, 0, 10))
-        m.after_step(Progress(step, 100, 0, 10))
+        _, logs = m.training_step(views, Progress(step, 100, 0, 10))
+        finish_step(m, Progress(step, 100, 0, 10), logs)
     assert m.queues[0].full and m.queues[1].full
     w = F.normalize(m.prototypes.weight.detach(), dim=1)
     scores = torch.randn(8, 8)
@@ -172,17 +172,18 @@ def test_deepcluster_memory_indices_epochs_and_resume():
     m = _method("deepclusterv2")
     views = _views(n_views=3, b=8)
     m.training_step(views, Progress(0, 100, 0, 10), indices=torch.arange(20, 28))
-    assert m.memory.shape[0] == 28 and m.filled.sum() == 8 and (m.assignments[20:28] >= 0).all()
+    assert len(m.memory) == 28 and m.memory.filled.sum() == 8 and (m.assignments.rows[20:28] >= 0).all()
     _, logs = m.training_step(views, Progress(1, 100, 0, 10), indices=torch.arange(0, 8))
-    assert m.filled.sum() == 16 and int(m.clustered_rows) == 8 and logs["labels_from_kmeans"] == 0  # not yet seen
+    assert m.memory.filled.sum() == 16 and int(m.clustered_rows) == 8 and logs["labels_from_kmeans"] == 0  # not yet seen
     _, logs = m.training_step(views, Progress(2, 100, 0, 10), indices=torch.arange(8, 16))
-    assert int(m.clustered_rows) == 16 and m.filled.sum() == 24  # filled rows doubled: clustered again
+    assert int(m.clustered_rows) == 16 and m.memory.filled.sum() == 24  # filled rows doubled: clustered again
     m.training_step(views, Progress(3, 100, 1, 10), indices=torch.arange(0, 8))
     assert int(m.clustered_epoch) == 1 and int(m.clustered_rows) == 24
     fresh = _method("deepclusterv2")
     fresh.load_state_dict(m.state_dict())  # the memory grew; a fresh model takes the saved size
-    torch.testing.assert_close(fresh.memory, m.memory)
-    assert torch.equal(fresh.assignments, m.assignments)
+    torch.testing.assert_close(fresh.memory.rows, m.memory.rows)
+    assert torch.equal(fresh.memory.filled, m.memory.filled)
+    assert torch.equal(fresh.assignments.rows, m.assignments.rows)
 
 
 def test_bad_values_raise():
@@ -209,14 +210,14 @@ def test_run_checks_before_training():
     cfg = _cfg("swav", {"temperature": 0.0})
     with pytest.raises(ConfigError, match="temperature"):
         build_method(cfg, 1, 28)
-    recipe = view_recipe(_cfg("swav", {}), METHODS["swav"].cls, 28)
+    recipe = view_recipe(_cfg("swav", {}), METHODS["swav"].spec, 28)
     for name, key in [("swav", "num_prototypes"), ("deepclusterv2", "num_clusters")]:
         cfg = _cfg(name, {key: 300, "proj_hidden": 16, "proj_dim": 8})
         with pytest.raises(ConfigError, match=f"300 (prototypes|clusters) for 200 training images"):
             check_run(build_method(cfg, 1, 28), cfg, 200, recipe)
         check_run(build_method(cfg, 1, 28), cfg, 1000, recipe)  # fine with enough images
     with pytest.raises(ConfigError, match="local crops .* bigger than global"):
-        view_recipe(_cfg("swav", {}, {"local_size": 32}), METHODS["swav"].cls, 28)
+        view_recipe(_cfg("swav", {}, {"local_size": 32}), METHODS["swav"].spec, 28)
 
 
 def test_loop_passes_indices_to_deepcluster(tmp_path):
@@ -231,5 +232,5 @@ def test_loop_passes_indices_to_deepcluster(tmp_path):
                                                         "progress": False, "knn_every": 0, "threads": 1}})
     pretrain(cfg, tmp_path / "run")
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)["model"]
-    assert state["filled"].sum() == 180 and state["clustered_epoch"] == 1  # every training sample, re-clustered
+    assert state["memory.filled"].sum() == 180 and state["clustered_epoch"] == 1  # every training sample, re-clustered
     pretrain(cfg, tmp_path / "run")  # resuming loads the grown memory into a freshly built model

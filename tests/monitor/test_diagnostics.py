@@ -253,11 +253,11 @@ def test_loop_records_the_warning_and_stops_when_asked(tmp_path, monkeypatch) ->
     """The wiring in the loop, with thresholds no run can meet (so a healthy tiny run 'collapses' on cue)."""
     import functools
 
-    from selfsup.train import loop
+    from selfsup.train import loop, setup
     from selfsup.train.rundir import read_metrics
 
     strict = functools.partial(CollapseMonitor, spread_fraction=0.999, min_rank=1e9, window=2)
-    monkeypatch.setattr(loop, "CollapseMonitor", strict)
+    monkeypatch.setattr(setup, "CollapseMonitor", strict)
     loop.pretrain(_tiny_run_config(tmp_path), tmp_path / "warn")
     fired = [r for r in read_metrics(tmp_path / "warn") if "collapse_warning" in r]
     assert len(fired) == 1 and fired[0]["step"] == 2 and fired[0]["collapse_warning"]["kind"] in ("complete", "dimensional")

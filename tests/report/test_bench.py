@@ -22,7 +22,7 @@ def recipes(tmp_path: Path) -> Path:
     folder = tmp_path / "configs"
     folder.mkdir()
     for name in TINY:
-        recipe = {"method": {"name": name, "params": dict(getattr(get_method(name).cls, "test_params", {}))},
+        recipe = {"method": {"name": name, "params": dict(get_method(name).spec.test_params)},
                   "backbone": {"name": "small_resnet", "params": {"widths": [8, 16, 32]}},
                   "train": {"epochs": 3, "batch_size": 32, "log_every": 2}}
         (folder / f"{name}_fashion_mnist.yaml").write_text(yaml.safe_dump(recipe))

@@ -26,7 +26,7 @@ FAST = ReportOptions(map_size=300, bank_size=500, queries=4, neighbors=5)
 def run_dir(tmp_path_factory) -> Path:
     """A finished tiny run on digits, with one collapse warning (thresholds no run meets) and a method picture."""
     from selfsup.config import load_config
-    from selfsup.train import loop
+    from selfsup.train import loop, setup
 
     cfg = load_config(None, {"method.name": "simclr", "data.name": "digits", "data.limit": 320,
                              "backbone.name": "small_resnet", "backbone.widths": [8, 16, 32], "train.epochs": 2,
@@ -34,7 +34,7 @@ def run_dir(tmp_path_factory) -> Path:
                              "train.progress": False, "train.device": "cpu"})
     out = tmp_path_factory.mktemp("report") / "run"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop, "CollapseMonitor", functools.partial(CollapseMonitor, spread_fraction=0.999, min_rank=1e9))
+        mp.setattr(setup, "CollapseMonitor", functools.partial(CollapseMonitor, spread_fraction=0.999, min_rank=1e9))
         loop.pretrain(cfg, out)
     img = Image.fromarray((np.indices((40, 120)).sum(0) % 2 * 255).astype(np.uint8))
     img.save(out / "reconstructions.png")

@@ -1,0 +1,241 @@
+"""Set-up of a pretraining run: data, model, optimiser, run directory, resume; and the checkpoint it writes.
+
+:func:`setup_run` returns a :class:`Run`, everything the loop (:mod:`selfsup.train.loop`) needs and nothing
+it has to look up again: the loop's per-step state (``step``, skipped-step counters) lives on it too, so a
+checkpoint is written from one object.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from selfsup import distributed as dist
+from selfsup.config import RunConfig
+from selfsup.data import DataError, ImageSet, holdout_split, load_dataset
+from selfsup.methods import get_method
+from selfsup.methods.base import MethodSpec, Progress
+from selfsup.monitor.collapse import CollapseMonitor
+from selfsup.monitor.features import extract_features
+from selfsup.monitor.knn import knn_accuracy
+from selfsup.schedules import scaled_lr
+from selfsup.train.build import build_method, check_batch, check_names, check_run, resolve_config, view_recipe
+from selfsup.train.checkpoint import FORMAT_VERSION, atomic_save, check_compatible, safe_load
+from selfsup.train.device import resolve_device, resolve_precision, rng_state, set_rng_state, sync_batchnorm
+from selfsup.train.optim import build_optimizer
+from selfsup.train.rundir import MetricsLog, check_resumable, write_env
+from selfsup.views import ViewRecipe
+
+log = logging.getLogger("selfsup")
+KNN_BANK_SIZE = 10000
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for a reason the user must see (diverging loss, collapse stop)."""
+
+
+@dataclass
+class Data:
+    """The pretraining images, the held-out split and bank of the online kNN monitor, and the normalisation."""
+
+    train: ImageSet
+    val: ImageSet
+    bank: ImageSet
+    mean: list[float]
+    std: list[float]
+
+
+def prepare_data(cfg: RunConfig) -> Data:
+    train_full, _ = load_dataset(cfg.data)
+    if len(train_full) < 2:
+        raise DataError(f"{cfg.data.name}: only {len(train_full)} training image(s); need at least 2")
+    train_idx, val_idx = holdout_split(len(train_full), cfg.data.val_size, cfg.train.seed)
+    train = train_full.subset(train_idx)
+    mean, std = train.mean_std()
+    return Data(train, train_full.subset(val_idx), train.head(KNN_BANK_SIZE), mean, std)
+
+
+class _Stepper(nn.Module):
+    """Routes DDP's forward to ``training_step`` so gradient synchronisation follows the method's loss."""
+
+    def __init__(self, method: nn.Module):
+        super().__init__()
+        self.method = method
+
+    def forward(self, views: list[Tensor], progress: Progress, **extra: Tensor):
+        return self.method.training_step(views, progress, **extra)
+
+
+@dataclass
+class Run:
+    """A run being trained: its settings, parts, and the loop's position (``step``, skipped steps)."""
+
+    cfg: RunConfig
+    run_dir: Path
+    device: torch.device
+    data: Data
+    images: Tensor
+    """The training images where the loop reads batches from (on the GPU when they fit there)."""
+    recipe: ViewRecipe
+    model: nn.Module
+    spec: MethodSpec
+    stepper: nn.Module
+    optimizer: torch.optim.Optimizer
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    base_lr: float
+    metrics: MetricsLog
+    collapse: CollapseMonitor
+    trainable: list[Tensor] = field(default_factory=list)
+    step: int = 0
+    bad_total: int = 0
+    bad_in_row: int = 0
+    world: int = 1
+    rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.pt"
+
+
+def setup_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False) -> Run:
+    """Everything a run needs, built once: the resolved config, data, model, optimiser, and a resumed state
+    when ``run_dir`` holds a checkpoint (refused when its config differs)."""
+    world, rank = dist.world_size(), dist.rank()
+    if overwrite and rank == 0 and run_dir.exists():
+        shutil.rmtree(run_dir)
+    t = cfg.train
+    device = resolve_device(t.device)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    torch.manual_seed(t.seed + rank)
+    check_names(cfg)
+    data = prepare_data(cfg)
+    cfg = resolve_config(cfg, data.train)
+    resuming = (run_dir / "checkpoints" / "last.pt").is_file()
+    if resuming:
+        check_resumable(run_dir, cfg)
+    spec = get_method(cfg.method.name).spec
+    check_batch(cfg, spec, len(data.train), world)
+    recipe = view_recipe(cfg, spec, data.train.image_size)
+    model, channels_last = _build_model(cfg, data, world, device, recipe)
+    steps_per_epoch = len(data.train) // t.batch_size
+    total_steps = steps_per_epoch * t.epochs
+    base_lr = scaled_lr(cfg.optim.lr, t.batch_size, cfg.optim.lr_scaling)
+    stepper: nn.Module = _Stepper(model)
+    if world > 1:
+        stepper = torch.nn.parallel.DistributedDataParallel(stepper, device_ids=[device] if device.type == "cuda" else None)
+    run = Run(cfg=cfg, run_dir=run_dir, device=device, data=data, images=_training_images(data.train, device),
+              recipe=recipe, model=model, spec=spec, stepper=stepper, optimizer=build_optimizer(model, cfg.optim, base_lr),
+              amp_dtype=resolve_precision(t.precision, device), channels_last=channels_last,
+              steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+              warmup_steps=min(int(cfg.optim.warmup_epochs * steps_per_epoch), total_steps - 1), base_lr=base_lr,
+              metrics=MetricsLog(run_dir / "metrics.jsonl", enabled=rank == 0),
+              collapse=CollapseMonitor(verbose=rank == 0, stops=t.stop_on_collapse),
+              trainable=[p for p in model.parameters() if p.requires_grad], world=world, rank=rank)
+    if resuming:
+        _resume(run)
+    else:
+        _start_run_dir(run)
+    if run.main:
+        _write_run_files(run)
+    return run
+
+
+def _build_model(cfg: RunConfig, data: Data, world: int, device: torch.device,
+                 recipe: ViewRecipe) -> tuple[nn.Module, bool]:
+    """The method on the device, checked against the data and views, channels-last where it pays, and with
+    ``train.compile`` its backbone compiled in place (state-dict keys unchanged)."""
+    model = build_method(cfg, data.train.channels, data.train.image_size, world).to(device)
+    if world > 1:
+        model = sync_batchnorm(model, device, dist.rank() == 0)
+    check_run(model, cfg, len(data.train), recipe)
+    t = cfg.train
+    channels_last = t.channels_last == "on" or (t.channels_last == "auto" and data.train.image_size >= 8)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if t.compile:
+        model.backbone.compile()
+    return model, channels_last
+
+
+def _training_images(train: ImageSet, device: torch.device) -> Tensor:
+    """Where batches are read from: the CPU tensor, or on a GPU the whole set when it is small (one gather per
+    step on the device) and pinned memory otherwise (asynchronous copies)."""
+    if device.type != "cuda":
+        return train.images
+    return train.images.pin_memory() if train.images.numel() > 2**31 else train.images.to(device)
+
+
+def _resume(run: Run) -> None:
+    ckpt = safe_load(run.ckpt_path, map_location=run.device)
+    check_compatible(ckpt, run.cfg.method.name, run.cfg.backbone.name)
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.step, run.bad_total = int(ckpt["step"]), int(ckpt.get("bad_steps", 0))
+    set_rng_state(ckpt["rng"], run.device)
+    run.metrics.truncate_after(run.step)
+    if run.main:
+        log.info("resuming %s from step %d (epoch %d)", run.run_dir, run.step, run.step // run.steps_per_epoch + 1)
+
+
+def _start_run_dir(run: Run) -> None:
+    if run.main:
+        (run.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run.run_dir / "config.yaml").write_text(run.cfg.to_yaml())
+        (run.run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a run killed before its first checkpoint
+
+
+def _write_run_files(run: Run) -> None:
+    """``env.json`` (versions, device, what was trained on) and ``encoder.json`` (how to rebuild the encoder)."""
+    for stale in (run.run_dir / "checkpoints").glob(".*.tmp"):  # writes a kill interrupted; never loaded
+        stale.unlink(missing_ok=True)
+    train, cfg = run.data.train, run.cfg
+    log.info("pretraining on %s", train.describe())
+    write_env(run.run_dir, run.device, cfg.train.seed, run.world, {
+        "precision": str(run.amp_dtype or "fp32"), "channels_last": run.channels_last, "resumed_from_step": run.step,
+        "pretraining_images": len(train), "pretraining_class_counts": train.class_counts()})
+    (run.run_dir / "encoder.json").write_text(json.dumps({
+        "backbone": cfg.backbone.name, "params": cfg.backbone.params, "in_chans": train.channels,
+        "image_size": train.image_size, "num_features": run.model.backbone.num_features,
+        "mean": run.data.mean, "std": run.data.std, "method": cfg.method.name}, indent=2))
+
+
+def save_checkpoint(run: Run, epoch_done: bool) -> None:
+    """``checkpoints/last.pt`` (and ``epoch_N.pt`` every ``checkpoint_every`` epochs), written atomically."""
+    rng = rng_state(run.device)  # a collective: every rank takes part
+    if not run.main:
+        return
+    cfg = run.cfg
+    state = {"meta": {"format": FORMAT_VERSION, "method": cfg.method.name, "backbone": cfg.backbone.name},
+             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "step": run.step,
+             "bad_steps": run.bad_total, "rng": rng, "config": cfg.to_dict()}
+    t0 = time.perf_counter()
+    atomic_save(state, run.ckpt_path)
+    epoch = run.step // run.steps_per_epoch
+    if epoch_done and cfg.train.checkpoint_every and epoch % cfg.train.checkpoint_every == 0:
+        atomic_save(state, run.run_dir / "checkpoints" / f"epoch_{epoch}.pt")
+    log.debug("checkpoint at step %d written in %.2fs", run.step, time.perf_counter() - t0)
+
+
+def knn_monitor(run: Run) -> float | None:
+    """Online kNN accuracy on the held-out split, with (part of) the training set as the bank."""
+    data = run.data
+    if data.val.labels is None or len(data.val) == 0 or data.bank.labels is None:
+        return None
+    bank = extract_features(run.model, data.bank, data.mean, data.std, run.device, channels_last=run.channels_last)
+    queries = extract_features(run.model, data.val, data.mean, data.std, run.device, channels_last=run.channels_last)
+    return knn_accuracy(bank, data.bank.labels, queries, data.val.labels, data.train.num_classes)
