@@ -134,8 +134,8 @@ def update_center(center: Tensor, teacher_logits: Tensor, momentum: float = 0.9,
 def koleo_loss(x: Tensor, eps: float = 1e-8, gather: bool = False) -> Tensor:
     """KoLeo: ``−(1/B) Σ_i log(min_{j≠i} ‖x̂_i − x̂_j‖ + eps)`` on the l2-normalised rows x̂ of x (B, D).
 
-    The Kozachenko–Leonenko differential-entropy estimator (Sablayrolles et al. 2019, arXiv:1806.03198,
-    eq. 5): it grows when a point's nearest neighbour is close, so minimising it spreads the batch
+    The Kozachenko–Leonenko differential-entropy estimator (Sablayrolles et al. 2019, arXiv:1806.03198):
+    it grows when a point's nearest neighbour is close, so minimising it spreads the batch
     uniformly over the sphere. Invariant to a positive rescaling of any row. Exact duplicates are at
     distance 0, giving the finite value −log(eps).
 

@@ -1,8 +1,8 @@
 """iBOT's masked patch self-distillation: the student predicts, at the patches it sees as mask tokens, the
 teacher's output distribution for the same patches of the unmasked view.
 
-Zhou et al. iBOT: Image BERT Pre-Training with Online Tokenizer. ICLR 2022, arXiv:2111.07832 (§3.2, eq. 2;
-Algorithm 1). DINOv2 (Oquab et al. 2023, arXiv:2304.07193 §4) keeps this loss and may replace the teacher's
+Zhou et al. iBOT: Image BERT Pre-Training with Online Tokenizer. ICLR 2022, arXiv:2111.07832 (§3.2, the
+MIM loss; Algorithm 1). DINOv2 (Oquab et al. 2023, arXiv:2304.07193 §4) keeps this loss and may replace the teacher's
 centring by Sinkhorn-Knopp over the masked tokens.
 
 Notation: B images (stack the global views along B: the loss is then the mean over views, as both
@@ -35,7 +35,7 @@ def _check(student_logits: Tensor, teacher: Tensor, mask: Tensor, name: str) -> 
 
 @fp32_loss
 def ibot_patch_loss(student_logits: Tensor, teacher_probs: Tensor, mask: Tensor, student_temp: float = 0.1) -> Tensor:
-    """Masked-patch cross-entropy ``H(P_t, P_s)`` (arXiv:2111.07832 eq. 2), averaged per image, then over images.
+    """Masked-patch cross-entropy ``H(P_t, P_s)`` (arXiv:2111.07832 §3.2), averaged per image, then over images.
 
     student_logits: (B, L, K) head logits of the student's patch tokens (masked input);
     teacher_probs: (B, L, K) teacher targets (rows summing to 1) for the same patches of the unmasked view;

@@ -10,7 +10,7 @@ boolean masks (B, L) with ``True`` = hidden from the encoder. A grid is (h, w) p
 - :func:`substitute_mask_tokens` — SimMIM's learnable mask token in place of hidden patch embeddings
   (Xie et al. 2021, arXiv:2111.09886 §3.1).
 - :func:`blockwise_masks` — BEiT's blockwise masks with iBOT's random ratio per image, some images left
-  unmasked (Bao et al. 2021, arXiv:2106.08254 Algorithm 1; Zhou et al. 2022, arXiv:2111.07832 §3.2, App. A).
+  unmasked (Bao et al. 2021, arXiv:2106.08254 Algorithm 1; Zhou et al. 2022, arXiv:2111.07832 and its ``loader.py``).
 """
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ DINOv2's options (Oquab et al. 2023, arXiv:2304.07193), all timm's own ``VisionT
 learnt per-channel factor starting at this value; DINOv2 uses 1e-5), ``drop_path`` (stochastic depth,
 rates rising linearly over the blocks to this value, timm's rule; iBOT's ViT-S uses 0.1, DINOv2's
 ViT-L 0.3 at a uniform rate) and ``registers`` (Darcet et al. 2024, arXiv:2309.16588: extra learnt
-tokens with no position, 4 in DINOv2's ``reg4`` models, that give the attention somewhere to park global
-information instead of hijacking patch tokens).
+tokens with no position, 4 in DINOv2's ``reg4`` models, where the attention can keep global information
+instead of repurposing low-information patch tokens, the high-norm artefacts of large ViTs).
 
 Token layout. Inside the blocks the sequence is ``[CLS, R registers, N patch tokens]`` (timm's order).
 The method-facing helpers drop the register outputs after the last block (they are scratch space, never

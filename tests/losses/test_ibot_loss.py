@@ -16,7 +16,7 @@ DT = torch.float64
 
 
 def naive_ibot(student, teacher, mask, tau):
-    """eq. 2 of arXiv:2111.07832 token by token: per image the mean CE over its masked tokens, then the mean
+    """The MIM loss of arXiv:2111.07832 §3.2 token by token: per image the mean CE over its masked tokens, then the mean
     over all images (an image without masked tokens adds 0)."""
     b, l, _ = student.shape
     total = student.new_zeros(())
