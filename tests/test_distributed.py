@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +27,9 @@ from selfsup.methods.base import make_progress
 from selfsup.methods.registry import method_params
 
 WORLD = 2
+# tiny_method lives in tests/methods/test_methods.py, importable only once that folder is on the path
+# (pytest adds it when it collects a test there, not when this file runs alone or on another xdist worker).
+sys.path.insert(0, str(Path(__file__).resolve().parent / "methods"))
 GATHER_METHODS = sorted(n for n, info in METHODS.items()
                         if "gather" in method_params(info.cls) and not info.spec.stochastic_step)
 
@@ -140,3 +145,88 @@ def test_torchrun_two_cpu_processes_train_and_write_one_run(tmp_path):
     bad = _torchrun(tmp_path / "bad", "--batch-size", "63")
     assert bad.returncode != 0 and "not divisible by the 2 processes" in bad.stderr
     assert not (tmp_path / "bad" / "checkpoints" / "last.pt").exists()
+
+
+# ---------------------------------------------------------------- DINOv2 / iBOT / DCCAE parts (issue #19)
+
+def _parts_rank(rank: int, tmp: str, data: dict) -> None:
+    """Each of two processes holds its rows (different counts where the parts allow it) and calls every
+    part with gather=True; what it returns is saved for the parent to compare with one process."""
+    from selfsup.losses.cca import cca_correlation
+    from selfsup.losses.clustering import sinkhorn_knopp
+    from selfsup.losses.distillation import koleo_loss, update_center
+    from selfsup.losses.ibot import patch_sinkhorn_targets
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=WORLD)
+    out = {}
+    try:
+        for name, split in (("equal", 4), ("unequal", 5), ("empty", 8)):  # rank 0 holds `split` of 8 rows
+            rows = data["logits"][:split] if rank == 0 else data["logits"][split:]
+            out[f"sinkhorn_{name}"] = sinkhorn_knopp(rows, 0.07, 3, gather=True)
+        b = data["patches"].shape[0] // WORLD
+        mine = slice(rank * b, (rank + 1) * b)
+        out["patch_targets"] = patch_sinkhorn_targets(data["patches"][mine], data["mask"][mine], 0.07, gather=True)
+        out["center"] = update_center(data["center"], data["patches"][mine], 0.9, mask=data["mask"][mine], gather=True)
+        n = data["h1"].shape[0] // WORLD
+        rows = slice(rank * n, (rank + 1) * n)
+        x = data["x"][rows].clone().requires_grad_(True)
+        loss = koleo_loss(x, gather=True)
+        loss.backward()
+        out["koleo"] = (loss.detach(), x.grad)
+        h1, h2 = (data[k][rows].clone().requires_grad_(True) for k in ("h1", "h2"))
+        corr = cca_correlation(h1, h2, 1e-3, 1e-3, gather=True)
+        corr.backward()
+        out["cca"] = (corr.detach(), h1.grad, h2.grad)
+        torch.save(out, f"{tmp}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dinov2_ibot_dccae_parts_match_one_process(tmp_path):
+    """Sinkhorn-Knopp teacher targets (equal, unequal and empty shares of the rows), the masked patch targets
+    and the patch centre (masks with different counts per process), KoLeo and the CCA correlation with
+    gather=True: two gloo processes reproduce one process holding the combined batch. For the two losses
+    the row gradients (summed over processes by the gather's backward) are world × the combined-batch ones,
+    which DDP's averaging turns into the single-process gradient."""
+    from selfsup.losses.cca import cca_correlation
+    from selfsup.losses.clustering import sinkhorn_knopp
+    from selfsup.losses.distillation import koleo_loss, update_center
+    from selfsup.losses.ibot import patch_sinkhorn_targets
+
+    g = torch.Generator().manual_seed(0)
+    f64 = torch.float64
+    mask = torch.rand(6, 9, generator=g) < 0.4
+    mask[0] = True  # rank 0 holds many more masked tokens than rank 1
+    mask[3:] = False
+    mask[4, 2] = True
+    data = {"logits": torch.randn(8, 5, generator=g, dtype=f64), "patches": torch.randn(6, 9, 5, generator=g, dtype=f64),
+            "mask": mask, "center": torch.randn(1, 1, 5, generator=g, dtype=f64),
+            "x": torch.randn(10, 4, generator=g, dtype=f64), "h1": torch.randn(10, 3, generator=g, dtype=f64),
+            "h2": torch.randn(10, 3, generator=g, dtype=f64)}
+    data["h2"] = data["h2"] + data["h1"]
+    mp.spawn(_parts_rank, args=(str(tmp_path), data), nprocs=WORLD)
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+    single = sinkhorn_knopp(data["logits"], 0.07, 3)
+    for name in ("sinkhorn_equal", "sinkhorn_unequal", "sinkhorn_empty"):
+        torch.testing.assert_close(torch.cat([got[0][name], got[1][name]]), single, msg=name)
+    torch.testing.assert_close(torch.cat([got[0]["patch_targets"], got[1]["patch_targets"]]),
+                               patch_sinkhorn_targets(data["patches"], mask, 0.07))
+    center = update_center(data["center"], data["patches"], 0.9, mask=mask)
+    for r in range(WORLD):
+        torch.testing.assert_close(got[r]["center"], center)
+
+    x = data["x"].clone().requires_grad_(True)
+    koleo = koleo_loss(x)
+    koleo.backward()
+    torch.testing.assert_close((got[0]["koleo"][0] + got[1]["koleo"][0]) / WORLD, koleo.detach())
+    torch.testing.assert_close(torch.cat([got[0]["koleo"][1], got[1]["koleo"][1]]) / WORLD, x.grad)
+
+    h1, h2 = data["h1"].clone().requires_grad_(True), data["h2"].clone().requires_grad_(True)
+    corr = cca_correlation(h1, h2, 1e-3, 1e-3)
+    corr.backward()
+    for r in range(WORLD):
+        torch.testing.assert_close(got[r]["cca"][0], corr.detach())  # every process: the global statistic
+    torch.testing.assert_close(torch.cat([got[0]["cca"][1], got[1]["cca"][1]]) / WORLD, h1.grad)
+    torch.testing.assert_close(torch.cat([got[0]["cca"][2], got[1]["cca"][2]]) / WORLD, h2.grad)

@@ -16,3 +16,9 @@ from selfsup.losses.msn import msn_loss
 __all__ += ["msn_loss"]
 from selfsup.losses.pretext import pirl_loss
 __all__ += ["pirl_loss"]
+from selfsup.losses.distillation import centered_softmax, koleo_loss, update_center
+__all__ += ["centered_softmax", "koleo_loss", "update_center"]
+from selfsup.losses.ibot import ibot_patch_loss, patch_sinkhorn_targets
+__all__ += ["ibot_patch_loss", "patch_sinkhorn_targets"]
+from selfsup.losses.cca import cca_correlation, dccae_loss, reconstruction_error
+__all__ += ["cca_correlation", "dccae_loss", "reconstruction_error"]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from selfsup.losses.precision import at_least_f32  # softmaxes and exp(S/ε) in bf16 lose the small codes
-from selfsup.distributed import all_reduce_mean, world_size
+from selfsup.distributed import all_reduce_mean, gather_no_grad, world_size
 
 
 @torch.no_grad()
@@ -22,29 +22,40 @@ def sinkhorn_knopp(scores: Tensor, epsilon: float = 0.05, iterations: int = 3, g
 
     Solves the entropic transport problem of arXiv:2006.09882 §3.1 ("computing codes online"):
     Q = diag(u) exp(S/ε) diag(v), every prototype receiving an equal share of the batch (equipartition). Each iteration rescales the
-    prototype (column) sums to B/K, then the sample (row) sums to 1, so on return each row is a
-    distribution over prototypes and the columns sum to B/K up to the last row rescaling.
+    prototype (column) sums to N/K, then the sample (row) sums to 1, so on return each row is a
+    distribution over prototypes and the columns sum to N/K up to the last row rescaling (N: rows of the
+    global batch). The same routine gives DINOv2's teacher targets (``sinkhorn_knopp_teacher`` of
+    arXiv:2304.07193's code): ``scores`` = teacher logits, ``epsilon`` = teacher temperature, 3 iterations.
+    Three iterations only approach equipartition: on cosine logits at ε = 0.07 the column sums were measured
+    up to ~25% off N/K after 3, ~2% after 10 (tests/losses/test_sinkhorn_teacher.py); the rows are exact.
 
-    gather: the batch is split over processes; column sums (and the total) are summed over all of them
-    via ``all_reduce_mean`` so the equipartition holds for the global batch. Computed in at least float32.
+    gather: the rows are split over processes; the total, the column sums and the row count are summed over
+    all of them (``all_reduce_mean`` × world) and exp is shifted by the global maximum, so every process
+    returns its rows of the codes of the combined batch. Processes may hold different numbers of rows,
+    none included (DINOv2's masked patch tokens); every process must call it. Computed in at least float32.
     """
     if epsilon <= 0:
         raise ValueError(f"sinkhorn_knopp: epsilon must be > 0, got {epsilon}")
     if iterations < 1:
         raise ValueError(f"sinkhorn_knopp: iterations must be ≥ 1, got {iterations}")
-    if scores.ndim != 2 or scores.shape[0] == 0 or scores.shape[1] == 0:
-        raise ValueError(f"sinkhorn_knopp: scores must be a non-empty (B, K) matrix, got shape {tuple(scores.shape)}")
+    if scores.ndim != 2 or scores.shape[1] == 0:
+        raise ValueError(f"sinkhorn_knopp: scores must be a (B, K) matrix with K ≥ 1, got shape {tuple(scores.shape)}")
     s = at_least_f32(scores.detach())
     world = world_size() if gather else 1
 
     def total(x: Tensor) -> Tensor:
         return all_reduce_mean(x) * world if gather else x
 
-    # Any constant shared by all processes cancels in the first normalisation; the max keeps exp finite.
-    shift = all_reduce_mean(s.max()) if gather else s.max()
+    n = total(torch.tensor(float(s.shape[0]), dtype=s.dtype, device=s.device))  # rows of the global batch
+    if float(n) == 0:  # nothing to assign anywhere (every process agrees, so no collective is skipped by one)
+        return s.clone()
+    # Any constant shared by all processes cancels in the first normalisation; the global maximum keeps exp
+    # finite (a process without rows offers −inf).
+    local_max = s.max().reshape(1) if s.shape[0] else s.new_full((1,), float("-inf"))
+    shift = gather_no_grad(local_max).max() if gather else local_max[0]
     q = torch.exp((s - shift) / epsilon)
     q /= total(q.sum())
-    k, n = q.shape[1], q.shape[0] * world
+    k = q.shape[1]
     tiny = torch.finfo(q.dtype).tiny
     for _ in range(iterations):
         q /= total(q.sum(dim=0, keepdim=True)).clamp_min(tiny) * k  # each prototype holds mass 1/K

@@ -123,7 +123,12 @@ def build_backbone(name: str, in_chans: int, image_size: int, **params) -> nn.Mo
     allowed = [p for p in inspect.signature(fn).parameters if p not in ("in_chans", "image_size")]
     unknown = [k for k in params if k not in allowed]
     if unknown:
-        raise BackboneError(f"backbone {name!r} has no parameter(s) {', '.join(unknown)}; it takes: {', '.join(allowed) or 'none'}")
+        # e.g. registers=4 on a CNN: say which backbones have the option
+        elsewhere = sorted(other for other, f in BACKBONES.items()
+                           if other != name and all(k in inspect.signature(f).parameters for k in unknown))
+        hint = f" ({', '.join(unknown)}: an option of {', '.join(elsewhere)})" if elsewhere else ""
+        raise BackboneError(f"backbone {name!r} has no parameter(s) {', '.join(unknown)}; it takes: "
+                            f"{', '.join(allowed) or 'none'}{hint}")
     try:
         model = fn(in_chans, image_size, **params)
     except ValueError as exc:  # a backbone's own settings check

@@ -9,10 +9,13 @@ boolean masks (B, L) with ``True`` = hidden from the encoder. A grid is (h, w) p
   arXiv:2301.08243 §3), positions per sample, block sizes per batch as in the reference collator.
 - :func:`substitute_mask_tokens` — SimMIM's learnable mask token in place of hidden patch embeddings
   (Xie et al. 2021, arXiv:2111.09886 §3.1).
+- :func:`blockwise_masks` — BEiT's blockwise masks with iBOT's random ratio per image, some images left
+  unmasked (Bao et al. 2021, arXiv:2106.08254 Algorithm 1; Zhou et al. 2022, arXiv:2111.07832 and its ``loader.py``).
 """
 from __future__ import annotations
 
 import math
+import random
 from typing import NamedTuple
 
 import torch
@@ -177,3 +180,83 @@ def block_masks(batch: int, grid: tuple[int, int], num_targets: int = 4,
     score = context.to(torch.float32) * (1 + torch.rand(batch, n_patches, generator=generator).to(device))
     ctx_idx = score.argsort(dim=1, descending=True)[:, :keep].sort(dim=1).values
     return BlockMasks(ctx_idx, _true_indices(targets, t_size[0] * t_size[1]))
+
+
+def _block_rectangles(rng: random.Random, grid: tuple[int, int], target: float, log_aspect: tuple[float, float],
+                      min_block: int) -> tuple[list[list[bool]], list[tuple[int, int, int, int]]]:
+    """One image's BEiT mask: rectangles (top, left, h, w) added until ``target`` patches are hidden.
+
+    Each new rectangle has an area drawn in [min_block, patches still to hide] and a log-uniform aspect
+    ratio, is strictly smaller than the grid, and must hide at least one new patch and no more than are
+    still to hide; ten failed draws in a row end the image (so it may fall a few patches short, never over).
+    """
+    gh, gw = grid
+    hidden = [[False] * gw for _ in range(gh)]
+    rects: list[tuple[int, int, int, int]] = []
+    count = 0
+    while count < target:
+        room = target - count
+        added = 0
+        for _ in range(10):
+            area = rng.uniform(min_block, room)
+            aspect = math.exp(rng.uniform(*log_aspect))
+            h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if not (h < gh and w < gw):
+                continue
+            top, left = rng.randint(0, gh - h), rng.randint(0, gw - w)
+            new = sum(not hidden[i][j] for i in range(top, top + h) for j in range(left, left + w))
+            if 0 < new <= room:
+                for i in range(top, top + h):
+                    hidden[i][left:left + w] = [True] * w
+                rects.append((top, left, h, w))
+                added = new
+                break
+        if added == 0:
+            break
+        count += added
+    return hidden, rects
+
+
+def blockwise_masks(batch: int, grid: tuple[int, int], ratio: tuple[float, float] = (0.1, 0.5),
+                    mask_probability: float = 0.5, aspect: tuple[float, float] = (0.3, 1 / 0.3), min_block: int = 4,
+                    stratified: bool = False, device: torch.device | str = "cpu",
+                    generator: torch.Generator | None = None) -> Tensor:
+    """(B, h·w) bool masks, True = replaced by the mask token: BEiT blocks, a random ratio per image.
+
+    Each image is masked with probability ``mask_probability`` and then hides ~r·h·w patches, r uniform
+    in ``ratio``, as a union of rectangular blocks (BEiT's Algorithm 1, arXiv:2106.08254; see
+    :func:`_block_rectangles`); the others stay whole. Defaults are iBOT's ViT recipe (arXiv:2111.07832,
+    ``--pred_ratio 0 0.3 --pred_ratio_var 0 0.2``: r ∈ {0, U(0.1, 0.5)} with equal odds; block aspect
+    ratio in (0.3, 1/0.3)), which DINOv2 keeps (``mask_ratio_min_max`` (0.1, 0.5),
+    ``mask_sample_probability`` 0.5; min 4 patches per block). ``stratified=True`` draws as DINOv2's
+    collator does: exactly ⌊B·p⌋ images masked, their ratios spread over ``ratio`` in equal strata,
+    assigned to images at random. A masked image hides at most r·h·w patches and may fall a few short
+    when the last block finds no room. Deterministic for a given ``generator`` state. Starting masking
+    late (iBOT's ``pred_start_epoch``) is the method's choice: ``mask_probability=0`` masks nothing.
+    """
+    for r in ratio:
+        check_mask_ratio(r)
+    if len(ratio) != 2 or ratio[0] > ratio[1]:
+        raise ValueError(f"mask ratio range must be (low, high) with 0 < low ≤ high < 1, got {ratio}")
+    if not 0.0 <= mask_probability <= 1.0:
+        raise ValueError(f"mask_probability must be in [0, 1], got {mask_probability}")
+    if not 0 < aspect[0] <= aspect[1]:
+        raise ValueError(f"block aspect range must satisfy 0 < low ≤ high, got {aspect}")
+    if min_block < 1:
+        raise ValueError(f"min_block must be ≥ 1 patch, got {min_block}")
+    gh, gw = grid
+    lo, hi = ratio
+    if stratified:
+        n_masked = int(batch * mask_probability)
+        strata = (torch.arange(n_masked) + torch.rand(n_masked, generator=generator)) / max(n_masked, 1)
+        ratios = torch.zeros(batch)
+        ratios[torch.randperm(batch, generator=generator)[:n_masked]] = lo + (hi - lo) * strata
+    else:
+        masked = torch.rand(batch, generator=generator) < mask_probability
+        ratios = torch.where(masked, lo + (hi - lo) * torch.rand(batch, generator=generator), 0.0)
+    # The block draws are many small scalars: Python's generator, seeded from the torch one, keeps them cheap.
+    rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    log_aspect = (math.log(aspect[0]), math.log(aspect[1]))
+    masks = [_block_rectangles(rng, grid, float(r) * gh * gw, log_aspect, min_block)[0] if r > 0
+             else [[False] * gw for _ in range(gh)] for r in ratios.tolist()]
+    return torch.tensor(masks, dtype=torch.bool).reshape(batch, gh * gw).to(device)

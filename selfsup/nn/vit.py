@@ -5,11 +5,26 @@ Patch size 4 on 28×28 / 32×32 inputs (7×7 / 8×8 patches), a CLS token, ``poo
 (mean of the patch tokens), and fixed 2-D sin-cos position embeddings (MAE, arXiv:2111.06377 §A.1;
 MoCo v3, arXiv:2104.02057). Beyond ``forward(x) -> (B, D)``, a :class:`ViT` exposes the patch grid
 and ways to run the encoder on a subset of patch tokens (MAE, MSN, I-JEPA) or with mask tokens in
-place of hidden patches (SimMIM).
+place of hidden patches (SimMIM, iBOT).
+
+DINOv2's options (Oquab et al. 2023, arXiv:2304.07193), all timm's own ``VisionTransformer`` features:
+``layer_scale`` (LayerScale, Touvron et al. 2021, arXiv:2103.17239: each residual branch scaled by a
+learnt per-channel factor starting at this value; DINOv2 uses 1e-5), ``drop_path`` (stochastic depth,
+rates rising linearly over the blocks to this value, timm's rule; iBOT's ViT-S uses 0.1, DINOv2's
+ViT-L 0.3 at a uniform rate) and ``registers`` (Darcet et al. 2024, arXiv:2309.16588: extra learnt
+tokens with no position, 4 in DINOv2's ``reg4`` models, where the attention can keep global information
+instead of repurposing low-information patch tokens, the high-norm artefacts of large ViTs).
+
+Token layout. Inside the blocks the sequence is ``[CLS, R registers, N patch tokens]`` (timm's order).
+The method-facing helpers drop the register outputs after the last block (they are scratch space, never
+a feature), so :meth:`ViT.encode` and everything built on it return (B, 1 + N, D): CLS first, then the
+patch tokens in the order given, with or without registers. :meth:`ViT.patch_outputs` and
+:meth:`ViT.cls_output` name the two parts.
 """
 from __future__ import annotations
 
 import torch
+from timm.layers import DropPath
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -42,7 +57,8 @@ class ViT(VisionTransformer):
     """timm's ViT with a CLS token, fixed sin-cos positions and no classifier; ``forward`` → (B, D) pooled."""
 
     def __init__(self, in_chans: int, image_size: int, patch_size: int = 4, embed_dim: int = 192,
-                 depth: int = 12, num_heads: int = 3, mlp_ratio: float = 4.0, pool: str = "cls"):
+                 depth: int = 12, num_heads: int = 3, mlp_ratio: float = 4.0, pool: str = "cls",
+                 layer_scale: float | None = None, drop_path: float = 0.0, registers: int = 0):
         if patch_size < 1 or image_size % patch_size:
             raise ValueError(f"image size {image_size} is not divisible by the ViT patch size {patch_size}; "
                              "pick a patch size that divides it (e.g. 4 for 28 or 32)")
@@ -52,44 +68,81 @@ class ViT(VisionTransformer):
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         if depth < 1:
             raise ValueError(f"depth must be ≥ 1, got {depth}")
+        if layer_scale is not None and not layer_scale > 0:
+            raise ValueError(f"layer_scale is LayerScale's initial value and must be > 0 (DINOv2: 1e-5), or None "
+                             f"for no LayerScale; got {layer_scale}")
+        if not 0.0 <= drop_path < 1.0:
+            raise ValueError(f"drop_path (the stochastic-depth rate of the last block) must be in [0, 1), got {drop_path}")
+        if registers < 0:
+            raise ValueError(f"registers must be ≥ 0 (DINOv2 uses 4), got {registers}")
         # fc_norm=False keeps self.norm the final LayerNorm for both poolings, so masked methods
         # and evaluation see the same normalised tokens.
         super().__init__(img_size=image_size, patch_size=patch_size, in_chans=in_chans, num_classes=0,
                          global_pool="token" if pool == "cls" else "avg", embed_dim=embed_dim, depth=depth,
-                         num_heads=num_heads, mlp_ratio=mlp_ratio, class_token=True, fc_norm=False)
+                         num_heads=num_heads, mlp_ratio=mlp_ratio, class_token=True, fc_norm=False,
+                         init_values=layer_scale, drop_path_rate=drop_path, reg_tokens=registers)
         self.patch_size = patch_size
         self.grid_size = (image_size // patch_size, image_size // patch_size)
         self.pool_kind = pool
-        self.pos_embed.data.copy_(sincos_pos_embed_2d(embed_dim, self.grid_size, cls_token=True)[None])
+        # Rows for CLS and registers are zero: registers carry no position (Darcet et al.), CLS none either.
+        pos = sincos_pos_embed_2d(embed_dim, self.grid_size, cls_token=True)
+        self.pos_embed.data.copy_(torch.cat([pos[:1].expand(1 + registers, -1), pos[1:]])[None])
         self.pos_embed.requires_grad_(False)
 
     @property
     def num_patches(self) -> int:
         return self.grid_size[0] * self.grid_size[1]
 
+    @property
+    def num_registers(self) -> int:
+        return self.num_reg_tokens
+
     def patch_tokens(self, x: Tensor) -> Tensor:
         """(B, C, H, W) → (B, L, D) patch embeddings plus their position embeddings."""
-        return self.patch_embed(x) + self.pos_embed[:, 1:]
+        return self.patch_embed(x) + self.pos_embed[:, self.num_prefix_tokens:]
+
+    def prefix_tokens(self, batch: int) -> Tensor:
+        """(B, 1 + R, D): the CLS token, then the R register tokens, with their (zero) positions added."""
+        prefix = self.cls_token if self.reg_token is None else torch.cat([self.cls_token, self.reg_token], dim=1)
+        return (prefix + self.pos_embed[:, :self.num_prefix_tokens]).expand(batch, -1, -1)
 
     def encode(self, tokens: Tensor) -> Tensor:
-        """(B, N, D) positioned patch tokens (any subset) → (B, 1 + N, D) normalised outputs, CLS first."""
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
-        x = self.norm_pre(torch.cat([cls, tokens], dim=1))
-        return self.norm(self.blocks(x))
+        """(B, N, D) positioned patch tokens (any subset) → (B, 1 + N, D) normalised outputs, CLS first.
+
+        The blocks see (B, 1 + R + N, D) with the R registers after CLS; their outputs are dropped here."""
+        x = self.norm_pre(torch.cat([self.prefix_tokens(tokens.shape[0]), tokens], dim=1))
+        out = self.norm(self.blocks(x))
+        return out if self.reg_token is None else torch.cat([out[:, :1], out[:, self.num_prefix_tokens:]], dim=1)
+
+    @staticmethod
+    def cls_output(tokens: Tensor) -> Tensor:
+        """(B, 1 + N, D) outputs of :meth:`encode` → (B, D) the CLS token."""
+        return tokens[:, 0]
+
+    @staticmethod
+    def patch_outputs(tokens: Tensor) -> Tensor:
+        """(B, 1 + N, D) outputs of :meth:`encode` → (B, N, D) the patch tokens, in the order they went in."""
+        return tokens[:, 1:]
 
     def encode_visible(self, x: Tensor, keep: Tensor) -> Tensor:
         """The encoder on the kept patches only, (B, K) indices → (B, 1 + K, D) (MAE, MSN, I-JEPA)."""
         return self.encode(gather_tokens(self.patch_tokens(x), keep))
 
     def encode_with_mask_tokens(self, x: Tensor, mask: Tensor, mask_token: Tensor) -> Tensor:
-        """Every patch, hidden ones (mask (B, L), True = hidden) replaced by ``mask_token`` (D,) before the
-        position embedding is added (SimMIM) → (B, 1 + L, D)."""
+        """Every patch, hidden ones replaced by ``mask_token`` (D,) before the position embedding is added
+        (SimMIM; iBOT's and DINOv2's masked student) → (B, 1 + L, D).
+
+        mask: (B, L) bool, True = hidden, its own pattern and count per image (an all-False row is the
+        plain encoder on that image)."""
+        if mask.shape != (x.shape[0], self.num_patches) or mask.dtype != torch.bool:
+            raise ValueError(f"encode_with_mask_tokens: mask must be a (B, L) = ({x.shape[0]}, {self.num_patches}) "
+                             f"bool tensor, True where the patch is hidden; got {tuple(mask.shape)} {mask.dtype}")
         tokens = substitute_mask_tokens(self.patch_embed(x), mask, mask_token)
-        return self.encode(tokens + self.pos_embed[:, 1:])
+        return self.encode(tokens + self.pos_embed[:, self.num_prefix_tokens:])
 
     def pool_tokens(self, tokens: Tensor) -> Tensor:
         """(B, 1 + N, D) encoder outputs → (B, D): the CLS token or the mean of the patch tokens."""
-        return tokens[:, 0] if self.pool_kind == "cls" else tokens[:, 1:].mean(dim=1)
+        return self.cls_output(tokens) if self.pool_kind == "cls" else self.patch_outputs(tokens).mean(dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.pool_tokens(self.encode(self.patch_tokens(x)))
@@ -106,15 +159,44 @@ def require_vit(backbone: nn.Module, method: str) -> ViT:
     return backbone
 
 
+def require_registers(backbone: nn.Module, method: str, count: int | None = None) -> ViT:
+    """The backbone, if it is a :class:`ViT` with register tokens (``count`` of them when given); otherwise
+    a ValueError saying how to build one."""
+    vit = require_vit(backbone, method)
+    if vit.num_registers == 0 or (count is not None and vit.num_registers != count):
+        want = count if count is not None else 4
+        raise ValueError(f"{method}: needs a ViT with {count if count is not None else 'register'} register tokens, "
+                         f"this one has {vit.num_registers}; build it with registers={want} "
+                         f"(e.g. --set backbone.params.registers={want})")
+    return vit
+
+
+def without_drop_path(module: nn.Module) -> nn.Module:
+    """Turn off stochastic depth in place (every timm ``DropPath`` rate set to 0) and return the module.
+
+    For a teacher made by ``frozen_copy`` of a student built with ``drop_path``: iBOT's and DINOv2's teachers
+    run without it, whatever train/eval mode the loop puts them in."""
+    for m in module.modules():
+        if isinstance(m, DropPath):
+            m.drop_prob = 0.0
+    return module
+
+
 @register_backbone("vit_tiny")
 def vit_tiny(in_chans: int, image_size: int, depth: int = 12, embed_dim: int = 192, num_heads: int = 3,
-             patch_size: int = 4, pool: str = "cls") -> ViT:
-    """ViT-Ti (DeiT, arXiv:2012.12877): width 192, 3 heads; ``depth`` lowered for CPU recipes."""
-    return ViT(in_chans, image_size, patch_size, embed_dim, depth, num_heads, pool=pool)
+             patch_size: int = 4, pool: str = "cls", layer_scale: float | None = None, drop_path: float = 0.0,
+             registers: int = 0) -> ViT:
+    """ViT-Ti (DeiT, arXiv:2012.12877): width 192, 3 heads; ``depth`` lowered for CPU recipes.
+    ``layer_scale``, ``drop_path``, ``registers``: DINOv2's options (module docstring); off by default."""
+    return ViT(in_chans, image_size, patch_size, embed_dim, depth, num_heads, pool=pool, layer_scale=layer_scale,
+               drop_path=drop_path, registers=registers)
 
 
 @register_backbone("vit_small")
 def vit_small(in_chans: int, image_size: int, depth: int = 12, embed_dim: int = 384, num_heads: int = 6,
-              patch_size: int = 4, pool: str = "cls") -> ViT:
-    """ViT-S (DeiT, arXiv:2012.12877): width 384, 6 heads."""
-    return ViT(in_chans, image_size, patch_size, embed_dim, depth, num_heads, pool=pool)
+              patch_size: int = 4, pool: str = "cls", layer_scale: float | None = None, drop_path: float = 0.0,
+              registers: int = 0) -> ViT:
+    """ViT-S (DeiT, arXiv:2012.12877): width 384, 6 heads. ``layer_scale``, ``drop_path``, ``registers`` as
+    :func:`vit_tiny`."""
+    return ViT(in_chans, image_size, patch_size, embed_dim, depth, num_heads, pool=pool, layer_scale=layer_scale,
+               drop_path=drop_path, registers=registers)
