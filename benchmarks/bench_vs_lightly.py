@@ -13,15 +13,29 @@ parameters, for the same number of epochs, alternating epoch by epoch so machine
 Printed: images/s per epoch (median), wall time, and kNN / linear-probe accuracy on the test set,
 evaluated by the same code. lightly is not a dependency of selfsup: the script installs it (without
 its training-framework dependencies, which these three parts do not import) into
-``benchmarks/_scratch/`` on first use.
+``benchmarks/_scratch/`` on first use (``--no-install``: only use what is there). When lightly cannot be
+had, selfsup's row is still measured, the lightly row says why, and the exit status is 3.
 
     python benchmarks/bench_vs_lightly.py --epochs 3 [--limit 20000] [--workers 0,2] [--seed 0]
+
+On a GPU (``--device cuda``): selfsup's views are made on the GPU from images kept there; lightly's
+come from its DataLoader (pinned, persistent workers) and are copied over; both run under the same
+autocast; epochs are timed after a device synchronisation; peak GPU memory is recorded per library.
+``--set`` changes the recipe, ``--steps-per-epoch`` makes an "epoch" that many batches (drawn over
+several passes when the set is small). The GPU check (``benchmarks/gpu_check.sh``) runs SimCLR with
+ResNet-18 on 32×32 RGB crops at batch 512, bf16 for both:
+
+    python benchmarks/bench_vs_lightly.py --device cuda --set backbone.name=resnet18 --set backbone.params={} \
+        --set data.name=sample-photos --batch-size 512 --lightly-precision bf16 --epochs 3 \
+        --steps-per-epoch 100 --workers 12 --no-install --no-eval
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -31,13 +45,26 @@ from pathlib import Path
 import torch
 
 SCRATCH = Path(__file__).parent / "_scratch" / "lightly"
+LIGHTLY_REQUIREMENTS = ["lightly==1.6.0", "lightning-utilities"]
 
 
-def import_lightly():
-    if not SCRATCH.exists():
-        SCRATCH.mkdir(parents=True)
-        subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(SCRATCH),
-                               "lightly==1.6.0", "lightning-utilities"])
+def install_lightly() -> None:
+    """pip-installs lightly (no dependencies) into ``SCRATCH``; a failed install leaves nothing behind."""
+    SCRATCH.parent.mkdir(parents=True, exist_ok=True)
+    tmp = SCRATCH.with_name(SCRATCH.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target",
+                           str(tmp), *LIGHTLY_REQUIREMENTS])
+    shutil.rmtree(SCRATCH, ignore_errors=True)
+    tmp.rename(SCRATCH)
+
+
+def import_lightly(install: bool = True):
+    if not (SCRATCH / "lightly").is_dir():
+        if not install:
+            raise RuntimeError(f"lightly is not in {SCRATCH} and --no-install was given; run "
+                               "`bash benchmarks/gpu_check.sh --prepare` (or this script once) where pip works")
+        install_lightly()
     sys.path.insert(0, str(SCRATCH))
     import lightly
     from lightly.loss import NTXentLoss
@@ -57,11 +84,33 @@ def main() -> None:
     parser.add_argument("--lightly-precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--seed", type=int, default=0, help="initial weights (identical for both) and sampling")
     parser.add_argument("--out", default="benchmarks/results_vs_lightly.json")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument("--config", default="configs/simclr_fashion_mnist.yaml", help="the recipe both libraries follow")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    parser.add_argument("--steps-per-epoch", type=int, default=None,
+                        help="batches per epoch (default: one pass over the training images)")
+    parser.add_argument("--no-eval", action="store_true", help="skip the kNN / linear-probe accuracy")
+    parser.add_argument("--no-install", action="store_true", help="never pip-install lightly; use benchmarks/_scratch")
     args = parser.parse_args()
+    sys.exit(run(args))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def epoch_order(n: int, count: int) -> torch.Tensor:
+    """``count`` indices into ``n`` images: whole random permutations, concatenated, cut to ``count``
+    (one permutation, as before, when an epoch is at most one pass)."""
+    return torch.cat([torch.randperm(n) for _ in range(max(1, math.ceil(count / n)))])[:count]
+
+
+def run(args: argparse.Namespace) -> int:
 
     from PIL import Image
 
-    from selfsup.config import load_config
+    from selfsup.config import load_config, parse_override
     from selfsup.data import load_dataset
     from selfsup.monitor.features import extract_features
     from selfsup.monitor.knn import knn_accuracy
@@ -73,58 +122,89 @@ def main() -> None:
     from selfsup.schedules import scaled_lr, warmup_cosine
     from selfsup.views import make_views
 
-    version, NTXentLoss, SimCLRProjectionHead, SimCLRTransform, LightlyLARS = import_lightly()
-    cfg = load_config("configs/simclr_fashion_mnist.yaml", {"train.batch_size": args.batch_size,
-                                                             "train.epochs": args.epochs})
+    try:
+        version, NTXentLoss, SimCLRProjectionHead, SimCLRTransform, LightlyLARS = import_lightly(not args.no_install)
+        lightly_error = None
+    except Exception as exc:  # noqa: BLE001 - any failure to get lightly is reported, selfsup still runs
+        version, lightly_error = None, f"lightly unavailable: {type(exc).__name__}: {exc}"
+        print(lightly_error, file=sys.stderr, flush=True)
+    overrides = dict(parse_override(item) for item in args.set)
+    cfg = load_config(args.config, {**overrides, "train.batch_size": args.batch_size, "train.epochs": args.epochs})
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
     train, test = load_dataset(cfg.data)
     train = train.head(args.limit)
     mean, std = train.mean_std()
+    chans, size = train.channels, train.image_size
     b = args.batch_size
-    steps = len(train) // b
+    steps = args.steps_per_epoch or len(train) // b
     total = steps * args.epochs
     lr = scaled_lr(cfg.optim.lr, b, cfg.optim.lr_scaling)
     warmup = int(cfg.optim.warmup_epochs * steps)
     channels_last = True
-    ours_amp = resolve_precision(cfg.train.precision, torch.device("cpu"))
+    ours_amp = resolve_precision(cfg.train.precision, device)
     theirs_amp = torch.bfloat16 if args.lightly_precision == "bf16" else None
+    peak_mb = {"selfsup": 0.0, "lightly": 0.0}
 
     def autocast(dtype):
-        return torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
     # --- selfsup
     torch.manual_seed(args.seed)
-    ours = build_method(cfg, 1, 28).to(memory_format=torch.channels_last)
+    ours = build_method(cfg, chans, size).to(device, memory_format=torch.channels_last)
     ours_opt = build_optimizer(ours, cfg.optim, lr)
-    recipe = view_recipe(cfg, type(ours), 28)
+    recipe = view_recipe(cfg, type(ours), size)
+    ours_images = train.images.to(device)  # on a GPU the views are made there, from images kept there
 
     # --- lightly, around an identically initialised backbone
     torch.manual_seed(args.seed)
-    theirs_backbone = build_method(cfg, 1, 28).backbone.to(memory_format=torch.channels_last)
-    p = cfg.method.params
-    theirs_head = SimCLRProjectionHead(theirs_backbone.num_features, p["proj_hidden"], p["proj_dim"])
-    theirs_loss = NTXentLoss(temperature=p["temperature"])
-    theirs_params = list(theirs_backbone.parameters()) + list(theirs_head.parameters())
-    theirs_opt = LightlyLARS(theirs_params, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
-    v = cfg.views
-    transform = SimCLRTransform(input_size=28, min_scale=v["scale"][0], cj_prob=0.8, cj_strength=0.5,
-                                random_gray_scale=0.2, gaussian_blur=v.get("blur_p", 0.5), hf_prob=0.5,
-                                normalize={"mean": mean, "std": std})
+    theirs_backbone = build_method(cfg, chans, size).backbone.to(device, memory_format=torch.channels_last)
+    if lightly_error is None:
+        p = cfg.method.params
+        theirs_head = SimCLRProjectionHead(theirs_backbone.num_features, p["proj_hidden"], p["proj_dim"]).to(device)
+        theirs_loss = NTXentLoss(temperature=p["temperature"])
+        theirs_params = list(theirs_backbone.parameters()) + list(theirs_head.parameters())
+        theirs_opt = LightlyLARS(theirs_params, lr=lr, momentum=cfg.optim.momentum,
+                                 weight_decay=cfg.optim.weight_decay)
+        v = cfg.views
+        transform = SimCLRTransform(input_size=size, min_scale=v["scale"][0], cj_prob=0.8, cj_strength=0.5,
+                                    random_gray_scale=0.2, gaussian_blur=v.get("blur_p", 0.5), hf_prob=0.5,
+                                    normalize={"mean": mean, "std": std})
 
     class PILDataset(torch.utils.data.Dataset):
         def __len__(self):
             return len(train)
 
         def __getitem__(self, i):
-            return transform(Image.fromarray(train.images[i, 0].numpy(), mode="L"))
+            if chans == 1:
+                return transform(Image.fromarray(train.images[i, 0].numpy(), mode="L"))
+            return transform(Image.fromarray(train.images[i].permute(1, 2, 0).numpy(), mode="RGB"))
+
+    loaders: dict[int, torch.utils.data.DataLoader] = {}
+
+    def lightly_loader(workers: int) -> torch.utils.data.DataLoader:
+        dataset = PILDataset()
+        # ``steps`` batches an epoch: one pass as always, or --steps-per-epoch's count over several passes
+        order = ({"sampler": torch.utils.data.RandomSampler(dataset, num_samples=steps * b)} if args.steps_per_epoch
+                 else {"shuffle": True})
+        if not cuda:  # the CPU comparison as it always ran: a fresh loader per epoch
+            return torch.utils.data.DataLoader(dataset, batch_size=b, drop_last=True, num_workers=workers,
+                                               persistent_workers=False, **order)
+        if workers not in loaders:  # on a GPU, lightly's best case: pinned batches, workers kept alive
+            loaders[workers] = torch.utils.data.DataLoader(dataset, batch_size=b, drop_last=True, num_workers=workers,
+                                                           persistent_workers=workers > 0, pin_memory=True, **order)
+        return loaders[workers]
 
     def lightly_epoch(epoch: int, workers: int) -> float:
-        loader = torch.utils.data.DataLoader(PILDataset(), batch_size=b, shuffle=True, drop_last=True,
-                                             num_workers=workers, persistent_workers=False)
+        loader = lightly_loader(workers)
         theirs_backbone.train(), theirs_head.train()
+        _sync(device)
         t0 = time.perf_counter()
         for i, (x0, x1) in enumerate(loader):
             for g in theirs_opt.param_groups:
                 g["lr"] = warmup_cosine(epoch * steps + i, total, warmup, lr)
+            if cuda:
+                x0, x1 = x0.to(device, non_blocking=True), x1.to(device, non_blocking=True)
             x = torch.cat([x0, x1]).contiguous(memory_format=torch.channels_last)
             with autocast(theirs_amp):
                 z = theirs_head(theirs_backbone(x))
@@ -133,66 +213,94 @@ def main() -> None:
             theirs_opt.zero_grad()
             loss.backward()
             theirs_opt.step()
+        _sync(device)
         return steps * b / (time.perf_counter() - t0)
 
     def selfsup_epoch(epoch: int) -> float:
         ours.train()
-        order = torch.randperm(len(train))
+        order = epoch_order(len(train), steps * b).to(device)
+        _sync(device)
         t0 = time.perf_counter()
         for i in range(steps):
             step = epoch * steps + i
             set_optim_values(ours_opt, warmup_cosine(step, total, warmup, lr), lr)
             with torch.no_grad():
-                views = make_views(train.images[order[i * b : (i + 1) * b]], recipe, mean, std)
+                views = make_views(ours_images[order[i * b : (i + 1) * b]], recipe, mean, std)
             views = [x.contiguous(memory_format=torch.channels_last) for x in views]
             with autocast(ours_amp):
                 loss, _ = ours.training_step(views, Progress(step, total, epoch, steps))
             ours_opt.zero_grad()
             loss.backward()
             ours_opt.step()
+        _sync(device)
         return steps * b / (time.perf_counter() - t0)
+
+    def timed(name: str, fn, *a) -> float:
+        """Runs one epoch of ``fn``; adds its wall time to ``wall[name]`` and its peak GPU memory to ``peak_mb``."""
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        ips = fn(*a)
+        wall[name] += time.perf_counter() - t0
+        if cuda:
+            peak_mb[name] = max(peak_mb[name], torch.cuda.max_memory_allocated(device) / 2**20)
+        return ips
 
     workers = [int(w) for w in args.workers.split(",")]
     speed = {"selfsup": [], "lightly": []}
     lightly_by_workers: dict[int, list[float]] = {w: [] for w in workers}
     wall = {"selfsup": 0.0, "lightly": 0.0}
     for epoch in range(args.epochs):
-        t0 = time.perf_counter()
-        speed["selfsup"].append(selfsup_epoch(epoch))
-        wall["selfsup"] += time.perf_counter() - t0
+        speed["selfsup"].append(timed("selfsup", selfsup_epoch, epoch))
+        if lightly_error is not None:
+            print(f"epoch {epoch + 1}: selfsup {speed['selfsup'][-1]:.0f} img/s, lightly not run", flush=True)
+            continue
         w = workers[epoch % len(workers)]
-        t0 = time.perf_counter()
-        ips = lightly_epoch(epoch, w)
-        wall["lightly"] += time.perf_counter() - t0
+        ips = timed("lightly", lightly_epoch, epoch, w)
         lightly_by_workers[w].append(ips)
         speed["lightly"].append(ips)
         print(f"epoch {epoch + 1}: selfsup {speed['selfsup'][-1]:.0f} img/s, lightly ({w} workers) {ips:.0f} img/s",
               flush=True)
 
     def accuracy(backbone) -> dict[str, float]:
-        tr = extract_features(backbone, train, mean, std, channels_last=channels_last)
-        te = extract_features(backbone, test, mean, std, channels_last=channels_last)
-        return {"knn": knn_accuracy(tr, train.labels, te, test.labels, 10),
-                "linear": linear_probe(tr, train.labels, te, test.labels, 10)["accuracy"]}
+        tr = extract_features(backbone, train, mean, std, device, channels_last=channels_last)
+        te = extract_features(backbone, test, mean, std, device, channels_last=channels_last)
+        return {"knn": knn_accuracy(tr, train.labels, te, test.labels, train.num_classes),
+                "linear": linear_probe(tr, train.labels, te, test.labels, train.num_classes)["accuracy"]}
 
-    results = {"selfsup": accuracy(ours.backbone), "lightly": accuracy(theirs_backbone)}
+    libraries = ["selfsup"] + (["lightly"] if lightly_error is None else [])
+    results = {} if args.no_eval else {k: accuracy(ours.backbone if k == "selfsup" else theirs_backbone)
+                                       for k in libraries}
     by_workers = {str(k): statistics.median(v) for k, v in lightly_by_workers.items() if v}
-    best_lightly = max(by_workers.values())  # compare against lightly's best loader setting
-    ratio = statistics.median(speed["selfsup"]) / best_lightly
+    best_lightly = max(by_workers.values()) if by_workers else None  # lightly's best loader setting
+    ratio = statistics.median(speed["selfsup"]) / best_lightly if best_lightly else None
     summary = {"lightly_version": version, "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "seed": args.seed,
+               "seed": args.seed, "device": str(device),
                "precision": {"selfsup": str(ours_amp or "fp32"), "lightly": str(theirs_amp or "fp32")},
-               "epochs": args.epochs, "train_images": len(train), "batch_size": b,
+               "epochs": args.epochs, "steps_per_epoch": steps, "train_images": len(train), "batch_size": b,
+               "backbone": cfg.backbone.name, "dataset": cfg.data.name, "image_size": size,
                "images_per_s": {"selfsup": statistics.median(speed["selfsup"]), "lightly": best_lightly},
                "lightly_images_per_s_by_workers": by_workers,
                "wall_s": wall, "accuracy": results, "speed_ratio": ratio}
+    if cuda:
+        summary.update(gpu=torch.cuda.get_device_name(device), peak_memory_mb=peak_mb)
+    if lightly_error is not None:
+        summary["lightly_error"] = lightly_error
+
+    def pct(k: str, protocol: str) -> str:
+        return f"{100 * results[k][protocol]:.2f}%" if k in results else "not run"
+
     print(f"\n| library | images/s (median) | train wall s | kNN | linear |\n|---|---|---|---|---|")
-    for k in ("selfsup", "lightly"):
-        print(f"| {k} | {summary['images_per_s'][k]:.0f} | {wall[k]:.0f} | {100 * results[k]['knn']:.2f}% "
-              f"| {100 * results[k]['linear']:.2f}% |")
-    print(f"\nselfsup / lightly images/s: {ratio:.2f}× (lightly {version}, {torch.get_num_threads()} threads; "
-          f"precision selfsup {summary['precision']['selfsup']}, lightly {summary['precision']['lightly']})")
+    for k in libraries:
+        print(f"| {k} | {summary['images_per_s'][k]:.0f} | {wall[k]:.0f} | {pct(k, 'knn')} | {pct(k, 'linear')} |")
+    if lightly_error is not None:
+        print(f"| lightly | {lightly_error} | | | |")
+        print(f"\nselfsup / lightly images/s: not measured ({lightly_error})")
+    else:
+        print(f"\nselfsup / lightly images/s: {ratio:.2f}× (lightly {version}, {torch.get_num_threads()} threads; "
+              f"precision selfsup {summary['precision']['selfsup']}, lightly {summary['precision']['lightly']})")
     Path(args.out).write_text(json.dumps(summary, indent=2))
+    return 3 if lightly_error is not None else 0
 
 
 if __name__ == "__main__":

@@ -66,15 +66,35 @@ def _per_sample(values: Tensor) -> Tensor:
     return values.view(-1, 1, 1, 1)
 
 
+# RGB → YIQ (NTSC). A hue shift rotates the (I, Q) chroma plane; folded into RGB it is the per-sample
+# matrix  A + cos θ·B + sin θ·C  with A, B, C below, so a batch is rotated by one batched 3×3 product.
+_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+_HUE_BASES: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+
+def _hue_basis(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(3, 3, 3): A, B, C of the hue rotation, made once per device and dtype. A fresh constant per call
+    would be a host-to-device copy, which on a GPU waits for the whole stream (and ``linalg.inv`` there
+    synchronises too)."""
+    key = (device, dtype)
+    if key not in _HUE_BASES:
+        to_yiq = torch.tensor(_TO_YIQ, dtype=torch.float64)
+        from_yiq = torch.linalg.inv(to_yiq)
+        keep_y, keep_iq = torch.diag(torch.tensor([1.0, 0, 0], dtype=torch.float64)), torch.diag(
+            torch.tensor([0.0, 1, 1], dtype=torch.float64))
+        turn = torch.tensor([[0.0, 0, 0], [0, 0, -1], [0, 1, 0]], dtype=torch.float64)
+        basis = torch.stack([from_yiq @ m @ to_yiq for m in (keep_y, keep_iq, turn)])
+        with torch.inference_mode(False):  # usable outside inference mode too
+            _HUE_BASES[key] = basis.to(device=device, dtype=dtype)
+    return _HUE_BASES[key]
+
+
 def _rotate_hue(x: Tensor, angle: Tensor) -> Tensor:
-    """Hue shift by ``angle`` radians: a rotation of the chroma plane in YIQ space."""
-    to_yiq = x.new_tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-    from_yiq = torch.linalg.inv(to_yiq)
-    yiq = torch.einsum("ij,bjhw->bihw", to_yiq, x)
+    """Hue shift by ``angle`` (B,) radians: a rotation of the chroma plane in YIQ space, x (B, 3, H, W)."""
+    a, b, c = _hue_basis(x.device, x.dtype)
     cos, sin = torch.cos(angle).view(-1, 1, 1), torch.sin(angle).view(-1, 1, 1)
-    i, q = yiq[:, 1], yiq[:, 2]
-    yiq = torch.stack([yiq[:, 0], cos * i - sin * q, sin * i + cos * q], dim=1)
-    return torch.einsum("ij,bjhw->bihw", from_yiq, yiq)
+    m = a + cos * b + sin * c  # (B, 3, 3)
+    return torch.bmm(m, x.flatten(2)).view_as(x)
 
 
 def color_jitter(x: Tensor, p: float, brightness: float, contrast: float, saturation: float, hue: float) -> Tensor:
@@ -123,7 +143,7 @@ def gaussian_blur(x: Tensor, p: float, sigma: tuple[float, float], kernel_fracti
     kernel = kernel / kernel.sum(dim=1, keepdim=True)
     identity = (offsets == 0).to(x.dtype).expand(b, -1)
     kernel = torch.where(on[:, None], kernel, identity)  # (B, K)
-    k = kernel.repeat_interleave(c, dim=0)  # (B*C, K)
+    k = kernel[:, None].expand(b, c, -1).reshape(b * c, -1)  # (B*C, K), each sample's kernel per channel
     y = F.pad(x.reshape(1, b * c, h, w), (radius, radius, radius, radius), mode="reflect")
     y = F.conv2d(y, k.view(b * c, 1, 1, -1), groups=b * c)
     y = F.conv2d(y, k.view(b * c, 1, -1, 1), groups=b * c)

@@ -8,6 +8,7 @@ arXiv:2006.09882).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import difflib
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -148,9 +149,17 @@ def to_float(batch: Tensor) -> Tensor:
     return batch.float().div_(255) if batch.dtype == torch.uint8 else batch
 
 
+@functools.lru_cache(maxsize=32)
+def _channel_constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(1, C, 1, 1) on ``device``, made once: on a GPU a fresh tensor per call is a host-to-device copy
+    that waits for everything queued on the stream."""
+    with torch.inference_mode(False):  # usable outside inference mode too
+        return torch.tensor(values, dtype=dtype).view(1, -1, 1, 1).to(device)
+
+
 def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    m = torch.as_tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    m = _channel_constant(tuple(float(v) for v in mean), x.device, x.dtype)
+    s = _channel_constant(tuple(float(v) for v in std), x.device, x.dtype)
     return (x - m) / s
 
 

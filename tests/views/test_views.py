@@ -66,3 +66,30 @@ def test_bad_view_overrides_listed_together():
     assert "bigger than global" in text and "flip_p" in text
     with pytest.raises(ConfigError, match="did you mean 'blur_p'"):
         apply_overrides(ViewRecipe(), {"blur_pp": 0.1})
+
+
+def test_hue_rotation_matches_the_yiq_formula():
+    """The folded per-sample RGB matrix equals rotating (I, Q) in YIQ space (reference written out here)."""
+    from selfsup.views.ops import _rotate_hue
+
+    x, angle = torch.rand(6, 3, 5, 7), torch.empty(6).uniform_(-3.2, 3.2)
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
+    yiq = torch.einsum("ij,bjhw->bihw", to_yiq, x.double())
+    cos, sin = angle.double().cos().view(-1, 1, 1), angle.double().sin().view(-1, 1, 1)
+    i, q = yiq[:, 1], yiq[:, 2]
+    ref = torch.einsum("ij,bjhw->bihw", torch.linalg.inv(to_yiq), torch.stack([yiq[:, 0], cos * i - sin * q, sin * i + cos * q], 1))
+    torch.testing.assert_close(_rotate_hue(x, angle), ref.float(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(_rotate_hue(x, torch.zeros(6)), x, atol=1e-5, rtol=0)
+
+
+def test_normalize_per_channel_and_outside_inference_mode():
+    from selfsup.views.recipe import normalize
+
+    x = torch.rand(2, 3, 4, 4)
+    with torch.inference_mode():
+        normalize(x, [0.1, 0.2, 0.3], [0.5, 0.25, 2.0])  # caches the constants inside inference mode
+    y = x.clone().requires_grad_()
+    out = normalize(y, [0.1, 0.2, 0.3], [0.5, 0.25, 2.0])  # and they still work where autograd records
+    out.sum().backward()
+    ref = (x - torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.5, 0.25, 2.0]).view(1, 3, 1, 1)
+    torch.testing.assert_close(out.detach(), ref)
