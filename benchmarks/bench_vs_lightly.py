@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     from selfsup.eval.linear import linear_probe
     from selfsup.methods.base import Progress
     from selfsup.train.build import build_method, view_recipe
-    from selfsup.train.loop import resolve_precision
+    from selfsup.train.device import resolve_precision
     from selfsup.train.optim import build_optimizer, set_optim_values
     from selfsup.schedules import scaled_lr, warmup_cosine
     from selfsup.views import make_views
@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     ours = build_method(cfg, chans, size).to(device, memory_format=torch.channels_last)
     ours_opt = build_optimizer(ours, cfg.optim, lr)
-    recipe = view_recipe(cfg, type(ours), size)
+    recipe = view_recipe(cfg, ours.spec, size)
     ours_images = train.images.to(device)  # on a GPU the views are made there, from images kept there
 
     # --- lightly, around an identically initialised backbone

@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=HERE, help="the benchmarks folder")
     args = parser.parse_args(argv)
     from selfsup.methods import METHODS
-    from selfsup.report.bench import plot_results
+    from selfsup.report.bench_table import plot_results
 
     rows, refs = load_bench_rows(args.root)
     finetunes = load_finetune(args.root)

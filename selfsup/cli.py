@@ -189,19 +189,20 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from selfsup.report.bench import Budget, run_bench
+    # here, not at the top: training and evaluation (torch, timm, matplotlib) load only for the bench
+    from selfsup.bench import Budget, run_bench
+    from selfsup.report.bench_table import markdown_table
 
     budget = Budget.parse(args.budget) if args.budget else Budget()
     for key in ("epochs", "limit", "batch_size"):
         if getattr(args, key) is not None:
             setattr(budget, key, getattr(args, key))
     results = run_bench(args.methods.split(","), args.out, budget, data=args.data, data_root=args.data_root,
-                        config_dir=args.config_dir, finetune=[f.strip() for f in args.finetune.split(",") if f.strip()], finetune_steps=args.finetune_steps,
-                        eval_limit=args.eval_limit, device=args.device, threads=args.threads, seed=args.seed,
-                        baseline=not args.no_baseline, extra=dict(parse_override(item) for item in args.set or []))
-    print(Path(args.out, "results.md").read_text(), end="")
+                        config_dir=args.config_dir, finetune=[f.strip() for f in args.finetune.split(",") if f.strip()],
+                        finetune_steps=args.finetune_steps, eval_limit=args.eval_limit, device=args.device,
+                        threads=args.threads, seed=args.seed, baseline=not args.no_baseline,
+                        extra=dict(parse_override(item) for item in args.set or []))
+    print(markdown_table(results), end="")  # what results.md holds
     return 1 if any("error" in r for r in results["rows"]) else 0
 
 
@@ -302,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="add fine-tuning with these label fractions (default when given alone: 1%%,10%%)")
     bn.add_argument("--finetune-steps", type=int, help="fixed number of fine-tuning steps (default: the recipe's)")
     bn.add_argument("--eval-limit", type=int, help="labelled training images for kNN/linear/fine-tune (default all)")
-    bn.add_argument("--no-baseline", action="store_true", help="no random-init / from-scratch reference row")
+    bn.add_argument("--no-baseline", action="store_true",
+                    help="no random-init / raw-pixel / from-scratch baselines or reference rows")
     bn.add_argument("--device")
     bn.add_argument("--threads", type=int, help="CPU threads per method")
     bn.add_argument("--seed", type=int)

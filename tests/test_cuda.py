@@ -17,7 +17,8 @@ import torch
 
 from selfsup.config import RunConfig, load_config
 from selfsup.train.checkpoint import safe_load
-from selfsup.train.loop import pretrain, resolve_device, resolve_precision
+from selfsup.train.device import resolve_device, resolve_precision
+from selfsup.train.loop import pretrain
 from selfsup.views import ViewRecipe, apply_overrides, make_views, resolve_sizes
 from selfsup.views import ops
 

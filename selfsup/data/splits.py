@@ -1,4 +1,4 @@
-"""Deterministic splits and stratified label subsets."""
+"""Deterministic splits, random subsets and stratified label subsets."""
 from __future__ import annotations
 
 import torch
@@ -11,6 +11,13 @@ def holdout_split(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch
     val_size = min(val_size, n // 10)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return perm[val_size:].sort().values, perm[:val_size].sort().values
+
+
+def sample_indices(n: int, k: int, seed: int) -> torch.Tensor:
+    """``k`` of ``n`` indices, sorted, drawn without replacement under ``seed`` (all of them when k ≥ n)."""
+    if k >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
 
 
 def parse_fraction(text: str | float) -> float | int:

@@ -5,6 +5,11 @@ standardised features). Both baselines are measured in the same call on the same
 table never compares against a number from elsewhere. ``finetune`` (asked for by name) trains the
 encoder end to end with a linear head, beside the same architecture trained from scratch on the
 same labels with the same recipe (:mod:`selfsup.eval.finetune`).
+
+Frozen-feature results also describe the test split's embeddings of the encoder and of each
+baseline (dimension and effective rank, RankMe): a collapsed encoder shows there as a low rank.
+``selfsup bench`` calls :func:`evaluate_run` for every method, so its figures and ``selfsup
+evaluate``'s come from one code path and are written by one writer (:func:`write_eval_result`).
 """
 from __future__ import annotations
 
@@ -17,9 +22,10 @@ from torch import Tensor
 
 from selfsup.config import ConfigError, DataConfig
 from selfsup.data import DataError, ImageSet, load_dataset
-from selfsup.data.splits import parse_fraction, stratified_subset
+from selfsup.data.splits import parse_fraction, sample_indices, stratified_subset
 from selfsup.monitor.features import extract_features, pixel_features
 from selfsup.eval.finetune import FinetuneSettings, check_layer_decay, finetune_accuracy
+from selfsup.monitor.diagnostics import effective_rank
 from selfsup.monitor.knn import knn_accuracy
 from selfsup.eval.linear import linear_probe
 from selfsup.train.build import build_encoder
@@ -28,6 +34,8 @@ from selfsup.train.rundir import LoadedRun, load_run
 PROTOCOLS = ("knn", "linear")
 """The default protocols (frozen features)."""
 ALL_PROTOCOLS = PROTOCOLS + ("finetune",)
+BASELINES = ("raw_pixels", "random_encoder")
+"""The frozen baselines, measured beside the encoder in the same call."""
 
 
 def _check_compatible(images: ImageSet, meta: dict[str, Any]) -> None:
@@ -47,12 +55,22 @@ def evaluate_features(protocol: str, train_x: Tensor, train_y: Tensor, test_x: T
 
 def evaluate_run(run_dir: str | Path, protocols: Sequence[str] = PROTOCOLS, data: str | None = None,
                  data_root: str | None = None, labels: str | None = None, device: str = "cpu",
-                 seed: int = 0, write: bool = True,
-                 finetune_settings: FinetuneSettings | None = None) -> list[dict[str, Any]]:
+                 seed: int = 0, write: bool = True, finetune_settings: FinetuneSettings | None = None, *,
+                 eval_limit: int | None = None, baselines: bool = True,
+                 source: str = "selfsup evaluate") -> list[dict[str, Any]]:
     """One result dict per protocol; each is also written to ``RUN/eval_<protocol>[_<labels>].json``.
 
     ``labels`` is a fraction (``"1%"``) or a few-shot count (``"5-shot"``) of the training split,
     drawn class by class with ``seed``. Features are extracted only for what the protocols need.
+
+    - ``eval_limit``: fit on a random subset of that many labelled training images (drawn with
+      ``seed``, before ``labels``), to bound the cost on a large dataset; the test split stays whole.
+    - ``baselines=False``: the encoder alone; no random encoder, raw pixels or training from scratch
+      (the results' ``baselines`` are empty), for a caller that needs only the encoder's figures.
+    - ``source``: what produced the figures, stored in each result (the HTML report states it).
+
+    A ``knn``/``linear`` result's ``test_embeddings`` holds, per feature set (``selfsup`` and each
+    baseline), the dimension and effective rank of the test split's features.
     """
     unknown = [p for p in protocols if p not in ALL_PROTOCOLS]
     if unknown:
@@ -67,13 +85,17 @@ def evaluate_run(run_dir: str | Path, protocols: Sequence[str] = PROTOCOLS, data
     if train.labels is None or test.labels is None or len(test) == 0:
         raise DataError(f"{data_cfg.name} has no labelled test split to evaluate on (image folders need class subfolders)")
     _check_compatible(train, run.meta)
+    if eval_limit:
+        train = train.subset(sample_indices(len(train), eval_limit, seed))
     amount = parse_fraction(labels) if labels else None
     # an int is a shot count: 1-shot must subsample even though 1 == 1.0
     if amount is not None and (isinstance(amount, int) or amount != 1.0):
         train = train.subset(stratified_subset(train.labels, amount, seed))
     mean, std = run.meta["mean"], run.meta["std"]
-    torch.manual_seed(seed)
-    random_encoder = build_encoder(run.cfg, run.meta["in_chans"], run.meta["image_size"]).to(device)
+    random_encoder = None
+    if baselines:
+        torch.manual_seed(seed)  # the same random weights for every run of this backbone and seed
+        random_encoder = build_encoder(run.cfg, run.meta["in_chans"], run.meta["image_size"]).to(device)
     extractors = {
         "selfsup": lambda s: extract_features(run.encoder, s, mean, std, device),
         "random_encoder": lambda s: extract_features(random_encoder, s, mean, std, device),
@@ -82,30 +104,41 @@ def evaluate_run(run_dir: str | Path, protocols: Sequence[str] = PROTOCOLS, data
     features: dict[str, list[Tensor]] = {}
     accuracies: dict[tuple[str, str], float] = {}
 
+    def feature_pair(name: str) -> list[Tensor]:
+        if name not in features:
+            features[name] = [extractors[name](s) for s in (train, test)]
+        return features[name]
+
     def accuracy(protocol: str, name: str) -> float:
         if (protocol, name) not in accuracies:
-            if name not in features:
-                features[name] = [extractors[name](s) for s in (train, test)]
-            tr, te = features[name]
+            tr, te = feature_pair(name)
             accuracies[protocol, name] = evaluate_features(protocol, tr, train.labels, te, test.labels,
                                                            train.num_classes, seed)
         return accuracies[protocol, name]
 
+    ranks: dict[str, dict[str, Any]] = {}
+
+    def test_embeddings(name: str) -> dict[str, Any]:
+        if name not in ranks:
+            te = feature_pair(name)[1]
+            ranks[name] = {"dim": int(te.shape[1]), "effective_rank": effective_rank(te)}
+        return ranks[name]
+
+    names = ("selfsup",) + (BASELINES if baselines else ())
     results = []
     for protocol in protocols:
         common = {"method": run.cfg.method.name, "backbone": run.cfg.backbone.name, "dataset": data_cfg.name,
                   "pretraining_epochs": run.cfg.train.epochs, "labels": labels or "100%", "seed": seed,
-                  "n_train": len(train), "n_test": len(test)}
+                  "n_train": len(train), "n_test": len(test), "source": source}
         if protocol == "finetune":
-            result = _finetune(run, train, test, seed, device, finetune_settings or FinetuneSettings())
+            result = _finetune(run, train, test, seed, device, finetune_settings or FinetuneSettings(), baselines)
             # the frozen baselines of a fine-tune result are linear probes on the same labels
-            result["baselines"].update(raw_pixels=accuracy("linear", "raw_pixels"),
-                                       random_encoder=accuracy("linear", "random_encoder"))
+            result["baselines"].update({name: accuracy("linear", name) for name in names[1:]})
             result.update(common)
         else:
             result = {"protocol": protocol, "accuracy": accuracy(protocol, "selfsup"),
-                      "baselines": {"raw_pixels": accuracy(protocol, "raw_pixels"),
-                                    "random_encoder": accuracy(protocol, "random_encoder")}, **common}
+                      "baselines": {name: accuracy(protocol, name) for name in names[1:]},
+                      "test_embeddings": {name: test_embeddings(name) for name in names}, **common}
         results.append(result)
         if write:
             write_eval_result(run_dir, protocol, labels, result, seed)
@@ -124,8 +157,9 @@ def write_eval_result(run_dir: str | Path, protocol: str, labels: str | None, re
 
 
 def _finetune(run: LoadedRun, train: ImageSet, test: ImageSet, seed: int, device: str,
-              settings: FinetuneSettings) -> dict[str, Any]:
-    """The pretrained encoder (a copy: the run's stays untouched) and a from-scratch one, one recipe."""
+              settings: FinetuneSettings, scratch: bool = True) -> dict[str, Any]:
+    """The pretrained encoder (a copy: the run's stays untouched) and, with ``scratch``, a from-scratch
+    one with the same recipe."""
     mean, std, d = run.meta["mean"], run.meta["std"], run.meta.get("num_features")
     # fresh modules loaded from the weights: the run's encoder stays untouched, and a module that went
     # through inference-mode feature extraction cannot be trained further
@@ -133,6 +167,9 @@ def _finetune(run: LoadedRun, train: ImageSet, test: ImageSet, seed: int, device
     pretrained.load_state_dict(run.encoder.state_dict())
     d = d or pretrained.num_features
     ft = finetune_accuracy(pretrained, d, train, test, mean, std, settings, seed, device)
+    if not scratch:
+        return {"protocol": "finetune", "accuracy": ft["accuracy"], "baselines": {},
+                "settings": settings.to_dict(len(train)), "time_s": {"pretrained": ft["time_s"]}}
     # from scratch: the same recipe, and (when it differs) the default recipe at the same budget; the
     # baseline is the better of the two, so a knob that only hurts random weights cannot flatter the margin
     scratch_runs = []
@@ -151,13 +188,13 @@ def _finetune(run: LoadedRun, train: ImageSet, test: ImageSet, seed: int, device
 def format_table(results: list[dict[str, Any]]) -> str:
     header = ["protocol", "dataset", "labels", f"selfsup ({results[0]['method']})" if results else "selfsup",
               "random encoder", "raw pixels"]
-    rows = [[r["protocol"], r["dataset"], r["labels"], f"{100 * r['accuracy']:.2f}%",
-             f"{100 * r['baselines']['random_encoder']:.2f}%", f"{100 * r['baselines']['raw_pixels']:.2f}%"]
-            for r in results]
+    pct = lambda value: "-" if value is None else f"{100 * value:.2f}%"
+    rows = [[r["protocol"], r["dataset"], r["labels"], pct(r["accuracy"]), pct(r["baselines"].get("random_encoder")),
+             pct(r["baselines"].get("raw_pixels"))] for r in results]
     if any("from_scratch" in r["baselines"] for r in results):
         header.append("from scratch (fine-tuned)")
         for row, r in zip(rows, results):
-            row.append(f"{100 * r['baselines']['from_scratch']:.2f}%" if "from_scratch" in r["baselines"] else "-")
+            row.append(pct(r["baselines"].get("from_scratch")))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])

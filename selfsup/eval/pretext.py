@@ -8,14 +8,18 @@ images. Random choices (crops, puzzles) come from a fixed seed, so the figure is
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from selfsup.data import ImageSet
+from selfsup.data import ImageSet, load_dataset
+from selfsup.methods import get_method
 from selfsup.monitor.features import eval_mode
 from selfsup.methods.base import Progress
+from selfsup.train.build import view_recipe
+from selfsup.train.rundir import load_method, load_run
 from selfsup.views import ViewRecipe, make_views
 
 
@@ -40,3 +44,14 @@ def pretext_accuracy(method: nn.Module, images: ImageSet, recipe: ViewRecipe, me
             correct += float(logs["pretext_acc"]) * batch.shape[0]
             seen += batch.shape[0]
     return correct / seen
+
+
+def held_out_pretext_accuracy(run_dir: str | Path, device: torch.device | str = "cpu") -> float | None:
+    """A pretext run's accuracy on its own task over the test split of its dataset (the train split
+    when there is no test split), with its training views and its seed; None for other methods."""
+    run = load_run(run_dir, device)
+    train, test = load_dataset(run.cfg.data.labelled())
+    images = test if len(test) else train
+    recipe = view_recipe(run.cfg, get_method(run.cfg.method.name).spec, images.image_size)
+    return pretext_accuracy(load_method(run, run_dir, device), images, recipe, run.meta["mean"], run.meta["std"],
+                            device, seed=run.cfg.train.seed)

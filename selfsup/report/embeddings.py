@@ -18,6 +18,7 @@ from torch import Tensor
 
 from selfsup.config import ConfigError
 from selfsup.data.imageset import ImageSet
+from selfsup.data.splits import sample_indices
 from selfsup.report.curves import save_figure
 
 GOOD, BAD = "#2ca02c", "#d62728"
@@ -46,13 +47,6 @@ def project_2d(features: Tensor, method: str = "tsne", seed: int = 0) -> np.ndar
 
     perplexity = float(min(30.0, max(2.0, (len(x) - 1) / 3)))
     return TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(x)
-
-
-def sample_indices(n: int, k: int, seed: int) -> Tensor:
-    """``k`` of ``n`` indices, drawn without replacement under ``seed`` (all of them when k ≥ n)."""
-    if k >= n:
-        return torch.arange(n)
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
 
 
 def plot_map(coords: np.ndarray, labels: Tensor | None, classes: Sequence[str], path: Path, title: str) -> Path:

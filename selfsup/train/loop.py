@@ -28,7 +28,7 @@ from selfsup.monitor.diagnostics import batch_diagnostics
 from selfsup.schedules import cosine_schedule, warmup_cosine
 from selfsup.train.batches import epoch_batches, epoch_order
 from selfsup.train.checkpoint import atomic_save
-from selfsup.train.device import resolve_device  # noqa: F401  (re-exported: the loop's device rule)
+
 from selfsup.train.optim import set_optim_values
 from selfsup.train.setup import Run, TrainingError, knn_monitor, save_checkpoint, setup_run
 from selfsup.views import make_views

@@ -12,7 +12,7 @@ from conftest import TINY_BACKBONES
 from selfsup.config import ConfigError, ModelConfig, RunConfig
 from selfsup.losses.contrastive import dcl_loss, info_nce, nt_xent, vmf_weights
 from selfsup.methods import METHODS
-from selfsup.methods.base import Progress, finish_step, make_progress
+from selfsup.methods.base import finish_step, make_progress
 from selfsup.nn.backbones import build_backbone
 from selfsup.nn.queue import MemoryQueue
 from selfsup.train.build import build_method, check_run

@@ -1,0 +1,80 @@
+"""``evaluate_run``'s options for callers such as ``selfsup bench``: a bounded evaluation subset, the
+test embeddings' effective rank, the encoder without its baselines, and the source of the figures."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from selfsup.config import config_from_dict
+from selfsup.eval.evaluate import evaluate_run, format_table
+from selfsup.eval.finetune import FinetuneSettings
+from selfsup.monitor.diagnostics import effective_rank
+from selfsup.monitor.features import extract_features
+from selfsup.train.loop import pretrain
+from selfsup.train.rundir import load_run
+
+FAST = FinetuneSettings(min_steps=2, max_steps=2, batch_size=32)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """8×8 images gain nothing from a second thread on a busy shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """One tiny SimCLR epoch on 256 digits."""
+    cfg = config_from_dict({
+        "method": {"name": "simclr", "params": {"proj_hidden": 32, "proj_dim": 16}},
+        "backbone": {"name": "small_resnet", "params": {"widths": [8, 16, 32]}},
+        "data": {"name": "digits", "limit": 256},
+        "train": {"epochs": 1, "batch_size": 64, "device": "cpu", "progress": False, "knn_every": 0, "threads": 1}})
+    out = tmp_path_factory.mktemp("evaluate") / "simclr"
+    pretrain(cfg, out)
+    return out
+
+
+def test_eval_limit_fits_on_a_random_subset_before_the_label_fraction(run_dir: Path, digits) -> None:
+    train, test = digits
+    (knn,) = evaluate_run(run_dir, ["knn"], eval_limit=300, write=False)
+    assert knn["n_train"] == 300 and knn["n_test"] == len(test)  # the test split stays whole
+    (knn_10,) = evaluate_run(run_dir, ["knn"], labels="10%", eval_limit=300, write=False)
+    assert 25 <= knn_10["n_train"] <= 35 and knn_10["labels"] == "10%"
+    (whole,) = evaluate_run(run_dir, ["knn"], eval_limit=10 * len(train), write=False)  # more than there is
+    assert whole["n_train"] == len(train)
+
+
+def test_frozen_results_describe_the_test_embeddings_of_each_feature_set(run_dir: Path, digits) -> None:
+    knn, linear = evaluate_run(run_dir, ["knn", "linear"], write=False)
+    emb = knn["test_embeddings"]
+    assert emb == linear["test_embeddings"] and set(emb) == {"selfsup", "raw_pixels", "random_encoder"}
+    assert emb["selfsup"]["dim"] == emb["random_encoder"]["dim"] == 32 and emb["raw_pixels"]["dim"] == 64
+    run = load_run(run_dir)
+    test_features = extract_features(run.encoder, digits[1], run.meta["mean"], run.meta["std"])
+    assert emb["selfsup"]["effective_rank"] == pytest.approx(effective_rank(test_features), rel=1e-5)
+    for figures in emb.values():
+        assert 1.0 <= figures["effective_rank"] <= figures["dim"]
+
+
+def test_without_baselines_the_encoder_is_measured_alone(run_dir: Path) -> None:
+    knn, ft = evaluate_run(run_dir, ["knn", "finetune"], labels="10%", baselines=False, write=False,
+                           finetune_settings=FAST)
+    assert knn["baselines"] == {} and set(knn["test_embeddings"]) == {"selfsup"}
+    assert ft["baselines"] == {} and 0.0 <= ft["accuracy"] <= 1.0 and "margin_over_scratch" not in ft
+    assert ft["settings"]["steps"] == 2
+    table = format_table([knn, ft])
+    assert "-  " in table.splitlines()[2] and f"{100 * knn['accuracy']:.2f}%" in table
+
+
+def test_the_source_of_the_figures_is_written(run_dir: Path) -> None:
+    (knn,) = evaluate_run(run_dir, ["knn"], eval_limit=200)
+    assert knn["source"] == "selfsup evaluate"
+    (knn,) = evaluate_run(run_dir, ["knn"], eval_limit=200, source="selfsup bench (1 epoch(s))")
+    assert json.loads((run_dir / "eval_knn.json").read_text())["source"] == "selfsup bench (1 epoch(s))"
