@@ -6,7 +6,7 @@ from torch import nn
 from selfsup.config import ConfigError, RunConfig
 from selfsup.methods import check_method_params, get_method
 from selfsup.methods.registry import method_params
-from selfsup.nn.backbones import BACKBONES, BackboneError, build_backbone
+from selfsup.nn.backbones import BackboneError, build_backbone, check_backbone_name
 from selfsup.views import ViewRecipe, apply_overrides, resolve_sizes
 
 
@@ -17,8 +17,10 @@ def check_names(cfg: RunConfig) -> None:
         cfg.method.params = check_method_params(cfg.method.name, cfg.method.params)
     except ConfigError as exc:
         problems += exc.problems
-    if cfg.backbone.name not in BACKBONES:
-        problems.append(f"unknown backbone {cfg.backbone.name!r}; choose one of: {', '.join(sorted(BACKBONES))}")
+    try:
+        check_backbone_name(cfg.backbone.name)
+    except BackboneError as exc:
+        problems.append(str(exc))
     if problems:
         raise ConfigError(problems)
 
@@ -74,8 +76,13 @@ def check_batch(cfg: RunConfig, method_cls: type, n_train: int, world: int) -> N
 def check_run(model: nn.Module, cfg: RunConfig, n_train: int, recipe: ViewRecipe) -> None:
     """A method's own checks against the data and views (``check_run(n_train, batch_size, recipe)``,
     optional, returns a list of problems): e.g. a queue larger than the dataset, a two-view method
-    given another number of views."""
+    given another number of views; and the backbone's against the view sizes (``input_problem(size)``)."""
     hook = getattr(model, "check_run", None)
-    problems = hook(n_train, cfg.train.batch_size, recipe) if hook else []
+    problems = [f"{cfg.method.name}: {p}" for p in (hook(n_train, cfg.train.batch_size, recipe) if hook else [])]
+    # a torchvision/timm backbone says which view sizes it cannot take (a ViT's patch size, a fixed input size,
+    # downsampling that leaves nothing), before a training step fails on them
+    backbone_check = getattr(getattr(model, "backbone", None), "input_problem", None)
+    sizes = {g.size for g in recipe.globals_} | ({recipe.local.size} if recipe.local_crops else set())
+    problems += [p for p in map(backbone_check, sorted(sizes)) if p] if backbone_check else []
     if problems:
-        raise ConfigError([f"{cfg.method.name}: {p}" for p in problems])
+        raise ConfigError(problems)
