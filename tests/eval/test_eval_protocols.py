@@ -544,7 +544,8 @@ def test_export_timm_cnn_and_vit_round_trip(tmp_path) -> None:
                     {"patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2}, limit=40, batch=16)
     meta = _check_library_export(vit, tmp_path / "v", "timm", None)
     assert meta["architecture"] == ("net = timm.create_model('vit_tiny_patch16_224', pretrained=False, num_classes=0, "
-                                    "in_chans=1, patch_size=4, depth=1, embed_dim=32, num_heads=2, img_size=8)")
+                                    "in_chans=1, patch_size=4, depth=1, embed_dim=32, num_heads=2, img_size=8, "
+                                    "dynamic_img_size=True)")
 
 
 def test_export_torchvision_vit_round_trip(tmp_path) -> None:

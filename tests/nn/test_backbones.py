@@ -124,12 +124,21 @@ def test_small_image_stem_for_resnets_of_both_libraries():
 
 
 def test_registered_resnet18_is_torchvision_resnet18():
+    """The same network, keys and initial weights as ``torchvision:resnet18`` and as the torchvision ResNet with
+    a small-image stem that ``resnet18`` built before the adapters existed (so old runs and seeds still fit)."""
+    import torchvision
+
     torch.manual_seed(0)
-    ours = build_backbone("resnet18", 1, 28)
+    ours = build_backbone("resnet18", 1, 28).state_dict()
     torch.manual_seed(0)
-    theirs = build_backbone("torchvision:resnet18", 1, 28)
-    a, b = ours.state_dict(), theirs.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    theirs = build_backbone("torchvision:resnet18", 1, 28).state_dict()
+    torch.manual_seed(0)
+    before = torchvision.models.resnet18(weights=None)
+    before.conv1 = torch.nn.Conv2d(1, 64, 3, 1, 1, bias=False)
+    before.maxpool, before.fc = torch.nn.Identity(), torch.nn.Identity()
+    before = {f"net.{k}": v for k, v in before.state_dict().items()}
+    for other in (theirs, before):
+        assert ours.keys() == other.keys() and all(torch.equal(ours[k], other[k]) for k in ours)
 
 
 def test_the_build_time_dry_run_changes_no_state():
