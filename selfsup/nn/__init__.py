@@ -5,5 +5,5 @@ from selfsup.nn.heads import mlp
 from selfsup.nn.queue import MemoryQueue
 from selfsup.nn import vit  # registers the vit_tiny / vit_small backbones
 
-__all__ = ["BACKBONES", "BackboneError", "build_backbone", "check_backbone_name", "register_backbone", "cosine_schedule", "ema_update_",
-           "frozen_copy", "mlp", "MemoryQueue"]
+__all__ = ["BACKBONES", "BackboneError", "build_backbone", "check_backbone_name", "register_backbone",
+           "cosine_schedule", "ema_update_", "frozen_copy", "mlp", "MemoryQueue"]

@@ -476,8 +476,11 @@ def test_export_resnet18_loads_into_plain_torchvision(tmp_path) -> None:
     arch = json.loads((tmp_path / "enc.pt.json").read_text())["architecture"]
     assert arch == ("net = torchvision.models.resnet18(weights=None); net.conv1 = torch.nn.Conv2d(1, 64, 3, 1, 1, "
                     "bias=False); net.maxpool = torch.nn.Identity(); net.fc = torch.nn.Identity()")
-    # the registered resnet18 is torchvision's: --format torchvision writes the same weights, checked
-    _check_library_export(run_dir, tmp_path, "torchvision", None)
+    # the registered resnet18 is torchvision's: --format torchvision writes the same weights and description
+    assert main(["export", str(run_dir), "--format", "torchvision", "--out", str(tmp_path / "tv.pt")]) == 0
+    tv, pt = torch.load(tmp_path / "tv.pt", weights_only=True), torch.load(tmp_path / "enc.pt", weights_only=True)
+    assert tv.keys() == pt.keys() and all(torch.equal(tv[k], pt[k]) for k in tv)
+    assert json.loads((tmp_path / "tv.pt.json").read_text())["architecture"] == arch
 
 
 def test_export_vit_loads_into_plain_timm(tmp_path) -> None:

@@ -52,7 +52,7 @@ def _one_thread():
 # stresses something: a 1-channel first conv, a pre-logits head layer kept (MobileNetV3), timm's
 # head_hidden_size ≠ num_features, the small-image stem on a timm ResNet, img_size for a timm ViT.
 LIBRARY_CASES = [
-    ("torchvision:resnet18", {}, 3, 32),
+    ("torchvision:resnet18", {}, 3, 16),
     ("torchvision:regnet_y_400mf", {}, 1, 32),
     ("torchvision:mobilenet_v3_small", {}, 1, 32),
     ("timm:resnet18", {}, 1, 16),
@@ -114,11 +114,12 @@ def test_one_channel_input_replaces_the_first_conv():
 
 
 def test_small_image_stem_for_resnets_of_both_libraries():
-    for name in ("torchvision:resnet18", "timm:resnet18"):
-        small, large = build_backbone(name, 3, 32), build_backbone(name, 3, 96)
-        assert small.net.conv1.kernel_size == (3, 3) and isinstance(small.net.maxpool, torch.nn.Identity)
-        assert large.net.conv1.kernel_size == (7, 7) and not isinstance(large.net.maxpool, torch.nn.Identity)
-        assert build_backbone(name, 3, 32, small_images=False).net.conv1.stride == (2, 2)
+    # on by default at ≤ 64 px, off above, either way when set
+    for name, size, small_images, small in (("torchvision:resnet18", 32, None, True), ("timm:resnet18", 32, None, True),
+                                            ("timm:resnet18", 96, None, False), ("torchvision:resnet18", 32, False, False)):
+        net = build_backbone(name, 3, size, small_images=small_images).net
+        assert (net.conv1.kernel_size, net.conv1.stride) == (((3, 3), (1, 1)) if small else ((7, 7), (2, 2)))
+        assert isinstance(net.maxpool, torch.nn.Identity) == small
     with pytest.raises(BackboneError, match="small_images applies to ResNets"):
         build_backbone("timm:convnext_atto", 3, 32, small_images=True)
 
@@ -208,3 +209,15 @@ def test_masked_methods_name_the_vits_that_work():
     with pytest.raises(ValueError, match=r"mae: masked methods need selfsup's own ViT backbone \(vit_tiny, vit_small\).*"
                                          r"timm:vit_tiny_patch16_224 does not"):
         require_vit(build_backbone("timm:vit_tiny_patch16_224", 1, 32, depth=1), "mae")
+
+
+def test_library_backbones_never_touch_the_network(monkeypatch):
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a backbone build tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    build_backbone("timm:vit_tiny_patch16_224", 3, 32, depth=1)
+    build_backbone("torchvision:mobilenet_v3_small", 3, 32)
