@@ -19,7 +19,8 @@ PRETRAIN_FLAGS: list[tuple[str, str, type, str]] = [
     ("--method", "method.name", str, "registered method name (see `selfsup methods`)"),
     ("--data", "data.name", str, "fashion-mnist, digits, cifar10, cifar100, or a path (image folder / CIFAR batches)"),
     ("--data-root", "data.root", str, "folder holding a named dataset's files"),
-    ("--backbone", "backbone.name", str, "small_resnet (default), resnet18, resnet50"),
+    ("--backbone", "backbone.name", str, "small_resnet (default), resnet18, resnet50, vit_tiny, vit_small, "
+                                            "or any torchvision:NAME / timm:NAME model (built without weights)"),
     ("--epochs", "train.epochs", int, "number of epochs"),
     ("--batch-size", "train.batch_size", int, "global batch size (split across processes)"),
     ("--lr", "optim.lr", float, "base learning rate before batch-size scaling"),
@@ -272,10 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     nb.add_argument("--json", action="store_true", help="print the result as JSON")
     nb.set_defaults(func=cmd_neighbors)
 
-    ex = sub.add_parser("export", help="the encoder as a plain state dict (.pt) or safetensors")
+    ex = sub.add_parser("export", help="the encoder as a plain state dict (.pt) or safetensors, in its library's keys")
     ex.add_argument("run_dir")
-    ex.add_argument("--format", choices=["pt", "safetensors"], help="default: from --out's suffix, else pt")
-    ex.add_argument("--out", help="output file (default RUN/export/encoder.<format>)")
+    ex.add_argument("--format", choices=["pt", "safetensors", "torchvision", "timm"],
+                    help="pt or safetensors (default: from --out's suffix, else pt); torchvision or timm: the same "
+                         "weights, checked to load into that library's constructor (written in the JSON beside them)")
+    ex.add_argument("--out", help="output file (default RUN/export/encoder.pt, or encoder.safetensors for --format safetensors)")
     ex.set_defaults(func=cmd_export)
 
     rp = sub.add_parser("report", help="an HTML report of a run: curves, diagnostics, embedding map, retrieval")

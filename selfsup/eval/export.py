@@ -1,13 +1,20 @@
-"""Export a run's encoder as a plain state dict (``.pt``) or safetensors (``selfsup export``).
+"""Export a run's encoder as a plain state dict (``selfsup export``), loadable without selfsup.
 
-The keys are those of the architecture the encoder came from, so the file loads without selfsup:
-torchvision's ``resnet18``/``resnet50`` (selfsup's wrapper prefix ``net.`` is stripped), timm's
-``VisionTransformer`` for the ViTs, and :class:`selfsup.nn.backbones.SmallResNet` (a plain
-``nn.Module`` whose short definition can be copied). A JSON file beside the weights records how
-to build that module and the normalisation the encoder expects (mean/std of the pretraining data).
+The keys are always those of the library the encoder came from, without selfsup's wrapper prefix
+``net.``: torchvision's models (``resnet18``/``resnet50`` and every ``torchvision:NAME``), timm's
+(every ``timm:NAME``, and timm's ``VisionTransformer`` for the ``vit_tiny``/``vit_small`` ViTs), or
+:class:`selfsup.nn.backbones.SmallResNet` (a plain ``nn.Module`` whose short definition can be copied).
+
+Formats: ``pt`` (``torch.save``) and ``safetensors`` write those weights; ``torchvision`` and ``timm``
+write the same weights (``.pt``, or safetensors when ``--out`` ends in ``.safetensors``) after checking
+that they come from that library, so a run trained with a ``timm:`` backbone is never handed out as a
+torchvision model. A JSON file beside the weights records the library, the exact constructor call that
+``load_state_dict(..., strict=True)`` accepts them into (classifier removed, stem as trained, input
+channels and size), and the normalisation the encoder expects (mean/std of the pretraining data).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -16,16 +23,44 @@ from torch import Tensor, nn
 
 from selfsup import __version__
 from selfsup.config import ConfigError
-from selfsup.train.rundir import LoadedRun
-from selfsup.nn.backbones import TorchvisionResNet
+from selfsup.nn.adapters import LibraryBackbone
+from selfsup.nn.vit import ViT
 from selfsup.train.checkpoint import CheckpointError, atomic_save
+from selfsup.train.rundir import LoadedRun
 
-FORMATS = {"pt": ".pt", "safetensors": ".safetensors"}
+# format → default file suffix; torchvision/timm are checked library formats written as .pt
+FORMATS = {"pt": ".pt", "safetensors": ".safetensors", "torchvision": ".pt", "timm": ".pt"}
+LIBRARY_FORMATS = ("torchvision", "timm")
+
+
+@dataclasses.dataclass
+class Constructor:
+    """How to build, without selfsup, the module the exported weights load into (strict):
+    ``net = call(*args, **kwargs)``, then each (dotted path, expression) in ``replace`` assigned in order."""
+
+    library: str  # "torchvision", "timm" or "selfsup"
+    call: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    replace: list[tuple[str, str]]
+
+    def code(self) -> str:
+        """The Python statements, e.g. ``net = torchvision.models.resnet18(weights=None); net.fc = torch.nn.Identity()``."""
+        arguments = ", ".join([repr(a) for a in self.args] + [f"{k}={v!r}" for k, v in self.kwargs.items()])
+        return "; ".join([f"net = {self.call}({arguments})"] + [f"{_attr_path(p)} = {e}" for p, e in self.replace])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"call": self.call, "args": self.args, "kwargs": self.kwargs, "replace": [list(r) for r in self.replace]}
+
+
+def _attr_path(path: str) -> str:
+    """``"classifier.3"`` → ``"net.classifier[3]"`` (a Sequential's numbered children are indexed)."""
+    return "net" + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in path.split("."))
 
 
 def plain_module(encoder: nn.Module) -> nn.Module:
-    """The module whose keys the export uses: the torchvision ResNet inside selfsup's wrapper."""
-    return encoder.net if isinstance(encoder, TorchvisionResNet) else encoder
+    """The module whose keys the export uses: the torchvision/timm model inside selfsup's wrapper."""
+    return encoder.net if isinstance(encoder, LibraryBackbone) else encoder
 
 
 def plain_state_dict(encoder: nn.Module) -> dict[str, Tensor]:
@@ -33,38 +68,36 @@ def plain_state_dict(encoder: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in plain_module(encoder).state_dict().items()}
 
 
-def architecture(run: LoadedRun) -> str:
-    """How to build, without selfsup, a module that ``load_state_dict`` accepts these weights into."""
+def constructor(run: LoadedRun) -> Constructor:
+    """The constructor the run's encoder weights load into, without selfsup."""
     enc, meta = run.encoder, run.meta
-    c = meta["in_chans"]
-    if isinstance(enc, TorchvisionResNet):
-        arch = run.cfg.backbone.name
-        if isinstance(enc.net.maxpool, nn.Identity):
-            stem = f"net.conv1 = torch.nn.Conv2d({c}, 64, 3, 1, 1, bias=False); net.maxpool = torch.nn.Identity(); "
-        elif c != 3:
-            stem = f"net.conv1 = torch.nn.Conv2d({c}, 64, 7, 2, 3, bias=False); "
-        else:
-            stem = ""
-        return f"net = torchvision.models.{arch}(weights=None); {stem}net.fc = torch.nn.Identity()"
-    if hasattr(enc, "patch_embed") and hasattr(enc, "blocks"):
+    if isinstance(enc, LibraryBackbone):
+        if enc.library == "torchvision":
+            return Constructor("torchvision", f"torchvision.models.{enc.arch}", [], {"weights": None, **enc.kwargs},
+                               list(enc.replaced))
+        return Constructor("timm", "timm.create_model", [enc.arch], {"pretrained": False, **enc.kwargs}, list(enc.replaced))
+    if isinstance(enc, ViT):
         blk = enc.blocks[0]
-        mlp_ratio = blk.mlp.fc1.out_features / enc.embed_dim
-        pool = "token" if getattr(enc, "pool_kind", "cls") == "cls" else "avg"
-        return (f"net = timm.models.vision_transformer.VisionTransformer(img_size={meta['image_size']}, "
-                f"patch_size={enc.patch_size}, in_chans={c}, num_classes=0, embed_dim={enc.embed_dim}, "
-                f"depth={len(enc.blocks)}, num_heads={blk.attn.num_heads}, mlp_ratio={mlp_ratio:g}, "
-                f"class_token=True, global_pool='{pool}', fc_norm=False)")
-    params = ", ".join(f"{k}={v!r}" for k, v in run.cfg.backbone.params.items())
-    return (f"net = selfsup.nn.backbones.{type(enc).__name__}(in_chans={c}{', ' + params if params else ''}) "
-            "(a plain nn.Module: copy its definition to use it without selfsup)")
+        kwargs = {"img_size": meta["image_size"], "patch_size": enc.patch_size, "in_chans": meta["in_chans"],
+                  "num_classes": 0, "embed_dim": enc.embed_dim, "depth": len(enc.blocks), "num_heads": blk.attn.num_heads,
+                  "mlp_ratio": blk.mlp.fc1.out_features / enc.embed_dim, "class_token": True,
+                  "global_pool": "token" if enc.pool_kind == "cls" else "avg", "fc_norm": False}
+        return Constructor("timm", "timm.models.vision_transformer.VisionTransformer", [], kwargs, [])
+    return Constructor("selfsup", f"selfsup.nn.backbones.{type(enc).__name__}", [],
+                       {"in_chans": meta["in_chans"], **run.cfg.backbone.params}, [])
 
 
-def export_metadata(run: LoadedRun) -> dict[str, Any]:
+def export_metadata(run: LoadedRun, file_format: str = "pt") -> dict[str, Any]:
     m = run.meta
+    ctor = constructor(run)
+    architecture = ctor.code()
+    if ctor.library == "selfsup":
+        architecture += " (a plain nn.Module: copy its definition to use it without selfsup)"
     return {"format": "selfsup-encoder", "selfsup_version": __version__, "method": run.cfg.method.name,
             "backbone": run.cfg.backbone.name, "backbone_params": run.cfg.backbone.params,
             "in_chans": m["in_chans"], "image_size": m["image_size"], "num_features": m.get("num_features"),
-            "mean": m["mean"], "std": m["std"], "architecture": architecture(run),
+            "mean": m["mean"], "std": m["std"], "file_format": file_format, "library": ctor.library,
+            "architecture": architecture, "constructor": ctor.to_dict(),
             "input": "float images in [0, 1], normalised per channel with (x - mean) / std"}
 
 
@@ -77,14 +110,31 @@ def resolve_format(fmt: str | None, out: str | Path | None) -> str:
     return fmt
 
 
+def check_library(run: LoadedRun, fmt: str) -> None:
+    """``--format torchvision``/``timm`` only for weights that load into that library's constructor."""
+    if fmt not in LIBRARY_FORMATS:
+        return
+    ctor = constructor(run)
+    if ctor.library == fmt:
+        return
+    name = run.cfg.backbone.name
+    if ctor.library == "selfsup":
+        raise ConfigError([f"--format {fmt}: this run's backbone {name!r} is selfsup's own network, not a {fmt} model; "
+                           "export it with --format pt or safetensors (the JSON beside the weights says how to build it)"])
+    raise ConfigError([f"--format {fmt}: this run's backbone {name!r} is a {ctor.library} model (its weights load into "
+                       f"{ctor.call}), not a {fmt} one; export it with --format {ctor.library}"])
+
+
 def export_encoder(run: LoadedRun, out: str | Path, fmt: str | None = None) -> tuple[Path, Path]:
     """Write the weights to ``out`` and their description to ``out`` + ``.json``; returns both paths."""
     out = Path(out)
     fmt = resolve_format(fmt, out)
+    check_library(run, fmt)
+    container = "safetensors" if fmt == "safetensors" or (fmt in LIBRARY_FORMATS and out.suffix.lower() == ".safetensors") else "pt"
     state = plain_state_dict(run.encoder)
-    meta = export_metadata(run)
+    meta = export_metadata(run, container)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "safetensors":
+    if container == "safetensors":
         from safetensors.torch import save_file
 
         # safetensors metadata is str → str

@@ -1,18 +1,22 @@
-"""Backbones: a small residual CNN for CPU runs, and torchvision ResNets with a small-image stem.
+"""Backbones: a small residual CNN for CPU runs, torchvision ResNets with a small-image stem, and any
+torchvision or timm model by prefixed name (``torchvision:resnet50``, ``timm:vit_small_patch16_224``;
+see :mod:`selfsup.nn.adapters`).
 
 Contract (as timm's): every backbone is an ``nn.Module`` whose ``forward(x)`` maps
 (B, C, H, W) → (B, num_features) pooled features, with ``num_features`` as an attribute.
-Backbones are registered by name; ``build_backbone`` is the one way to make one.
+Backbones are registered by name or resolved by prefix; ``build_backbone`` is the one way to make one,
+``check_backbone_name`` the one way to ask whether a name is valid.
 """
 from __future__ import annotations
 
+import difflib
 import inspect
 from typing import Callable
 
 import torch
-import torchvision
 from torch import Tensor, nn
 
+from selfsup.nn.adapters import LibraryBackbone, build_library_backbone, close_names, library_name_problem, split_name
 from selfsup.nn.small_map_conv import SmallMapConv2d
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
@@ -75,26 +79,6 @@ class SmallResNet(nn.Module):
         return self.stages(self.stem(x)).mean(dim=(2, 3))
 
 
-class TorchvisionResNet(nn.Module):
-    """torchvision's ResNet-18/50 without its classifier; ``small_images`` swaps the 7×7/2 stem and
-    max-pool for a 3×3/1 conv (the CIFAR variant of SimCLR, arXiv:2002.05709 appendix B.9)."""
-
-    def __init__(self, arch: str, in_chans: int = 3, small_images: bool = True):
-        super().__init__()
-        net = getattr(torchvision.models, arch)(weights=None)
-        if small_images:
-            net.conv1 = nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False)
-            net.maxpool = nn.Identity()
-        elif in_chans != 3:
-            net.conv1 = nn.Conv2d(in_chans, 64, 7, 2, 3, bias=False)
-        self.num_features = net.fc.in_features
-        net.fc = nn.Identity()
-        self.net = net
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-
 @register_backbone("small_resnet")
 def small_resnet(in_chans: int, image_size: int, widths: tuple[int, ...] = (32, 64, 128, 256), blocks: int = 1,
                  stem_stride: int = 1):
@@ -102,23 +86,51 @@ def small_resnet(in_chans: int, image_size: int, widths: tuple[int, ...] = (32, 
 
 
 @register_backbone("resnet18")
-def resnet18(in_chans: int, image_size: int, small_images: bool | None = None):
-    return TorchvisionResNet("resnet18", in_chans, image_size <= 64 if small_images is None else small_images)
+def resnet18(in_chans: int, image_size: int, small_images: bool | None = None) -> LibraryBackbone:
+    """torchvision's ResNet-18 (He et al. 2016, arXiv:1512.03385) without its classifier; ``small_images``
+    (default: at ≤ 64 px) swaps the 7×7/2 stem and max-pool for a 3×3/1 conv (SimCLR's CIFAR variant,
+    arXiv:2002.05709 §B.9). The same network as ``torchvision:resnet18``."""
+    return build_library_backbone("torchvision:resnet18", in_chans, image_size, small_images)
 
 
 @register_backbone("resnet50")
-def resnet50(in_chans: int, image_size: int, small_images: bool | None = None):
-    return TorchvisionResNet("resnet50", in_chans, image_size <= 64 if small_images is None else small_images)
+def resnet50(in_chans: int, image_size: int, small_images: bool | None = None) -> LibraryBackbone:
+    """torchvision's ResNet-50, as :func:`resnet18`."""
+    return build_library_backbone("torchvision:resnet50", in_chans, image_size, small_images)
 
 
 class BackboneError(ValueError):
     pass
 
 
-def build_backbone(name: str, in_chans: int, image_size: int, **params) -> nn.Module:
-    """A registered backbone; unknown names or parameters raise :class:`BackboneError` naming the options."""
-    if name not in BACKBONES:
-        raise BackboneError(f"unknown backbone {name!r}; choose one of: {', '.join(sorted(BACKBONES))}")
+def check_backbone_name(name: str) -> None:
+    """Raise :class:`BackboneError` unless ``build_backbone`` knows ``name``: a registered backbone or
+    ``torchvision:NAME``/``timm:NAME`` for a model that library constructs. The error names close names."""
+    if not isinstance(name, str) or not name:
+        raise BackboneError(f"backbone name must be a non-empty string, got {name!r}")
+    if split_name(name)[0] is not None:
+        problem = library_name_problem(name)
+        if problem:
+            raise BackboneError(problem)
+        return
+    if name in BACKBONES:
+        return
+    near = difflib.get_close_matches(name, list(BACKBONES), n=3, cutoff=0.6) + close_names(name)
+    hint = f" (did you mean {', '.join(near)}?)" if near else ""
+    raise BackboneError(f"unknown backbone {name!r}{hint}; registered: {', '.join(sorted(BACKBONES))}; or any "
+                        "torchvision or timm model as torchvision:NAME / timm:NAME")
+
+
+def build_backbone(name: str, in_chans: int, image_size: int, /, **params) -> nn.Module:
+    """A registered backbone, or a torchvision/timm model by prefixed name with ``params`` passed to its
+    constructor; unknown names or parameters raise :class:`BackboneError` naming the options. (The input
+    channels and size are positional only, so ``params`` naming them gets that error, not a TypeError.)"""
+    check_backbone_name(name)
+    if split_name(name)[0] is not None:
+        try:
+            return build_library_backbone(name, in_chans, image_size, **params)
+        except ValueError as exc:
+            raise BackboneError(str(exc)) from None
     fn = BACKBONES[name]
     allowed = [p for p in inspect.signature(fn).parameters if p not in ("in_chans", "image_size")]
     unknown = [k for k in params if k not in allowed]

@@ -28,6 +28,7 @@ from timm.layers import DropPath
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from selfsup.nn.adapters import LibraryBackbone
 from selfsup.nn.backbones import register_backbone
 from selfsup.nn.masking import gather_tokens, substitute_mask_tokens
 
@@ -153,6 +154,10 @@ VIT_NAMES = ("vit_tiny", "vit_small")
 
 def require_vit(backbone: nn.Module, method: str) -> ViT:
     """The backbone, if it is a :class:`ViT`; otherwise the ValueError every masked method raises."""
+    if isinstance(backbone, LibraryBackbone):  # a timm/torchvision ViT lacks the patch-level API used here
+        raise ValueError(f"{method}: masked methods need selfsup's own ViT backbone ({', '.join(VIT_NAMES)}), which "
+                         f"exposes the patch grid and encodes a subset of patches; {backbone.name} does not. Use "
+                         f"--backbone {VIT_NAMES[-1]} (backbone.params: patch_size, depth, embed_dim, num_heads)")
     if not isinstance(backbone, ViT):
         raise ValueError(f"{method}: masked methods need a ViT backbone ({', '.join(VIT_NAMES)}); "
                          f"got {type(backbone).__name__}")

@@ -11,7 +11,7 @@ from selfsup.data import ImageSet
 from selfsup.methods import check_method_params, get_method
 from selfsup.methods.base import MethodSpec, run_checks
 from selfsup.methods.registry import method_params
-from selfsup.nn.backbones import BACKBONES, BackboneError, build_backbone
+from selfsup.nn.backbones import BackboneError, build_backbone, check_backbone_name
 from selfsup.views import ViewRecipe, apply_overrides, resolve_sizes
 
 log = logging.getLogger("selfsup")
@@ -24,8 +24,11 @@ def check_names(cfg: RunConfig) -> None:
         cfg.method.params = check_method_params(cfg.method.name, cfg.method.params)
     except ConfigError as exc:
         problems += exc.problems
-    if cfg.backbone.name != AUTO and cfg.backbone.name not in BACKBONES:
-        problems.append(f"unknown backbone {cfg.backbone.name!r}; choose one of: {', '.join(sorted(BACKBONES))}")
+    try:
+        if cfg.backbone.name != AUTO:
+            check_backbone_name(cfg.backbone.name)
+    except BackboneError as exc:
+        problems.append(str(exc))
     if problems:
         raise ConfigError(problems)
 
@@ -97,7 +100,12 @@ def check_batch(cfg: RunConfig, spec: MethodSpec, n_train: int, world: int) -> N
 
 def check_run(model: nn.Module, cfg: RunConfig, n_train: int, recipe: ViewRecipe) -> None:
     """A method's own checks against the data and views (its optional ``check_run``): e.g. a queue larger than
-    the dataset, a two-view method given another number of views."""
-    problems = run_checks(model, n_train, cfg.train.batch_size, recipe)
+    the dataset, a two-view method given another number of views; and the backbone's against the view sizes
+    (``input_problem(size)`` of a torchvision/timm backbone: a ViT's patch size, a fixed input size, downsampling
+    that leaves nothing), before a training step fails on them."""
+    problems = [f"{cfg.method.name}: {p}" for p in run_checks(model, n_train, cfg.train.batch_size, recipe)]
+    backbone_check = getattr(model.backbone, "input_problem", None)
+    sizes = {g.size for g in recipe.globals_} | ({recipe.local.size} if recipe.local_crops else set())
+    problems += [p for p in map(backbone_check, sorted(sizes)) if p] if backbone_check else []
     if problems:
-        raise ConfigError([f"{cfg.method.name}: {p}" for p in problems])
+        raise ConfigError(problems)

@@ -474,7 +474,13 @@ def test_export_resnet18_loads_into_plain_torchvision(tmp_path) -> None:
     net.fc = torch.nn.Identity()
     _check_export_roundtrip(run_dir, tmp_path, net)
     arch = json.loads((tmp_path / "enc.pt.json").read_text())["architecture"]
-    assert "torchvision.models.resnet18" in arch and "maxpool = torch.nn.Identity()" in arch
+    assert arch == ("net = torchvision.models.resnet18(weights=None); net.conv1 = torch.nn.Conv2d(1, 64, 3, 1, 1, "
+                    "bias=False); net.maxpool = torch.nn.Identity(); net.fc = torch.nn.Identity()")
+    # the registered resnet18 is torchvision's: --format torchvision writes the same weights and description
+    assert main(["export", str(run_dir), "--format", "torchvision", "--out", str(tmp_path / "tv.pt")]) == 0
+    tv, pt = torch.load(tmp_path / "tv.pt", weights_only=True), torch.load(tmp_path / "enc.pt", weights_only=True)
+    assert tv.keys() == pt.keys() and all(torch.equal(tv[k], pt[k]) for k in tv)
+    assert json.loads((tmp_path / "tv.pt.json").read_text())["architecture"] == arch
 
 
 def test_export_vit_loads_into_plain_timm(tmp_path) -> None:
@@ -484,6 +490,92 @@ def test_export_vit_loads_into_plain_timm(tmp_path) -> None:
     net = VisionTransformer(img_size=8, patch_size=4, in_chans=1, num_classes=0, embed_dim=32, depth=1, num_heads=2,
                             class_token=True, global_pool="token", fc_norm=False)
     _check_export_roundtrip(run_dir, tmp_path, net)
+
+
+def _rebuild_from_sidecar(weights: Path) -> torch.nn.Module:
+    """The module made by the constructor call recorded beside exported weights, run as written (as a user would
+    paste it), with the weights loaded strictly; in eval mode."""
+    import timm
+    import torchvision
+
+    meta = json.loads(weights.with_name(weights.name + ".json").read_text())
+    scope = {"torch": torch, "torchvision": torchvision, "timm": timm}
+    exec(meta["architecture"], scope)
+    net = scope["net"]
+    net.load_state_dict(torch.load(weights, weights_only=True), strict=True)
+    return net.eval()
+
+
+def _check_library_export(run_dir: Path, tmp_path: Path, fmt: str, other: str | None) -> dict:
+    """``selfsup export --format torchvision|timm``: the weights rebuild, without selfsup, into a module with the
+    run's outputs; the ``other`` library's format is refused. Returns the sidecar."""
+    run = load_run(run_dir)
+    x = torch.randn(3, run.meta["in_chans"], run.meta["image_size"], run.meta["image_size"])
+    run.encoder.eval()
+    with torch.no_grad():
+        expected = run.encoder(x)
+    assert main(["export", str(run_dir), "--format", fmt, "--out", str(tmp_path / f"{fmt}.pt")]) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(_rebuild_from_sidecar(tmp_path / f"{fmt}.pt")(x), expected)
+    if other:
+        assert main(["export", str(run_dir), "--format", other, "--out", str(tmp_path / "other.pt")]) == 2
+        assert not (tmp_path / "other.pt").exists()
+    meta = json.loads((tmp_path / f"{fmt}.pt.json").read_text())
+    assert meta["library"] == fmt and meta["file_format"] == "pt"
+    return meta
+
+
+def test_export_torchvision_cnn_round_trip(tmp_path, capsys) -> None:
+    """MobileNetV3: a 1-channel first conv deep in ``features``, and a head whose last Linear (and the dropout
+    before it) go while its 1024-wide pre-logits layer stays."""
+    run_dir = _pretrain(tmp_path / "run", "torchvision:mobilenet_v3_small", {}, limit=40, batch=16)
+    meta = _check_library_export(run_dir, tmp_path, "torchvision", "timm")
+    assert "is a torchvision model (its weights load into torchvision.models.mobilenet_v3_small), not a timm one; " \
+           "export it with --format torchvision" in capsys.readouterr().err
+    assert meta["architecture"] == ("net = torchvision.models.mobilenet_v3_small(weights=None); "
+                                    "net.features[0][0] = torch.nn.Conv2d(1, 16, 3, 2, 1, bias=False); "
+                                    "net.classifier[3] = torch.nn.Identity(); net.classifier[2] = torch.nn.Identity()")
+
+
+def test_export_timm_cnn_and_vit_round_trip(tmp_path) -> None:
+    cnn = _pretrain(tmp_path / "cnn", "timm:resnet18", {}, limit=40, batch=16)
+    meta = _check_library_export(cnn, tmp_path / "c", "timm", "torchvision")
+    assert meta["constructor"]["kwargs"] == {"pretrained": False, "num_classes": 0, "in_chans": 1}
+    assert [path for path, _ in meta["constructor"]["replace"]] == ["conv1", "maxpool"]  # small-image stem
+
+    vit = _pretrain(tmp_path / "vit", "timm:vit_tiny_patch16_224",
+                    {"patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2}, limit=40, batch=16)
+    meta = _check_library_export(vit, tmp_path / "v", "timm", None)
+    assert meta["architecture"] == ("net = timm.create_model('vit_tiny_patch16_224', pretrained=False, num_classes=0, "
+                                    "in_chans=1, patch_size=4, depth=1, embed_dim=32, num_heads=2, img_size=8, "
+                                    "dynamic_img_size=True)")
+
+
+def test_export_torchvision_vit_round_trip(tmp_path) -> None:
+    """torchvision's smallest ViT is ViT-B (86 M parameters; its builders fix depth and width, so backbone.params
+    cannot shrink it): exported from a run loaded in memory, without training or a run directory (two builds)."""
+    from selfsup.eval.export import export_encoder
+    from selfsup.train.build import build_encoder
+    from selfsup.train.rundir import LoadedRun
+
+    cfg = config_from_dict({"backbone": "torchvision:vit_b_32", "data": {"name": "digits", "image_size": 32}})
+    run = LoadedRun(cfg, build_encoder(cfg, 1, 32).eval(), {"in_chans": 1, "image_size": 32, "mean": [0.5], "std": [0.25]})
+    weights, sidecar = export_encoder(run, tmp_path / "vit.pt", "torchvision")
+    x = torch.randn(2, 1, 32, 32)  # at 32 px ViT-B/32 sees a single patch
+    with torch.no_grad():
+        torch.testing.assert_close(_rebuild_from_sidecar(weights)(x), run.encoder(x))
+    meta = json.loads(sidecar.read_text())
+    assert meta["constructor"]["kwargs"] == {"weights": None, "image_size": 32}
+    assert meta["constructor"]["replace"] == [["conv_proj", "torch.nn.Conv2d(1, 768, 32, 32, 0, bias=True)"],
+                                              ["heads.head", "torch.nn.Identity()"]]
+    with pytest.raises(ConfigError, match="is a torchvision model .* export it with --format torchvision"):
+        export_encoder(run, tmp_path / "timm.pt", "timm")
+
+
+def test_export_refuses_a_library_format_for_selfsup_networks(run_dir, tmp_path, capsys) -> None:
+    assert main(["export", str(run_dir), "--format", "torchvision", "--out", str(tmp_path / "x.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "small_resnet' is selfsup's own network, not a torchvision model" in err and "--format pt" in err
 
 
 # ----------------------------------------------------------------------------------------------- bad runs
