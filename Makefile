@@ -10,12 +10,13 @@ DEMO    ?= runs/demo
 
 setup: $(VENV)/.installed dataset
 
-# torch/torchvision are pinned (this machine's pip caps them at these releases, which lie on its disk).
-$(VENV)/.installed: pyproject.toml
+# Exact versions from constraints.txt (torch/torchvision: this machine's pip caps them at these releases, which
+# lie on its disk); the package itself declares ranges (pyproject.toml).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt torch torchvision
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
 # Optional: headless Chromium, for the report screenshot test (tests/test_report.py skips it without Chromium).

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 import torch
 
-from selfsup.config import ConfigError, load_config
+from selfsup.config import ConfigError, find_recipe, load_config
 from selfsup.data import DataError
 from selfsup.eval.evaluate import evaluate_run
 from selfsup.eval.finetune import FinetuneSettings
@@ -96,8 +96,8 @@ class BenchSpec:
 
 
 def recipe_for(method: str, config_dir: str | Path) -> Path | None:
-    path = Path(config_dir) / f"{method}_fashion_mnist.yaml"
-    return path if path.is_file() else None
+    """The method's Fashion-MNIST recipe in ``config_dir`` (the bench compares methods at their tuned budgets)."""
+    return find_recipe(method, "fashion-mnist", [Path(config_dir)])
 
 
 # ---------------------------------------------------------------- one method, in its own process

@@ -50,7 +50,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     for item in args.set or []:
         key, value = parse_override(item)
         overrides[key] = value
-    cfg = load_config(args.config, overrides)
+    recipe = args.config or _tuned_recipe(overrides)
+    cfg = load_config(recipe, overrides)
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
@@ -69,6 +70,20 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     print(f"done: {out}  final loss {summary.get('loss', float('nan')):.4f}"
           + (f"  online kNN {100 * knn:.2f}%" if knn is not None else ""))
     return 0
+
+
+def _tuned_recipe(overrides: dict[str, Any]) -> str | None:
+    """With no --config: the tuned recipe in configs/ for this method and dataset, when one exists (said so)."""
+    from selfsup.config import RunConfig, find_recipe
+
+    defaults = RunConfig()
+    method = overrides.get("method.name", defaults.method.name)
+    data = overrides.get("data.name", defaults.data.name)
+    path = find_recipe(method, data)
+    if path is not None:
+        print(f"recipe: {path} (the tuned settings for {method} on {data}; flags override it, --config picks "
+              "another)", file=sys.stderr)
+    return str(path) if path else None
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -321,6 +322,32 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: the top level must be a mapping"])
     return data
+
+
+def recipe_dirs() -> list[Path]:
+    """Where tuned recipes are looked up: ``$SELFSUP_RECIPES`` (``:``-separated), ``./configs`` and the
+    ``configs/`` folder of the selfsup checkout this package was imported from."""
+    dirs = [Path(p) for p in os.environ.get("SELFSUP_RECIPES", "").split(os.pathsep) if p]
+    dirs += [Path("configs"), Path(__file__).resolve().parents[1] / "configs"]
+    seen, out = set(), []
+    for d in dirs:
+        key = d.resolve()
+        if key not in seen and d.is_dir():
+            seen.add(key)
+            out.append(d)
+    return out
+
+
+def find_recipe(method: str, dataset: str, dirs: list[Path] | None = None) -> Path | None:
+    """The tuned recipe ``<method>_<dataset>.yaml`` (``fashion-mnist`` → ``fashion_mnist``) for a named
+    dataset, or None (image folders and paths have no per-dataset recipe)."""
+    if not dataset or "/" in dataset or os.sep in dataset or Path(dataset).exists():
+        return None
+    name = f"{method}_{dataset.replace('-', '_')}.yaml"
+    for d in recipe_dirs() if dirs is None else dirs:
+        if (Path(d) / name).is_file():
+            return Path(d) / name
+    return None
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:

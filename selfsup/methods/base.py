@@ -79,6 +79,12 @@ class MethodSpec:
     """``training_step`` draws randomness of its own (masks): parity tests compare its loss, not its step."""
     test_params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     """Small constructor settings for the registry-wide tests."""
+    min_steps: int = 300
+    """Optimisation steps below which a run is warned that the method is unlikely to learn anything beyond a
+    random encoder. Orders of magnitude seen in this project's benchmarks: the CNN joint-embedding methods
+    gain a few points over their random encoder after a few hundred steps; the masked ViT methods do not beat
+    theirs at ~70 steps (benchmarks/two_epochs) and clear it by 6–9 linear points at 640–1,300
+    (benchmarks/masked), so they declare more."""
     pictures: tuple[str, ...] = ()
     """What ``selfsup report`` draws from the trained method besides the encoder's pictures:
     ``"reconstructions"`` (the method has ``reconstruct(x) -> (masked input, reconstruction)``: MAE, SimMIM),

@@ -56,6 +56,7 @@ class IJEPA(nn.Module):
         views=ViewRecipe(globals_=(Augment.identity(),)),
         min_batch_size=1,
         default_backbone="vit_tiny",
+        min_steps=600,
         test_params={"num_targets": 2, "min_context": 2},
     )
 

@@ -28,6 +28,7 @@ class MAE(nn.Module):
         views=ViewRecipe(globals_=(Augment(scale=(0.2, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0),)),
         min_batch_size=1,
         default_backbone="vit_tiny",
+        min_steps=600,
         pictures=("reconstructions",),
     )
 

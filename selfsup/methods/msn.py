@@ -36,6 +36,7 @@ class MSN(nn.Module):
         # target, then anchors
         views=ViewRecipe(globals_=(Augment(scale=(0.3, 1.0)), Augment(scale=(0.3, 1.0)))),
         default_backbone="vit_tiny",
+        min_steps=600,
         # draws its masks inside training_step: parity tests compare its loss, not its step
         stochastic_step=True,
         test_params={"num_prototypes": 32, "proj_hidden": 64, "proj_dim": 32},

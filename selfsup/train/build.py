@@ -33,26 +33,47 @@ def check_names(cfg: RunConfig) -> None:
         raise ConfigError(problems)
 
 
-def auto_backbone(method: str, image_size: int) -> str:
-    """The backbone of ``backbone: auto`` (the default): the method's own (``spec.default_backbone``, a ViT for
-    masked methods), else the small residual CNN."""
-    return get_method(method).spec.default_backbone or "small_resnet"
+VIT_PATCHES = (4, 8, 16)
+
+
+def auto_backbone(method: str, image_size: int) -> ModelConfig:
+    """The backbone of ``backbone: auto`` (the default), chosen for the method and the resolution.
+
+    A method that needs a ViT (``spec.default_backbone``, the masked methods) gets it with the smallest patch of
+    4/8/16 that divides the image into at most 256 patches (28 px → 4, 64 → 8, 224 → 16). Others get a CNN: the
+    small residual CNN up to 64 px (stride-1 stem up to 32 px, stride 2 above: the resolution it was tuned at),
+    and torchvision's ResNet-18 with its standard stem beyond (STL-10 and ImageNet-scale images: the SimCLR /
+    BYOL baseline network).
+    """
+    default = get_method(method).spec.default_backbone
+    if default is not None:
+        if default.startswith("vit"):
+            patch = next((p for p in VIT_PATCHES if image_size % p == 0 and (image_size // p) ** 2 <= 256), None)
+            return ModelConfig(default, {} if patch is None else {"patch_size": patch})
+        return ModelConfig(default)
+    if image_size <= 64:
+        return ModelConfig("small_resnet", {"stem_stride": 1 if image_size <= 32 else 2})
+    return ModelConfig("torchvision:resnet18", {"small_images": False})
 
 
 def resolve_config(cfg: RunConfig, train: ImageSet) -> RunConfig:
     """The config with every ``auto`` setting decided for this data; the run directory stores this one."""
     if cfg.backbone.name != AUTO:
         return cfg
-    name = auto_backbone(cfg.method.name, train.image_size)
-    log.info("backbone: %s (the default for %s at %d px; --backbone NAME picks another)", name, cfg.method.name,
-             train.image_size)
-    return dataclasses.replace(cfg, backbone=ModelConfig(name, dict(cfg.backbone.params)))
+    auto = auto_backbone(cfg.method.name, train.image_size)
+    params = {**auto.params, **cfg.backbone.params}  # settings the user gave win
+    log.info("backbone: %s %s (auto: for %s at %d px; --backbone NAME picks another)", auto.name, params or "",
+             cfg.method.name, train.image_size)
+    return dataclasses.replace(cfg, backbone=ModelConfig(auto.name, params))
 
 
 def build_encoder(cfg: RunConfig, in_chans: int, image_size: int) -> nn.Module:
-    name = auto_backbone(cfg.method.name, image_size) if cfg.backbone.name == AUTO else cfg.backbone.name
+    backbone = cfg.backbone
+    if backbone.name == AUTO:
+        auto = auto_backbone(cfg.method.name, image_size)
+        backbone = ModelConfig(auto.name, {**auto.params, **backbone.params})
     try:
-        return build_backbone(name, in_chans, image_size, **cfg.backbone.params)
+        return build_backbone(backbone.name, in_chans, image_size, **backbone.params)
     except (BackboneError, TypeError, ValueError) as exc:
         raise ConfigError([f"backbone: {exc}"]) from None
 

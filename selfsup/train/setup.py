@@ -134,6 +134,7 @@ def setup_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False) -> Run:
     model, channels_last = _build_model(cfg, data, world, device, recipe)
     steps_per_epoch = len(data.train) // t.batch_size
     total_steps = steps_per_epoch * t.epochs
+    _describe(cfg, data, spec, steps_per_epoch, total_steps)
     base_lr = scaled_lr(cfg.optim.lr, t.batch_size, cfg.optim.lr_scaling)
     stepper: nn.Module = _Stepper(model)
     if world > 1:
@@ -153,6 +154,21 @@ def setup_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False) -> Run:
     if run.main:
         _write_run_files(run)
     return run
+
+
+def _describe(cfg: RunConfig, data: Data, spec: MethodSpec, steps_per_epoch: int, total_steps: int) -> None:
+    """What the run will do, said before it starts; and a warning when it is too short to learn anything."""
+    if dist.rank() != 0:
+        return
+    t = cfg.train
+    log.info("%s on %s at %d px: backbone %s, %d epoch(s) × %d steps = %d steps of batch %d, %s lr %g (×B/256: %s)",
+             cfg.method.name, data.train.describe(), data.train.image_size, cfg.backbone.name, t.epochs,
+             steps_per_epoch, total_steps, t.batch_size, cfg.optim.name, cfg.optim.lr, cfg.optim.lr_scaling)
+    if total_steps < spec.min_steps:
+        need = -(-spec.min_steps // max(steps_per_epoch, 1))
+        log.warning("only %d optimisation steps: %s is unlikely to learn anything beyond a random encoder in fewer "
+                    "than ~%d (MethodSpec.min_steps). Train for ≥ %d epochs at this batch size, or use a smaller "
+                    "--batch-size or more images.", total_steps, cfg.method.name, spec.min_steps, need)
 
 
 def _build_model(cfg: RunConfig, data: Data, world: int, device: torch.device,
@@ -204,7 +220,6 @@ def _write_run_files(run: Run) -> None:
     for stale in (run.run_dir / "checkpoints").glob(".*.tmp"):  # writes a kill interrupted; never loaded
         stale.unlink(missing_ok=True)
     train, cfg = run.data.train, run.cfg
-    log.info("pretraining on %s", train.describe())
     write_env(run.run_dir, run.device, cfg.train.seed, run.world, {
         "precision": str(run.amp_dtype or "fp32"), "channels_last": run.channels_last, "resumed_from_step": run.step,
         "pretraining_images": len(train), "pretraining_class_counts": train.class_counts()})
