@@ -1,0 +1,446 @@
+"""Image folders decoded once into an on-disk cache, then read lazily through a memory map.
+
+Where: ``$SELFSUP_CACHE``, else ``$XDG_CACHE_HOME/selfsup``, else ``~/.cache/selfsup`` (``data.cache_dir``
+overrides), in ``<name>-<key>/`` where the key hashes the folder's absolute path and the build
+settings. A user cache directory, not one inside the folder, so read-only folders work and one
+folder can have caches for several image sizes side by side; on a shared filesystem every node
+of a multi-node run finds the same cache under the same key.
+
+Stored side: S = round(image_size × 4/3) (``data.cache_size`` overrides). A random-resized crop with
+the usual scale (0.08, 1) covers a median √0.54 ≈ 0.73 of the image side, so at S = 4/3 × size the
+median crop is resampled at about its stored resolution instead of being enlarged; and the
+centre square of a 4:3 photo, what evaluation looks at, keeps exactly ``image_size`` pixels per side
+(ImageNet's 8/7 would enlarge it by 1.17×). Records cost 1.78× the pixels of the bare image size.
+
+Building (:func:`prepare_folder`) lists the folder, decodes images in a process pool (one record
+per image, :mod:`selfsup.data.decode`), writes them into a temporary directory and renames it into
+place only when complete, so a kill or a full disk never leaves a cache that is used; leftovers
+are removed by the next build. One build per cache at a time (an ``flock`` on ``<name>-<key>.lock``):
+concurrent processes wait and then use what the first one built. A cache is checked on every use:
+format and settings, the shard's size (a truncated shard is rebuilt with a warning), and the
+folder — ``fast`` (default): a stat per directory, which sees files added, removed or renamed;
+``full`` (``data.cache_check=full``, ``selfsup prepare --verify``): a stat per file, which also sees
+files rewritten in place. A changed folder updates the cache: unchanged images are copied from
+the old records, only new or modified files are decoded.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import re
+import secrets
+import shutil
+import time
+from collections import Counter, deque
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from itertools import islice
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from selfsup.data.decode import MAX_ASPECT, RESIZE_GAP, Decoded, Unreadable, decode_image
+from selfsup.data.folder import (IMAGE_SUFFIXES, FolderChanges, FolderListing, directory_changes, file_changes,
+                                 list_folder)
+from selfsup.data.imageset import DataError, ImageSet
+from selfsup.data.manifest import SHARD, CacheDamaged, Manifest
+
+log = logging.getLogger(__name__)
+ENV_VAR = "SELFSUP_CACHE"
+CACHE_SIZE_RATIO = 4 / 3
+CHECKS = ("fast", "full")
+MAX_BROKEN_FRACTION = 0.5
+"""A folder where more than half the files are unreadable stops with a summary instead of training."""
+POOL_MIN_FILES = 64
+"""Fewer files than this are decoded in-process: starting workers would cost more than it saves."""
+CHUNK = 16
+"""Files per task sent to a worker: amortises inter-process traffic, keeps the progress bar moving."""
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    image_size: int = 64
+    """Side of the views trained on; the stored side S is derived from it."""
+    cache_size: int | None = None
+    """Stored side S; ``None`` is round(image_size × 4/3)."""
+    cache_dir: str | None = None
+    check: str = "fast"
+    workers: int | None = None
+    """Decoding processes; ``None`` uses every core this process may run on."""
+    progress: bool = True
+
+    @property
+    def size(self) -> int:
+        return self.cache_size or max(self.image_size, round(self.image_size * CACHE_SIZE_RATIO))
+
+    def settings(self) -> dict:
+        """What the records depend on (part of the key; checked against the manifest)."""
+        return {"size": self.size, "resize": "squash", "max_aspect": MAX_ASPECT, "filter": "bicubic",
+                "reducing_gap": RESIZE_GAP}
+
+
+@dataclass
+class CacheReport:
+    path: Path
+    manifest: Manifest
+    action: str
+    """``"reused"``, ``"built"`` or ``"updated (...)"`` / ``"rebuilt (...)"`` with the reason."""
+    seconds: float
+    decoded: int = 0
+    reused: int = 0
+
+    def skip_reasons(self) -> Counter:
+        return Counter(reason.split(":")[0] for reason in self.manifest.skipped().values())
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "selfsup"
+
+
+def cache_path(folder: str | Path, opts: CacheOptions) -> Path:
+    """``<root>/<folder name>-<16 hex digits>``, the key hashing the absolute folder path and the settings."""
+    absolute = str(Path(folder).resolve())
+    key = hashlib.sha256(json.dumps({"folder": absolute, "settings": opts.settings()}, sort_keys=True).encode())
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(absolute).name)[:40] or "root"
+    return cache_root(opts.cache_dir) / f"{name}-{key.hexdigest()[:16]}"
+
+
+def load_image_folder(folder: str | Path, image_size: int = 64, *, cache_dir: str | None = None,
+                      cache_size: int | None = None, check: str = "fast", workers: int | None = None,
+                      progress: bool = True) -> ImageSet:
+    """The folder's images as a file-backed :class:`ImageSet` (records (C, S, S) with aspect ratios),
+    building or updating its cache first when needed."""
+    opts = CacheOptions(image_size, cache_size, cache_dir, check, workers, progress)
+    report = prepare_folder(folder, opts)
+    return open_cache(report, folder, image_size)
+
+
+def prepare_folder(folder: str | Path, opts: CacheOptions) -> CacheReport:
+    """A valid cache of ``folder`` for ``opts``: the existing one when it checks out, else built anew."""
+    t0 = time.perf_counter()
+    base = Path(folder)
+    if not base.is_dir():
+        raise DataError(f"image folder not found: {base}")
+    if opts.check not in CHECKS:
+        raise DataError(f"cache check must be one of {', '.join(CHECKS)}, got {opts.check!r}")
+    if opts.size < opts.image_size:
+        raise DataError(f"data.cache_size ({opts.size}) is smaller than the image size ({opts.image_size}); make it "
+                        "≥ the image size or leave it unset")
+    absolute, settings = str(base.resolve()), opts.settings()
+    target = cache_path(base, opts)
+    state = _validate(target, absolute, settings, opts.check)
+    if state.ok:
+        return CacheReport(target, state.manifest, "reused", time.perf_counter() - t0)
+    root = target.parent
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create the image cache folder {root} ({exc.strerror}); point data.cache_dir "
+                        f"(or ${ENV_VAR}) at a writable folder") from None
+    with _build_lock(target):
+        state = _validate(target, absolute, settings, opts.check)  # another process may have built it meanwhile
+        if state.ok:
+            return CacheReport(target, state.manifest, "reused", time.perf_counter() - t0)
+        if state.problem:
+            log.warning("the cache of %s at %s cannot be used (%s); rebuilding it", base, target, state.problem)
+        elif state.changes:
+            log.warning("%s changed since its cache was built (%s); updating the cache (unchanged images are "
+                        "copied, only new or modified files are decoded)", base, state.changes)
+        _remove_leftovers(root, target.name)
+        listing = state.listing or list_folder(absolute)
+        if not listing.files:
+            raise DataError(f"{base} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+                            "point --data at a folder of images")
+        previous = state.manifest if state.changes else None  # a damaged cache's records are not trusted
+        manifest, decoded, reused = _build(target, listing, settings, previous, opts)
+    action = ("built" if state.missing else f"rebuilt ({state.problem})" if state.problem
+              else f"updated ({state.changes})")
+    return CacheReport(target, manifest, action, time.perf_counter() - t0, decoded, reused)
+
+
+def open_cache(report: CacheReport, folder: str | Path, image_size: int) -> ImageSet:
+    """The file-backed :class:`ImageSet` of a prepared cache; stops when most files were unreadable."""
+    m = report.manifest
+    skipped = m.skipped()
+    total = m.count + len(skipped)
+    if skipped:
+        reasons = ", ".join(f"{k}×{v}" for k, v in report.skip_reasons().items())
+        first = next(iter(skipped.items()))
+        log.warning("skipped %d unreadable file(s) in %s (%s); first: %s: %s; every one is listed in %s",
+                    len(skipped), folder, reasons, first[0], first[1], report.path / "manifest.json")
+    if m.count == 0 or len(skipped) > MAX_BROKEN_FRACTION * total:
+        examples = "; ".join(f"{p}: {r}" for p, r in list(skipped.items())[:3])
+        raise DataError(f"{folder}: {len(skipped)} of {total} image files are unreadable "
+                        f"(more than {MAX_BROKEN_FRACTION:.0%}); examples: {examples}")
+    array = np.memmap(report.path / m.shard, dtype=np.uint8, mode="c", shape=m.record_shape)
+    stored = m.stored()
+    f = m.files
+    labels = torch.tensor([f["label"][i] for i in stored], dtype=torch.long) if m.labelled else None
+    aspect = torch.tensor([f["aspect"][i] for i in stored], dtype=torch.float32)
+    paths = [str(Path(folder) / f["path"][i]) for i in stored]
+    return ImageSet(torch.from_numpy(array), labels, m.classes if m.labelled else [], f"folder:{Path(folder).name}",
+                    paths, len(skipped), aspect=aspect, image_size=image_size, mapped=True, source=str(report.path))
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+@dataclass
+class _State:
+    manifest: Manifest | None = None
+    missing: bool = False
+    problem: str | None = None
+    changes: FolderChanges | None = None
+    listing: FolderListing | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.problem or self.changes)
+
+
+def _validate(target: Path, folder: str, settings: dict, check: str) -> _State:
+    try:
+        m = Manifest.read(target)
+    except FileNotFoundError:
+        return _State(missing=True)
+    except CacheDamaged as exc:
+        return _State(problem=str(exc))
+    problem = m.mismatch(folder, settings)
+    if problem:
+        return _State(problem=problem)
+    try:
+        have = os.stat(target / m.shard).st_size
+    except OSError:
+        have = -1
+    if have != m.shard_bytes:
+        return _State(problem=f"the shard {m.shard} has {max(have, 0):,} bytes, not {m.shard_bytes:,}: truncated "
+                              "or damaged")
+    if check == "fast" and not directory_changes(Path(folder), m.dirs):
+        return _State(manifest=m)
+    listing = list_folder(folder)
+    changes = file_changes(m.listing(), listing)
+    if changes:
+        return _State(manifest=m, changes=changes, listing=listing)
+    if listing.dirs != m.dirs:
+        # only non-image entries changed: record the new directory times so the fast check passes again
+        m.dirs = listing.dirs
+        try:
+            m.write(target)
+        except OSError:
+            log.debug("could not refresh the directory times in %s (read-only cache?)", target)
+    return _State(manifest=m)
+
+
+@contextmanager
+def _build_lock(target: Path) -> Iterator[None]:
+    path = target.parent / f"{target.name}.lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process building the cache %s", target)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _remove_leftovers(root: Path, name: str) -> None:
+    """Temporary and replaced directories of this cache that a killed build left (we hold its lock, so
+    no live build owns them)."""
+    for stale in list(root.glob(f".tmp-{name}-*")) + list(root.glob(f".old-{name}-*")):
+        log.info("removing %s, left by an interrupted cache build", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+# -------------------------------------------------------------------------------------------- building
+
+
+def _write_records(f: BinaryIO, records: np.ndarray) -> None:
+    """Append uint8 records (k, C, S, S) to the shard."""
+    f.write(np.ascontiguousarray(records).data)
+
+
+def _attempt(path: str, size: int) -> Decoded | str:
+    try:
+        return decode_image(path, size)
+    except Unreadable as exc:
+        return str(exc)
+
+
+def _attempt_many(paths: list[str], size: int) -> list[Decoded | str]:
+    return [_attempt(p, size) for p in paths]
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def make_executor(kind: str, workers: int) -> Executor:
+    """``"process"`` (the default for builds: PIL's decode and resize hold the GIL for part of their
+    work, see benchmarks/data/README.md) or ``"thread"``. Processes are forked where the platform
+    allows: the workers run only PIL and NumPy, and start in milliseconds instead of re-importing torch."""
+    if kind == "thread":
+        return ThreadPoolExecutor(workers)
+    methods = multiprocessing.get_all_start_methods()
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork" if "fork" in methods else None))
+
+
+def decode_all(paths: list[str], size: int, workers: int, kind: str = "process") -> Iterator[Decoded | str]:
+    """Decoded records (or skip reasons) in the order of ``paths``. At most a few chunks per worker are
+    in flight, so memory stays bounded however many files there are."""
+    if workers <= 1 or len(paths) < POOL_MIN_FILES:
+        for p in paths:
+            yield _attempt(p, size)
+        return
+    chunks = iter([paths[i : i + CHUNK] for i in range(0, len(paths), CHUNK)])
+    with make_executor(kind, workers) as pool:
+        pending = deque(pool.submit(_attempt_many, c, size) for c in islice(chunks, 4 * workers))
+        try:
+            while pending:
+                results = pending.popleft().result()
+                nxt = next(chunks, None)
+                if nxt is not None:
+                    pending.append(pool.submit(_attempt_many, nxt, size))
+                yield from results
+        finally:
+            for fut in pending:
+                fut.cancel()
+
+
+def _build(target: Path, listing: FolderListing, settings: dict, previous: Manifest | None,
+           opts: CacheOptions) -> tuple[Manifest, int, int]:
+    """Write a new cache into a temporary directory and rename it into place; (manifest, decoded, reused)."""
+    t0 = time.perf_counter()
+    size, n = int(settings["size"]), len(listing.files)
+    labels, classes = listing.labels()
+    old_records, reuse = _reusable(target, listing, previous)
+    todo = [str(listing.root / listing.files[i]) for i in range(n) if i not in reuse]
+    workers = opts.workers or default_workers()
+    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    cols: dict[str, list] = {"path": listing.files, "size": listing.sizes, "mtime_ns": listing.mtimes,
+                             "label": labels if labels is not None else [None] * n, "width": [], "height": [],
+                             "aspect": [], "gray": [], "index": [], "skip": []}
+    count = 0
+    try:
+        staging = tmp / "staging.u8"
+        bar = tqdm(total=n, desc=f"caching {listing.root.name} ({size}px)", unit="img", disable=not opts.progress,
+                   smoothing=0.05)
+        with open(staging, "wb") as f, bar, closing(decode_all(todo, size, workers)) as results:
+            for i in range(n):
+                if i in reuse:
+                    j = reuse[i]
+                    rec = old_records[previous.files["index"][j]]
+                    w, h, aspect, gray = (previous.files[k][j] for k in ("width", "height", "aspect", "gray"))
+                else:
+                    got = next(results)
+                    if isinstance(got, str):
+                        for key, value in (("width", None), ("height", None), ("aspect", None), ("gray", None),
+                                           ("index", -1), ("skip", got)):
+                            cols[key].append(value)
+                        bar.update()
+                        continue
+                    rec = got.pixels.transpose(2, 0, 1)
+                    w, h, aspect, gray = got.width, got.height, got.aspect, got.gray
+                _write_records(f, np.broadcast_to(rec, (3, size, size))[None])
+                for key, value in (("width", w), ("height", h), ("aspect", round(aspect, 6)), ("gray", gray),
+                                   ("index", count), ("skip", None)):
+                    cols[key].append(value)
+                count += 1
+                bar.update()
+            f.flush()
+            os.fsync(f.fileno())
+        if count == 0:
+            raise DataError(f"{listing.root}: none of its {n} image files could be read; first: "
+                            f"{listing.files[0]}: {cols['skip'][0]}")
+        channels = 1 if all(g for g in cols["gray"] if g is not None) else 3
+        _finish_shard(staging, tmp / SHARD, count, channels, size)
+        manifest = Manifest(str(listing.root), settings, channels, count, classes, labels is not None, listing.dirs,
+                            cols, listing.problems,
+                            {"seconds": round(time.perf_counter() - t0, 3), "decoded": len(todo), "reused": len(reuse),
+                             "workers": workers, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        manifest.write(tmp)
+        _fsync_dir(tmp)
+        _publish(tmp, target)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            need = n * 3 * size * size
+            raise DataError(f"no space left to build the image cache in {target.parent} (it needs up to "
+                            f"{need / 2**30:.1f} GiB while building); free space or point data.cache_dir "
+                            f"(or ${ENV_VAR}) at a disk with room") from None
+        raise DataError(f"could not write the image cache {target}: {exc}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest, len(todo), len(reuse)
+
+
+def _reusable(target: Path, listing: FolderListing, previous: Manifest | None) -> tuple[np.ndarray | None, dict]:
+    """The old records and, for each file unchanged since (same path, size and mtime), its old position."""
+    if previous is None:
+        return None, {}
+    old = {p: j for j, p in enumerate(previous.files["path"]) if previous.files["index"][j] >= 0}
+    reuse = {}
+    for i, (p, s, m) in enumerate(zip(listing.files, listing.sizes, listing.mtimes)):
+        j = old.get(p)
+        if j is not None and previous.files["size"][j] == s and previous.files["mtime_ns"][j] == m:
+            reuse[i] = j
+    records = np.memmap(target / previous.shard, dtype=np.uint8, mode="r", shape=previous.record_shape) \
+        if reuse else None
+    return records, reuse
+
+
+def _finish_shard(staging: Path, shard: Path, count: int, channels: int, size: int) -> None:
+    """Records are staged as RGB (whether all are gray is known only at the end); a gray folder is
+    compacted to one channel."""
+    if channels == 3:
+        os.rename(staging, shard)
+        return
+    rgb = np.memmap(staging, dtype=np.uint8, mode="r", shape=(count, 3, size, size))
+    step = max(1, (64 << 20) // (3 * size * size))
+    with open(shard, "wb") as f:
+        for start in range(0, count, step):
+            _write_records(f, rgb[start : start + step, :1])
+        f.flush()
+        os.fsync(f.fileno())
+    del rgb
+    staging.unlink()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Rename the finished build into place. An older cache is first renamed aside (a directory cannot
+    be renamed over a non-empty one), then deleted; processes that have it mapped keep reading it."""
+    old = None
+    if target.exists():
+        old = target.parent / f".old-{target.name}-{os.getpid()}-{secrets.token_hex(4)}"
+        os.rename(target, old)
+    os.rename(tmp, target)
+    _fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
