@@ -223,7 +223,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
           f"stored as {c}×{size}×{size} uint8 for {args.image_size} px views; shard {m.shard_bytes / 2**20:,.1f} MiB")
     print(f"  skipped {sum(skipped.values())}" + (": " + ", ".join(f"{k} ×{v}" for k, v in skipped.most_common())
                                                   if skipped else ""))
-    work = f", {report.decoded} decoded, {report.reused} copied from the old cache" if report.action != "reused" else ""
+    work = f"; decoded {report.decoded} file(s), {report.reused} unchanged" if report.action != "reused" else ""
     print(f"  {report.seconds:.2f} s{work}" + ("; every file checked against the folder" if args.verify else ""))
     return 0
 

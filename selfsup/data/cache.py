@@ -345,25 +345,24 @@ def _build(target: Path, listing: FolderListing, settings: dict, previous: Manif
                    smoothing=0.05)
         with open(staging, "wb") as f, bar, closing(decode_all(todo, size, workers)) as results:
             for i in range(n):
-                if i in reuse:
+                if i in reuse:  # unchanged since the last build: its record (or its skip reason) is copied
                     j = reuse[i]
-                    rec = old_records[previous.files["index"][j]]
-                    w, h, aspect, gray = (previous.files[k][j] for k in ("width", "height", "aspect", "gray"))
+                    w, h, aspect, gray, k, skip = (previous.files[c][j] for c in
+                                                   ("width", "height", "aspect", "gray", "index", "skip"))
+                    rec = old_records[k] if k >= 0 else None
                 else:
                     got = next(results)
                     if isinstance(got, str):
-                        for key, value in (("width", None), ("height", None), ("aspect", None), ("gray", None),
-                                           ("index", -1), ("skip", got)):
-                            cols[key].append(value)
-                        bar.update()
-                        continue
-                    rec = got.pixels.transpose(2, 0, 1)
-                    w, h, aspect, gray = got.width, got.height, got.aspect, got.gray
-                _write_records(f, np.broadcast_to(rec, (3, size, size))[None])
-                for key, value in (("width", w), ("height", h), ("aspect", round(aspect, 6)), ("gray", gray),
-                                   ("index", count), ("skip", None)):
+                        rec, w, h, aspect, gray, skip = None, None, None, None, None, got
+                    else:
+                        rec, w, h, aspect, gray, skip = (got.pixels.transpose(2, 0, 1), got.width, got.height,
+                                                         round(got.aspect, 6), got.gray, None)
+                if rec is not None:
+                    _write_records(f, np.broadcast_to(rec, (3, size, size))[None])
+                for key, value in (("width", w), ("height", h), ("aspect", aspect), ("gray", gray),
+                                   ("index", count if rec is not None else -1), ("skip", skip)):
                     cols[key].append(value)
-                count += 1
+                count += rec is not None
                 bar.update()
             f.flush()
             os.fsync(f.fileno())
@@ -394,17 +393,18 @@ def _build(target: Path, listing: FolderListing, settings: dict, previous: Manif
 
 
 def _reusable(target: Path, listing: FolderListing, previous: Manifest | None) -> tuple[np.ndarray | None, dict]:
-    """The old records and, for each file unchanged since (same path, size and mtime), its old position."""
+    """The old records and, for each file unchanged since (same path, size and mtime), its old position in
+    the manifest (a file that was unreadable then is not decoded again either)."""
     if previous is None:
         return None, {}
-    old = {p: j for j, p in enumerate(previous.files["path"]) if previous.files["index"][j] >= 0}
+    old = {p: j for j, p in enumerate(previous.files["path"])}
     reuse = {}
     for i, (p, s, m) in enumerate(zip(listing.files, listing.sizes, listing.mtimes)):
         j = old.get(p)
         if j is not None and previous.files["size"][j] == s and previous.files["mtime_ns"][j] == m:
             reuse[i] = j
     records = np.memmap(target / previous.shard, dtype=np.uint8, mode="r", shape=previous.record_shape) \
-        if reuse else None
+        if reuse and previous.count else None
     return records, reuse
 
 

@@ -10,10 +10,15 @@ themselves are read through the cache: :func:`selfsup.data.cache.load_image_fold
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+RACY_NS = 2 * 10**9
+"""A directory modified less than 2 s before it was listed may change again within the same timestamp tick
+(milliseconds locally, a second on some network filesystems); its time is recorded as unknown (-1), so
+the next fast check lists it again rather than trust it (git's "racily clean" rule)."""
 
 
 @dataclass
@@ -26,7 +31,7 @@ class FolderListing:
     mtimes: list[int] = field(default_factory=list)
     """``st_mtime_ns`` of each file."""
     dirs: dict[str, int] = field(default_factory=dict)
-    """Every directory visited (``"."`` is the root), relative path → ``st_mtime_ns``."""
+    """Every directory visited (``"."`` is the root), relative path → ``st_mtime_ns`` (-1: too recent to trust)."""
     problems: dict[str, str] = field(default_factory=dict)
     """Entries that could not be listed or followed, relative path → reason."""
 
@@ -59,7 +64,7 @@ def list_folder(root: str | Path) -> FolderListing:
         if (st.st_dev, st.st_ino) in visited:  # a symlink back to a directory already walked
             continue
         visited.add((st.st_dev, st.st_ino))
-        listing.dirs[rel or "."] = st.st_mtime_ns
+        listing.dirs[rel or "."] = st.st_mtime_ns if time.time_ns() - st.st_mtime_ns > RACY_NS else -1
         try:
             entries = list(os.scandir(path))
         except OSError as exc:

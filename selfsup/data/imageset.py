@@ -51,13 +51,14 @@ class ImageSet:
     def __init__(self, images: Tensor, labels: Tensor | None = None, classes: Sequence[str] | None = None,
                  name: str = "images", paths: list[str] | None = None, skipped: int = 0, *,
                  aspect: Tensor | None = None, image_size: int | None = None, mapped: bool = False,
-                 rows: Tensor | None = None, channels: int | None = None, source: str | None = None):
+                 rows: Tensor | None = None, convert: tuple[int, ...] = (), source: str | None = None):
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise DataError(f"{name}: images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         self._pixels = images
         """The backing records (M, C, S, S): this set's rows, or (``rows`` given) a shared file's."""
         self._rows = rows
-        self._channels = channels
+        self._convert = convert
+        """Channel conversions applied to each batch, in order (file-backed sets convert lazily)."""
         self.mapped = mapped
         """True when the records are a memory-mapped cache file (read on demand, never all in RAM)."""
         self.labels = labels
@@ -87,7 +88,7 @@ class ImageSet:
 
     @property
     def channels(self) -> int:
-        return self._channels or int(self._pixels.shape[1])
+        return self._convert[-1] if self._convert else int(self._pixels.shape[1])
 
     @property
     def stored_size(self) -> int:
@@ -114,7 +115,7 @@ class ImageSet:
     def images(self) -> Tensor:
         """All records, uint8 (N, C, S, S). Zero-copy for an in-memory or a whole file-backed set; a
         gather into RAM for a subset of a file (prefer :meth:`batch` there)."""
-        if self._rows is None and self._channels is None:
+        if self._rows is None and not self._convert:
             return self._pixels
         return self.batch(torch.arange(len(self)))
 
@@ -134,13 +135,15 @@ class ImageSet:
             gathered = torch.from_numpy(np.take(array, rows[order].numpy(), axis=0))
             out = torch.empty_like(gathered)
             out[order] = gathered
-        return out if self._channels is None else convert_channels(out, self._channels)
+        for channels in self._convert:
+            out = convert_channels(out, channels)
+        return out
 
-    def _view(self, idx: Tensor, labels: Tensor | None, aspect: Tensor | None, paths: list[str] | None,
-              channels: int | None) -> "ImageSet":
-        rows = idx if self._rows is None else self._rows[idx]
+    def _view(self, idx: Tensor | None, labels: Tensor | None, aspect: Tensor | None, paths: list[str] | None,
+              convert: tuple[int, ...]) -> "ImageSet":
+        rows = self._rows if idx is None else idx if self._rows is None else self._rows[idx]
         return ImageSet(self._pixels, labels, self.classes, self.name, paths, self.skipped, aspect=aspect,
-                        image_size=self._image_size, mapped=True, rows=rows, channels=channels, source=self.source)
+                        image_size=self._image_size, mapped=True, rows=rows, convert=convert, source=self.source)
 
     def subset(self, index: Tensor | np.ndarray | list[int]) -> "ImageSet":
         """The images at ``index``: an index view of a file-backed set, a copy of an in-memory one."""
@@ -149,7 +152,7 @@ class ImageSet:
         aspect = None if self.aspect is None else self.aspect[index]
         paths = None if self.paths is None else [self.paths[i] for i in index.tolist()]
         if self.mapped:
-            return self._view(index, labels, aspect, paths, self._channels)
+            return self._view(index, labels, aspect, paths, self._convert)
         return ImageSet(self.batch(index), labels, self.classes, self.name, paths, self.skipped, aspect=aspect,
                         image_size=self._image_size, source=self.source)
 
@@ -164,7 +167,7 @@ class ImageSet:
         if self.channels not in (1, 3) or channels not in (1, 3):
             raise DataError(f"the encoder takes {channels}-channel images, {self.name} has {self.channels}")
         if self.mapped:
-            return self._view(torch.arange(len(self)), self.labels, self.aspect, self.paths, channels)
+            return self._view(None, self.labels, self.aspect, self.paths, self._convert + (channels,))
         return ImageSet(convert_channels(self.images, channels), self.labels, self.classes, self.name, self.paths,
                         self.skipped, aspect=self.aspect, image_size=self._image_size, source=self.source)
 
@@ -172,7 +175,7 @@ class ImageSet:
         """The same set with its records copied into RAM (``self`` when they already are)."""
         if not self.mapped:
             return self
-        if self._rows is None and self._channels is None:
+        if self._rows is None and not self._convert:
             pixels = torch.from_numpy(np.array(self._pixels.numpy()))  # one sequential read of the file
         else:
             pixels = self.images
