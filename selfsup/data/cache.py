@@ -126,8 +126,10 @@ def load_image_folder(folder: str | Path, image_size: int = 64, *, cache_dir: st
     """The folder's images as a file-backed :class:`ImageSet` (records (C, S, S) with aspect ratios),
     building or updating its cache first when needed."""
     opts = CacheOptions(image_size, cache_size, cache_dir, check, workers, progress)
-    report = prepare_folder(folder, opts)
-    return open_cache(report, folder, image_size)
+    try:
+        return open_cache(prepare_folder(folder, opts), folder, image_size)
+    except FileNotFoundError:  # a concurrent rebuild replaced the cache between its check and its mapping
+        return open_cache(prepare_folder(folder, opts), folder, image_size)
 
 
 def prepare_folder(folder: str | Path, opts: CacheOptions) -> CacheReport:
@@ -333,6 +335,10 @@ def _build(target: Path, listing: FolderListing, settings: dict, previous: Manif
     old_records, reuse = _reusable(target, listing, previous)
     todo = [str(listing.root / listing.files[i]) for i in range(n) if i not in reuse]
     workers = opts.workers or default_workers()
+    need = n * 3 * size * size  # staged as RGB: an upper bound (skipped files and gray folders take less)
+    free = shutil.disk_usage(target.parent).free
+    if need > free:
+        raise DataError(_no_space(target, need, free))
     tmp = target.parent / f".tmp-{target.name}-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     cols: dict[str, list] = {"path": listing.files, "size": listing.sizes, "mtime_ns": listing.mtimes,
@@ -381,15 +387,18 @@ def _build(target: Path, listing: FolderListing, settings: dict, previous: Manif
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            need = n * 3 * size * size
-            raise DataError(f"no space left to build the image cache in {target.parent} (it needs up to "
-                            f"{need / 2**30:.1f} GiB while building); free space or point data.cache_dir "
-                            f"(or ${ENV_VAR}) at a disk with room") from None
+            raise DataError(_no_space(target, need, None)) from None
         raise DataError(f"could not write the image cache {target}: {exc}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest, len(todo), len(reuse)
+
+
+def _no_space(target: Path, need: int, free: int | None) -> str:
+    have = f", {free / 2**30:.2f} GiB free" if free is not None else ""
+    return (f"no space left to build the image cache in {target.parent} (it needs up to {need / 2**30:.2f} GiB "
+            f"while building{have}); free space or point data.cache_dir (or ${ENV_VAR}) at a disk with room")
 
 
 def _reusable(target: Path, listing: FolderListing, previous: Manifest | None) -> tuple[np.ndarray | None, dict]:

@@ -61,6 +61,17 @@ def eval_batches(images: ImageSet, device: torch.device | str = "cpu", batch_siz
         yield center_view(images.batch(idx).to(device, non_blocking=True), aspect, images.image_size)
 
 
+def eval_images(images: ImageSet, idx: Tensor | Sequence[int]) -> Tensor:
+    """uint8 (B, C, image_size, image_size): the evaluation views of the images at ``idx``, for drawing
+    (a file-backed folder's records are whole images squashed to S×S; this is what the encoder sees)."""
+    idx = torch.as_tensor(idx, dtype=torch.long)
+    aspect = None if images.aspect is None else images.aspect[idx]
+    x = images.batch(idx)
+    if aspect is None and x.shape[-1] == images.image_size:
+        return x
+    return center_view(x, aspect, images.image_size).mul_(255).round_().clamp_(0, 255).to(torch.uint8)
+
+
 def pixel_features(images: ImageSet, mean: Sequence[float], std: Sequence[float], batch_size: int = 4096) -> Tensor:
     """Raw-pixel baseline: the normalised evaluation view, flattened (N, C·size²)."""
     chunks = [normalize(x, mean, std).flatten(1) for x in eval_batches(images, "cpu", batch_size)]

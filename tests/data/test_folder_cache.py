@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import io
+from collections import namedtuple
 import json
 import os
 import signal
@@ -27,6 +28,7 @@ from selfsup.data.decode import MAX_ASPECT, decode_image
 from selfsup.data.manifest import MANIFEST, SHARD
 
 ROOT = Path(__file__).resolve().parents[2]
+shutil_usage = namedtuple("usage", "total used free")
 
 
 def _noise(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
@@ -304,7 +306,12 @@ def test_a_full_disk_during_the_build_leaves_no_cache_and_says_so(tmp_path, monk
         _load(folder, tmp_path)
     assert not cache_path(folder, _opts(tmp_path)).exists() and _leftovers(tmp_path) == []
     monkeypatch.setattr(cache_mod, "_write_records", write)
-    assert len(_load(folder, tmp_path)) == 6
+    # too little room to start with: said before any decoding
+    monkeypatch.setattr(cache_mod.shutil, "disk_usage", lambda path: shutil_usage(1, 1, 1000))
+    with pytest.raises(DataError, match=r"needs up to 0.00 GiB while building, 0.00 GiB free"):
+        _load(folder, tmp_path)
+    monkeypatch.undo()
+    assert len(_load(folder, tmp_path)) == 6 and _leftovers(tmp_path) == []
 
 
 KILLED_BUILD = """

@@ -111,3 +111,19 @@ def test_data_config_checks_the_cache_keys():
                              "data.stream": True})
     assert (cfg.data.cache_dir, cfg.data.cache_size, cfg.data.memory_budget_gb, cfg.data.stream) == \
         ("/tmp/x", 96, 2.0, True)
+
+
+def test_prefetched_batches_arrive_in_order_and_errors_reach_the_caller(folder, tmp_path):
+    from selfsup.data.stream import prefetch_batches
+
+    full = _mapped(folder, tmp_path)
+    order = torch.randperm(30, generator=torch.Generator().manual_seed(0)).split(7)
+    got = list(prefetch_batches(full, order, depth=2))
+    assert [g[0].tolist() for g in got] == [o.tolist() for o in order]
+    for idx, x, aspect in got:
+        assert torch.equal(x, full.batch(idx)) and torch.equal(aspect, full.aspect[idx])
+    early = prefetch_batches(full, order, depth=1)
+    next(early)
+    early.close()  # leaving the loop stops the reader thread
+    with pytest.raises(IndexError):
+        list(prefetch_batches(full, [torch.tensor([0, 99])]))

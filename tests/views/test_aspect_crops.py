@@ -185,3 +185,18 @@ def test_center_view_is_resize_short_side_then_centre_crop():
     # without aspects (in-memory datasets) the view is the image itself at its own size
     same = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
     assert torch.equal(center_view(same, None, 28), same.float() / 255)
+
+
+def test_the_broadcast_grid_of_aspect_crops_is_affine_grids():
+    """Crops with aspects build their sampling grid by broadcasting (axis-aligned boxes); it is
+    ``F.affine_grid``'s to float rounding."""
+    from selfsup.views.ops import _box_grid
+
+    g = torch.Generator().manual_seed(0)
+    cx, cy = torch.rand(16, generator=g), torch.rand(16, generator=g)
+    w = (torch.rand(16, generator=g) * 0.9 + 0.1) * torch.where(torch.rand(16, generator=g) < 0.5, -1.0, 1.0)
+    h = torch.rand(16, generator=g) * 0.9 + 0.1
+    theta = torch.zeros(16, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, 2 * cx - 1, h, 2 * cy - 1
+    torch.testing.assert_close(_box_grid(24, cx, cy, w, h), F.affine_grid(theta, [16, 3, 24, 24], align_corners=False),
+                               atol=1e-6, rtol=0)
