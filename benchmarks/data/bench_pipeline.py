@@ -13,10 +13,13 @@ side by side in one run with interleaved repeats:
    ``ToTensor``, the same number of workers (persistent after the first epoch). First epoch and the
    median of the later epochs.
 3. **Reading batches** from the memory-mapped cache: inline, through the prefetch thread, and through
-   ``DataLoader`` worker processes over a batch sampler (each batch one gather), with the same crop.
+   ``DataLoader`` worker processes over a batch sampler (each batch one gather), with the same crop; with
+   the shard in the page cache and evicted from it before each epoch.
+4. **Peak RSS** of a fresh process loading the folder with ``load_dataset`` and reading one epoch of
+   batches: streamed from the cache, held in RAM, and (``--old-code``) the code before the cache.
 
     python benchmarks/data/bench_pipeline.py [--images 6000] [--sizes 64,96] [--workers 2] [--repeats 3]
-                                             [--out benchmarks/data/results.json]
+                                             [--out benchmarks/data/results.json] [--old-code DIR]
 """
 from __future__ import annotations
 
@@ -38,7 +41,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from selfsup.data.cache import CacheOptions, decode_all, open_cache, prepare_folder
+from selfsup.data.build import decode_all
+from selfsup.data.cache import CacheOptions, open_cache, prepare_folder
 from selfsup.data.imageset import ImageSet
 from selfsup.data.stream import prefetch_batches
 from selfsup.views.ops import resized_crop_flip
@@ -135,6 +139,36 @@ def tv_epoch(loader) -> float:
     return time.perf_counter() - t0
 
 
+RSS_PROBE = """
+import json, sys, torch
+from selfsup.config import DataConfig
+from selfsup.data import load_dataset
+def status_mb(key):  # VmHWM: unlike ru_maxrss it starts afresh at exec, not at the forking parent's peak
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":")) / 1024
+root, size, extra = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+base, anon = status_mb("VmHWM"), status_mb("RssAnon")
+train, test = load_dataset(DataConfig(name=root, image_size=size, **extra))
+for idx in torch.randperm(len(train)).split(256):
+    x = train.batch(idx) if hasattr(train, "batch") else train.images[idx]
+print(json.dumps({"imports_mb": base, "peak_mb": status_mb("VmHWM"), "anon_growth_mb": status_mb("RssAnon") - anon,
+                  "file_mapped_mb": status_mb("RssFile")}))
+"""
+
+
+def peak_rss(tmp: Path, size: int, extra: dict, pythonpath: str | None = None) -> dict[str, float]:
+    """Peak resident MB of a fresh process that loads the folder with ``load_dataset`` and reads one epoch
+    of batches (the cache already built, in ``tmp/cache<size>``), and its peak after the imports alone
+    (torch and selfsup take most of it)."""
+    env = {**os.environ, "SELFSUP_CACHE": str(tmp / "rss_cache")}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    else:
+        extra = {"cache_dir": str(tmp / f"cache{size}"), **extra}
+    out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(tmp / "images"), str(size), json.dumps(extra)],
+                         capture_output=True, text=True, env=env, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def cpu_kind() -> str:
     try:
         text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -142,6 +176,84 @@ def cpu_kind() -> str:
         return platform.processor()
     name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Model name")), "?")
     return f"{name}, {'AVX-512 bf16' if 'avx512_bf16' in text else 'no AVX-512 bf16'}"
+
+
+def bench_decode(paths: list[Path], size: int, args) -> dict:
+    """Decoding into records: a process pool vs a thread pool of ``args.workers``, and one process."""
+    some = [str(p) for p in paths[: args.decode_images]]
+    for p in some:  # in the page cache for all three
+        Path(p).read_bytes()
+    stored = CacheOptions(size).size
+    times = {"process": [], "thread": [], "one process": []}
+    for _ in range(args.repeats):
+        times["process"].append(timed(lambda: list(decode_all(some, stored, args.workers, "process"))))
+        times["thread"].append(timed(lambda: list(decode_all(some, stored, args.workers, "thread"))))
+        times["one process"].append(timed(lambda: list(decode_all(some, stored, 1))))
+    out = {k: {"seconds": statistics.median(v), "images_per_s": len(some) / statistics.median(v)}
+           for k, v in times.items()}
+    print(f"decode {len(some)} JPEGs → {stored}px records: " + ", ".join(
+        f"{k} {v['images_per_s']:.0f} img/s" for k, v in out.items()), flush=True)
+    return out
+
+
+def bench_pipeline(tmp: Path, size: int, args) -> dict:
+    """First epoch (our cache build + an epoch) and later epochs, selfsup and torchvision interleaved."""
+    opts = CacheOptions(size, cache_dir=str(tmp / f"cache{size}"), workers=args.workers, progress=False)
+    loader = torchvision_loader(tmp / "images", size, args.workers)
+    tv_first = tv_epoch(loader)
+    t0 = time.perf_counter()
+    images = open_cache(prepare_folder(tmp / "images", opts), tmp / "images", size)
+    build_s = time.perf_counter() - t0
+    ours_first = build_s + our_epoch(images, size, seed=0)
+    ours, theirs = [], []
+    for r in range(args.repeats):
+        ours.append(our_epoch(images, size, seed=r + 1))
+        theirs.append(tv_epoch(loader))
+    n, med = len(images), statistics.median
+    row = {"stored_size": images.stored_size, "cache_build_s": build_s,
+           "first_epoch": {"selfsup": n / ours_first, "torchvision": n / tv_first},
+           "later_epochs": {"selfsup": n / med(ours), "torchvision": n / med(theirs)}}
+    row["first_ratio"] = row["first_epoch"]["selfsup"] / row["first_epoch"]["torchvision"]
+    row["later_ratio"] = row["later_epochs"]["selfsup"] / row["later_epochs"]["torchvision"]
+    print(f"{size}px (cache {images.stored_size}px): first epoch selfsup {n / ours_first:.0f} img/s "
+          f"(build {build_s:.1f} s) vs torchvision {n / tv_first:.0f} ({row['first_ratio']:.2f}×); "
+          f"later epochs {n / med(ours):.0f} vs {n / med(theirs):.0f} img/s ({row['later_ratio']:.2f}×)", flush=True)
+    return row
+
+
+def bench_readers(tmp: Path, size: int, args) -> dict:
+    """Reading batches from the memory map: inline, prefetch thread, DataLoader workers; with the shard in
+    the page cache (warm) and evicted from it before each epoch (cold: what a set larger than RAM sees)."""
+    report = prepare_folder(tmp / "images", CacheOptions(size, cache_dir=str(tmp / f"cache{size}"), progress=False))
+    out = {}
+    for cache_state in ("warm", "cold"):
+        times = {"inline": [], "prefetch": [], "dataloader": []}
+        for r in range(args.repeats):
+            for k in times:
+                if cache_state == "cold":
+                    evict(report.path / report.manifest.shard)
+                images = open_cache(report, tmp / "images", size)  # a fresh mapping
+                times[k].append(our_epoch(images, size, seed=100 + r, reader=k, workers=args.workers))
+                n = len(images)
+                del images
+                gc.collect()
+        out[cache_state] = {k: n / statistics.median(v) for k, v in times.items()}
+        print(f"reading + {size}px crop, {cache_state} page cache: " + ", ".join(
+            f"{k} {v:.0f} img/s" for k, v in out[cache_state].items()), flush=True)
+    return out
+
+
+def bench_rss(tmp: Path, size: int, args) -> dict:
+    """Peak RSS of fresh processes loading the folder and reading one epoch of batches."""
+    prepare_folder(tmp / "images", CacheOptions(size, cache_dir=str(tmp / f"cache{size}"), progress=False))
+    out = {"selfsup, cache reused, streamed": peak_rss(tmp, size, {"stream": True}),
+           "selfsup, cache reused, in RAM": peak_rss(tmp, size, {"stream": False})}
+    if args.old_code:
+        out["before: decoded whole into RAM"] = peak_rss(tmp, size, {}, pythonpath=args.old_code)
+    print("peak RSS: " + ", ".join(f"{k} {v['peak_mb']:.0f} MB ({v['peak_mb'] - v['imports_mb']:+.0f} MB over "
+                                   f"the imports; anonymous memory {v['anon_growth_mb']:+.0f} MB at the end)"
+                                   for k, v in out.items()), flush=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -153,87 +265,44 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for selfsup's augmentation (its batch "
                     "reads run in one more thread)")
-    ap.add_argument("--out", help="write the figures as JSON")
+    ap.add_argument("--sections", default="decode,pipeline,readers,rss", help="which parts to run")
+    ap.add_argument("--out", help="write the figures as JSON (sections not run keep their figures from the file)")
+    ap.add_argument("--old-code", help="a checkout of selfsup before the cache (its root, put on PYTHONPATH): "
+                    "also measure its peak RSS loading the same folder")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")]
-    med = statistics.median
+    sections = set(args.sections.split(","))
     tmp = Path(tempfile.mkdtemp(prefix="selfsup_bench_pipeline_"))
-    result = {"date": str(date.today()), "cpu": cpu_kind(), "torch": torch.__version__, "images": args.images,
-              "workers": args.workers, "threads": args.threads, "batch": BATCH, "repeats": args.repeats,
-              "load_average_before": os.getloadavg()[0]}
+    run = {"date": str(date.today()), "cpu": cpu_kind(), "torch": torch.__version__, "images": args.images,
+           "workers": args.workers, "threads": args.threads, "batch": BATCH, "repeats": args.repeats,
+           "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"), "load_average_before": os.getloadavg()[0]}
+    result: dict = {}
     try:
         t0 = time.perf_counter()
         paths = make_folder(tmp / "images", args.images)
         print(f"made {len(paths)} JPEGs in {time.perf_counter() - t0:.1f} s "
-              f"({sum(p.stat().st_size for p in paths) / 2**20:.0f} MiB); CPU: {result['cpu']}", flush=True)
-
-        # 1. decoding: process pool vs thread pool (the files already in the page cache)
-        some = [str(p) for p in paths[: args.decode_images]]
-        for p in some:
-            Path(p).read_bytes()
-        stored = CacheOptions(sizes[0]).size
-        decode = {"process": [], "thread": [], "one process": []}
-        for _ in range(args.repeats):
-            decode["process"].append(timed(lambda: list(decode_all(some, stored, args.workers, "process"))))
-            decode["thread"].append(timed(lambda: list(decode_all(some, stored, args.workers, "thread"))))
-            decode["one process"].append(timed(lambda: list(decode_all(some, stored, 1))))
-        result["decode"] = {k: {"seconds": med(v), "images_per_s": len(some) / med(v)} for k, v in decode.items()}
-        print(f"decode {len(some)} JPEGs → {stored}px records: " + ", ".join(
-            f"{k} {len(some) / med(v):.0f} img/s" for k, v in decode.items()), flush=True)
-
-        # 2. pipeline: first epoch (our cache build + an epoch) and later epochs, side by side
-        result["pipeline"] = {}
-        for size in sizes:
-            opts = CacheOptions(size, cache_dir=str(tmp / f"cache{size}"), workers=args.workers, progress=False)
-            build = {}
-            loader = torchvision_loader(tmp / "images", size, args.workers)
-            tv_first = tv_epoch(loader)
-            build_s = timed(lambda: build.setdefault("report", prepare_folder(tmp / "images", opts)))
-            images = open_cache(build["report"], tmp / "images", size)
-            ours_first = build_s + our_epoch(images, size, seed=0)
-            ours, theirs = [], []
-            for r in range(args.repeats):
-                ours.append(our_epoch(images, size, seed=r + 1))
-                theirs.append(tv_epoch(loader))
-            n = len(images)
-            row = {"stored_size": images.stored_size, "cache_build_s": build_s,
-                   "first_epoch": {"selfsup": n / ours_first, "torchvision": n / tv_first},
-                   "later_epochs": {"selfsup": n / med(ours), "torchvision": n / med(theirs)}}
-            row["later_ratio"] = row["later_epochs"]["selfsup"] / row["later_epochs"]["torchvision"]
-            row["first_ratio"] = row["first_epoch"]["selfsup"] / row["first_epoch"]["torchvision"]
-            result["pipeline"][size] = row
-            del loader
-            print(f"{size}px (cache {images.stored_size}px): first epoch selfsup {n / ours_first:.0f} img/s "
-                  f"(build {build_s:.1f} s) vs torchvision {n / tv_first:.0f} ({row['first_ratio']:.2f}×); "
-                  f"later epochs {n / med(ours):.0f} vs {n / med(theirs):.0f} img/s ({row['later_ratio']:.2f}×)",
-                  flush=True)
-
-        # 3. reading batches from the memory map: inline, prefetch thread, DataLoader workers; with the shard in
-        # the page cache (warm) and evicted from it before each epoch (cold: what a set larger than RAM sees)
-        size = sizes[0]
-        opts = CacheOptions(size, cache_dir=str(tmp / f"cache{size}"), progress=False)
-        report = prepare_folder(tmp / "images", opts)
-        result["readers"] = {}
-        for cache_state in ("warm", "cold"):
-            readers = {"inline": [], "prefetch": [], "dataloader": []}
-            for r in range(args.repeats):
-                for k in readers:
-                    if cache_state == "cold":
-                        evict(report.path / report.manifest.shard)
-                    images = open_cache(report, tmp / "images", size)  # a fresh mapping
-                    readers[k].append(our_epoch(images, size, seed=100 + r, reader=k, workers=args.workers))
-                    del images
-                    gc.collect()
-            result["readers"][cache_state] = {k: len(paths) / med(v) for k, v in readers.items()}
-            print(f"reading + {size}px crop, {cache_state} page cache: " + ", ".join(
-                f"{k} {v:.0f} img/s" for k, v in result["readers"][cache_state].items()), flush=True)
+              f"({sum(p.stat().st_size for p in paths) / 2**20:.0f} MiB); CPU: {run['cpu']}", flush=True)
+        if "decode" in sections:
+            result["decode"] = bench_decode(paths, sizes[0], args)
+        if "pipeline" in sections:
+            result["pipeline"] = {size: bench_pipeline(tmp, size, args) for size in sizes}
+        if "readers" in sections:
+            result["readers"] = bench_readers(tmp, sizes[0], args)
+        if "rss" in sections:
+            result["peak_rss_mb"] = bench_rss(tmp, sizes[0], args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    result["load_average_after"] = os.getloadavg()[0]
+    run["load_average_after"] = os.getloadavg()[0]
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+        out = Path(args.out)
+        merged = json.loads(out.read_text()) if out.is_file() else {}
+        merged.setdefault("runs", {})
+        for key, value in result.items():
+            merged[key] = value
+            merged["runs"][key] = run
+        out.write_text(json.dumps(merged, indent=2) + "\n")
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from PIL import Image
 
 from selfsup.cli import main
 from selfsup.data import DataError
+from selfsup.data import build as build_mod
 from selfsup.data import cache as cache_mod
 from selfsup.data import decode as decode_mod
 from selfsup.data.cache import CacheOptions, cache_path, load_image_folder, prepare_folder
@@ -292,7 +293,7 @@ def test_a_cache_with_other_settings_or_a_truncated_shard_is_rebuilt_with_a_warn
 def test_a_full_disk_during_the_build_leaves_no_cache_and_says_so(tmp_path, monkeypatch):
     folder = tmp_path / "f"
     _flat(folder, 6)
-    write, calls = cache_mod._write_records, []
+    write, calls = build_mod._write_records, []
 
     def fill_up(f, records):
         calls.append(1)
@@ -300,14 +301,14 @@ def test_a_full_disk_during_the_build_leaves_no_cache_and_says_so(tmp_path, monk
             raise OSError(errno.ENOSPC, "No space left on device")
         write(f, records)
 
-    monkeypatch.setattr(cache_mod, "_write_records", fill_up)
+    monkeypatch.setattr(build_mod, "_write_records", fill_up)
     with pytest.raises(DataError, match="no space left to build the image cache .* free space or point "
                                         "data.cache_dir"):
         _load(folder, tmp_path)
     assert not cache_path(folder, _opts(tmp_path)).exists() and _leftovers(tmp_path) == []
-    monkeypatch.setattr(cache_mod, "_write_records", write)
+    monkeypatch.setattr(build_mod, "_write_records", write)
     # too little room to start with: said before any decoding
-    monkeypatch.setattr(cache_mod.shutil, "disk_usage", lambda path: shutil_usage(1, 1, 1000))
+    monkeypatch.setattr(build_mod.shutil, "disk_usage", lambda path: shutil_usage(1, 1, 1000))
     with pytest.raises(DataError, match=r"needs up to 0.00 GiB while building, 0.00 GiB free"):
         _load(folder, tmp_path)
     monkeypatch.undo()
@@ -316,14 +317,15 @@ def test_a_full_disk_during_the_build_leaves_no_cache_and_says_so(tmp_path, monk
 
 KILLED_BUILD = """
 import sys, time
+import selfsup.data.build as build
 import selfsup.data.cache as cache
-write = cache._write_records
+write = build._write_records
 def slow(f, records):
     write(f, records)
     f.flush()
     print("record", flush=True)
     time.sleep(0.2)
-cache._write_records = slow
+build._write_records = slow
 cache.load_image_folder(sys.argv[1], 16, cache_dir=sys.argv[2], workers=1, progress=False)
 print("finished", flush=True)
 """
@@ -353,14 +355,14 @@ def test_concurrent_builds_of_one_cache_build_it_once(tmp_path, monkeypatch):
     folder = tmp_path / "f"
     _flat(folder, 6)
     builds, reports = [], []
-    real = cache_mod._build
+    real = cache_mod.build_cache
 
     def counting(*args, **kw):
         builds.append(1)
         time.sleep(0.3)  # the other thread arrives while this one holds the lock
         return real(*args, **kw)
 
-    monkeypatch.setattr(cache_mod, "_build", counting)
+    monkeypatch.setattr(cache_mod, "build_cache", counting)
     threads = [threading.Thread(target=lambda: reports.append(prepare_folder(folder, _opts(tmp_path))))
                for _ in range(2)]
     for t in threads:
@@ -372,12 +374,12 @@ def test_concurrent_builds_of_one_cache_build_it_once(tmp_path, monkeypatch):
 
 def test_a_process_pool_build_equals_an_in_process_one(tmp_path):
     folder = tmp_path / "f"
-    _flat(folder / "x", cache_mod.POOL_MIN_FILES // 2, fmt="jpg")
-    _flat(folder / "y", cache_mod.POOL_MIN_FILES // 2 + 3, fmt="png")
+    _flat(folder / "x", build_mod.POOL_MIN_FILES // 2, fmt="jpg")
+    _flat(folder / "y", build_mod.POOL_MIN_FILES // 2 + 3, fmt="png")
     (folder / "y" / "bad.png").write_bytes(b"nope")
     pooled = _load(folder, tmp_path / "a", workers=2)
     serial = _load(folder, tmp_path / "b", workers=1)
-    assert len(pooled) == cache_mod.POOL_MIN_FILES + 3 and pooled.skipped == serial.skipped == 1
+    assert len(pooled) == build_mod.POOL_MIN_FILES + 3 and pooled.skipped == serial.skipped == 1
     assert torch.equal(pooled.images, serial.images) and torch.equal(pooled.aspect, serial.aspect)
     assert pooled.paths == serial.paths and torch.equal(pooled.labels, serial.labels)
 
