@@ -7,7 +7,8 @@ Images more elongated than :data:`MAX_ASPECT` (panoramas, strips) are first cent
 aspect: squashing a 10:1 strip into a square would leave a crop nothing recognisable.
 
 Any PIL mode becomes 8-bit grayscale or RGB (palette, 16-bit, CMYK, alpha composited on white,
-bilevel). Large images are decoded *reduced* instead of refused: JPEGs are decoded directly at
+bilevel), turned upright by its EXIF orientation (the aspect ratio then is the upright picture's).
+Large images are decoded *reduced* instead of refused: JPEGs are decoded directly at
 1/2, 1/4 or 1/8 scale (``Image.draft``, libjpeg's DCT scaling), and every resize first reduces by
 an integer factor (``reducing_gap``), so a 50-megapixel photo costs little more than a small one.
 PIL's decompression-bomb limit is raised only for files above it, only while such a file is
@@ -40,6 +41,11 @@ JPEG_PIXEL_CAP = 2**30
 RESIZE_GAP = 3.0
 """``Image.resize(reducing_gap=3)``: box-reduce by an integer factor first, then bicubic for the rest;
 PIL documents 3.0 as indistinguishable from a full bicubic resize, at a fraction of the time."""
+_EXIF_ORIENTATION = 0x0112
+_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}
+"""EXIF orientation → the transpose that shows the picture upright (as ``ImageOps.exif_transpose``)."""
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 _bomb_lock = threading.Lock()
 
@@ -149,6 +155,10 @@ def decode_image(path: str | Path, size: int, max_aspect: float = MAX_ASPECT) ->
 def _decode(path: str | Path, size: int, max_aspect: float, large: bool = False) -> Decoded:
     with Image.open(path) as img:
         width, height = img.size
+        try:
+            orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+        except Exception:  # a damaged EXIF block does not make the pixels unusable
+            orientation = 1
         if large:
             cap = JPEG_PIXEL_CAP if img.format == "JPEG" else PIXEL_CAP
             if width * height > cap:
@@ -170,7 +180,12 @@ def _decode(path: str | Path, size: int, max_aspect: float, large: bool = False)
         elif img.mode == "PA":
             img = img.convert("RGBA")
         img = img.resize((size, size), Image.BICUBIC, box=box, reducing_gap=RESIZE_GAP)
+        turn = _ORIENTATION.get(orientation)
+        if turn is not None:  # a camera's EXIF orientation, applied to the small record (cheap)
+            img = img.transpose(turn)
         pixels, _ = to_8bit(img)
-    aspect = content_box(width, height, max_aspect)
-    return Decoded(np.require(pixels, requirements=["C", "W"]), width, height,
-                   float((aspect[2] - aspect[0]) / (aspect[3] - aspect[1])))
+    kept = content_box(width, height, max_aspect)
+    aspect = (kept[2] - kept[0]) / (kept[3] - kept[1])
+    if orientation in (5, 6, 7, 8):  # turned a quarter: the picture as shown is H×W
+        width, height, aspect = height, width, 1 / aspect
+    return Decoded(np.require(pixels, requirements=["C", "W"]), width, height, float(aspect))

@@ -119,6 +119,19 @@ def test_mixed_modes_sizes_and_nesting(tmp_path):
     assert aspect[str(root / "a/cmyk.jpg")] == pytest.approx(1.2)
 
 
+def test_exif_orientation_is_applied(tmp_path):
+    """A camera JPEG stored landscape with orientation 6 (turn 90° clockwise to view) is cached upright, with
+    the upright picture's aspect ratio."""
+    photo = _photo(120, 80)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo.save(tmp_path / "turned.jpg", quality=95, exif=exif)
+    photo.transpose(Image.Transpose.ROTATE_270).save(tmp_path / "upright.jpg", quality=95)
+    turned, upright = decode_image(tmp_path / "turned.jpg", 32), decode_image(tmp_path / "upright.jpg", 32)
+    assert turned.aspect == pytest.approx(80 / 120) and (turned.width, turned.height) == (80, 120)
+    assert np.abs(turned.pixels.astype(float) - upright.pixels).mean() < 3
+
+
 def test_unlabelled_and_grayscale_folders(tmp_path):
     for i in range(3):
         _noise(10, 8, seed=i, mode="L").save(tmp_path / f"{i}.png")
