@@ -247,6 +247,10 @@ def _build_lock(target: Path) -> Iterator[None]:
         except BlockingIOError:
             log.info("waiting for another process building the cache %s", target)
             fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as exc:  # a filesystem without locks (some FUSE mounts): builds are still atomic
+            log.warning("cannot lock %s (%s): concurrent processes may each build this cache", path, exc.strerror)
+            yield
+            return
         try:
             yield
         finally:
