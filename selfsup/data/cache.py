@@ -143,7 +143,7 @@ def prepare_folder(folder: str | Path, opts: CacheOptions) -> CacheReport:
     except OSError as exc:
         raise DataError(f"cannot create the image cache folder {root} ({exc.strerror}); point data.cache_dir "
                         f"(or ${ENV_VAR}) at a writable folder") from None
-    with _build_lock(target):
+    with _build_lock(target) as locked:
         state = _validate(target, absolute, settings, opts.check)  # another process may have built it meanwhile
         if state.ok:
             return CacheReport(target, state.manifest, "reused", time.perf_counter() - t0)
@@ -152,7 +152,8 @@ def prepare_folder(folder: str | Path, opts: CacheOptions) -> CacheReport:
         elif state.changes:
             log.warning("%s changed since its cache was built (%s); updating the cache (unchanged images are "
                         "copied, only new or modified files are decoded)", base, state.changes)
-        remove_leftovers(root, target.name)
+        if locked:  # without the lock a leftover may be another process's build in progress
+            remove_leftovers(root, target.name)
         listing = state.listing or list_folder(absolute)
         if not listing.files:
             raise DataError(f"{base} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}); "
@@ -239,7 +240,8 @@ def _validate(target: Path, folder: str, settings: dict, check: str) -> _State:
 
 
 @contextmanager
-def _build_lock(target: Path) -> Iterator[None]:
+def _build_lock(target: Path) -> Iterator[bool]:
+    """Held while building ``target``; yields whether it is really locked."""
     path = target.parent / f"{target.name}.lock"
     with open(path, "a+") as f:
         try:
@@ -249,9 +251,9 @@ def _build_lock(target: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_EX)
         except OSError as exc:  # a filesystem without locks (some FUSE mounts): builds are still atomic
             log.warning("cannot lock %s (%s): concurrent processes may each build this cache", path, exc.strerror)
-            yield
+            yield False
             return
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
