@@ -2,7 +2,7 @@
 
 The parts, each importable on its own:
 
-- ``selfsup.data``     datasets as in-memory uint8 image sets, splits, label subsets
+- ``selfsup.data``     datasets as uint8 image sets (image folders cached on disk), splits, label subsets
 - ``selfsup.views``    batched augmentation on the training device, view recipes
 - ``selfsup.nn``       backbones, the MLP head builder, EMA teachers, memory queues
 - ``selfsup.losses``   pure loss functions, by family

@@ -1,4 +1,4 @@
-"""The ``selfsup`` command: pretrain, evaluate, embed, neighbors, export, report, bench, methods.
+"""The ``selfsup`` command: pretrain, evaluate, embed, neighbors, export, report, bench, prepare, methods.
 
 Every error a user can act on (bad config, missing data, unreadable checkpoint, diverging run)
 is printed as one clear message without a traceback, with exit status 2.
@@ -222,6 +222,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if any("error" in r for r in results["rows"]) else 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from selfsup.data.cache import CacheOptions, prepare_folder
+
+    if args.image_size < 8:
+        raise ConfigError([f"--image-size must be ≥ 8, got {args.image_size}"])
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError([f"--workers must be ≥ 1, got {args.workers}"])
+    opts = CacheOptions(args.image_size, args.cache_size, args.cache_dir, "full" if args.verify else "fast",
+                        args.workers, not args.no_progress)
+    report = prepare_folder(args.folder, opts)
+    m = report.manifest
+    skipped = report.skip_reasons()
+    n, c, size, _ = m.record_shape
+    print(f"{report.action}: {report.path}")
+    print(f"  {n} images ({'labelled, ' + str(len(m.classes)) + ' classes' if m.labelled else 'unlabelled'}), "
+          f"stored as {c}×{size}×{size} uint8 for {args.image_size} px views; shard {m.shard_bytes / 2**20:,.1f} MiB")
+    print(f"  skipped {sum(skipped.values())}" + (": " + ", ".join(f"{k} ×{v}" for k, v in skipped.most_common())
+                                                  if skipped else ""))
+    work = f"; decoded {report.decoded} file(s), {report.reused} unchanged" if report.action != "reused" else ""
+    print(f"  {report.seconds:.2f} s{work}" + ("; every file checked against the folder" if args.verify else ""))
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from selfsup.methods import METHODS
 
@@ -329,6 +352,17 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="any config key for every method, e.g. --set data.long_tail=10")
     bn.set_defaults(func=cmd_bench)
+
+    pr = sub.add_parser("prepare", help="decode an image folder into its on-disk cache (or check the cache)")
+    pr.add_argument("folder", help="image folder (class subfolders optional)")
+    pr.add_argument("--image-size", type=int, default=64, help="side of the views trained on (default 64)")
+    pr.add_argument("--cache-size", type=int, help="stored side (default image size × 4/3)")
+    pr.add_argument("--cache-dir", help="cache root (default $SELFSUP_CACHE, else ~/.cache/selfsup)")
+    pr.add_argument("--verify", action="store_true", help="compare every file's size and mtime with the cache "
+                                                          "(default: directory times only); update it if stale")
+    pr.add_argument("--workers", type=int, help="decoding processes (default: every core)")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pr.set_defaults(func=cmd_prepare)
 
     m = sub.add_parser("methods", help="list the registered methods")
     m.set_defaults(func=cmd_methods)

@@ -48,6 +48,22 @@ class DataConfig:
     """Pretrain on a class-imbalanced subset of the labelled training images: class k of C (in label
     order) keeps ``n · long_tail^(−k/(C−1))`` images, n the smallest class's size, so the first class is
     ``long_tail`` times the last (the CIFAR-LT profile). Evaluation always uses the whole labelled split."""
+    cache_dir: str | None = None
+    """Where image folders are cached (decoded once, then memory-mapped); ``None`` uses ``$SELFSUP_CACHE``,
+    else ``~/.cache/selfsup``. Use a shared filesystem for multi-node runs, a local disk for speed."""
+    cache_size: int | None = None
+    """Side S of the cached records (the whole image squashed to S×S, aspect ratio kept beside it);
+    ``None`` is round(image_size × 4/3), room for random-resized crops. Must be ≥ image_size."""
+    cache_check: str = "fast"
+    """How a folder is compared with its cache on every use: ``fast`` (one stat per directory: files added,
+    removed or renamed) or ``full`` (one stat per file: also files rewritten in place)."""
+    memory_budget_gb: float | None = None
+    """Image-folder records up to this size are held in RAM, larger ones are read from the memory-mapped
+    cache as batches need them; ``None`` is a quarter of this machine's RAM, shared by the processes
+    torchrun starts on it."""
+    stream: bool | None = None
+    """``true``: always read a folder's records from the cache file; ``false``: always load them into RAM;
+    ``None``: by ``memory_budget_gb``."""
 
     def labelled(self) -> "DataConfig":
         """The same dataset with every labelled training image: what evaluation fits on (no ``limit``,
@@ -283,6 +299,16 @@ def check_values(cfg: RunConfig) -> list[str]:
         p.append(f"data.image_size must be ≥ 8, got {d.image_size}")
     if isinstance(d.long_tail, float) and d.long_tail < 1:
         p.append(f"data.long_tail must be ≥ 1 (largest class over smallest), got {d.long_tail}")
+    if d.cache_size is not None and isinstance(d.cache_size, int):
+        if d.cache_size < 8:
+            p.append(f"data.cache_size must be ≥ 8, got {d.cache_size}")
+        elif isinstance(d.image_size, int) and d.cache_size < d.image_size:
+            p.append(f"data.cache_size ({d.cache_size}) is smaller than data.image_size ({d.image_size}): every "
+                     "view would be enlarged from fewer pixels; make it ≥ the image size or leave it unset")
+    if d.cache_check not in ("fast", "full"):
+        p.append(f"data.cache_check must be fast or full, got {d.cache_check!r}")
+    if isinstance(d.memory_budget_gb, float) and d.memory_budget_gb < 0:
+        p.append(f"data.memory_budget_gb must be ≥ 0, got {d.memory_budget_gb}")
     return p
 
 

@@ -24,6 +24,13 @@ def digits():
     return load_digits()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _image_cache(tmp_path_factory):
+    """Image-folder caches (selfsup.data.cache) go to a temporary folder, never the user's ~/.cache/selfsup;
+    subprocesses inherit it."""
+    os.environ["SELFSUP_CACHE"] = str(tmp_path_factory.mktemp("selfsup_cache"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

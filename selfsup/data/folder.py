@@ -1,119 +1,134 @@
-"""Image folders: ``root/*.png`` (unlabelled) or ``root/<class>/**/*.png`` (class subfolders give labels).
+"""What an image folder holds: ``root/*.png`` (unlabelled) or ``root/<class>/**/*.png`` (labelled).
 
-Every file is decoded, converted to 8-bit grayscale or RGB (palette, 16-bit, CMYK, alpha and
-bilevel images included), resized so its shorter side is ``image_size`` and centre-cropped.
-Unreadable files — zero bytes, truncated, not an image, decompression bombs — are skipped and
-counted; a folder where most files are unreadable stops with a summary instead of training on
-the remainder.
+:func:`list_folder` walks the folder once, recording every image file's size and modification
+time and every directory's modification time, so a cache built from the listing can later tell
+whether the folder changed (:func:`folder_changes`). Hidden files and directories (``.git``,
+``.selfsup_cache``, macOS ``._*`` resource forks) are ignored. Directory symlinks are followed
+but each real directory is visited once, so a symlink loop ends instead of hanging. The pixels
+themselves are read through the cache: :func:`selfsup.data.cache.load_image_folder`.
 """
 from __future__ import annotations
 
-import logging
-import warnings
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+import os
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image, ImageFile
-
-from selfsup.data.imageset import DataError, ImageSet
-
-log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
-MAX_BROKEN_FRACTION = 0.5
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is skipped, never half-decoded
+RACY_NS = 2 * 10**9
+"""A directory modified less than 2 s before it was listed may change again within the same timestamp tick
+(milliseconds locally, a second on some network filesystems); its time is recorded as unknown (-1), so
+the next fast check lists it again rather than trust it (git's "racily clean" rule)."""
 
 
-def _to_8bit(img: Image.Image) -> tuple[np.ndarray, bool]:
-    """(H, W, C) uint8 and whether the image is grayscale."""
-    mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        lo, hi = (0.0, 65535.0) if mode.startswith("I;16") or a.max() > 255 else (0.0, 255.0)
-        if mode == "F":
-            lo, hi = float(a.min()), float(a.max()) if a.max() > a.min() else float(a.min()) + 1
-        a = np.clip((a - lo) / (hi - lo) * 255.0, 0, 255).round().astype(np.uint8)
-        return a[:, :, None], True
-    if mode in ("1", "L"):
-        return np.asarray(img.convert("L"))[:, :, None], True
-    if mode == "LA" or mode == "PA" or mode == "RGBA" or (mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        rgb = Image.alpha_composite(background, rgba).convert("RGB")
-        return np.asarray(rgb), mode == "LA"
-    return np.asarray(img.convert("RGB")), False
+@dataclass
+class FolderListing:
+    root: Path
+    """Absolute path of the folder."""
+    files: list[str] = field(default_factory=list)
+    """Image files relative to ``root`` (POSIX separators), sorted."""
+    sizes: list[int] = field(default_factory=list)
+    mtimes: list[int] = field(default_factory=list)
+    """``st_mtime_ns`` of each file."""
+    dirs: dict[str, int] = field(default_factory=dict)
+    """Every directory visited (``"."`` is the root), relative path → ``st_mtime_ns`` (-1: too recent to trust)."""
+    problems: dict[str, str] = field(default_factory=dict)
+    """Entries that could not be listed or followed, relative path → reason."""
 
-
-def _resize_center(img: Image.Image, size: int) -> Image.Image:
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.BICUBIC if img.mode not in ("1", "P") else Image.NEAREST)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return img.crop((left, top, left + size, top + size))
-
-
-def read_image(path: Path, size: int) -> tuple[np.ndarray, bool]:
-    """One file as (size, size, C) uint8; raises ``OSError``/``ValueError`` for unreadable files."""
-    if path.stat().st_size == 0:
-        raise ValueError("zero bytes")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
-            img.load()
-            if img.mode == "P":
-                img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-            elif img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-                arr, _ = _to_8bit(img)
-                img = Image.fromarray(arr[:, :, 0], "L")
-            img = _resize_center(img, size)
-            return _to_8bit(img)
-
-
-def list_images(root: Path) -> tuple[list[Path], list[int] | None, list[str]]:
-    """Files, their labels (``None`` without class subfolders) and class names."""
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    top_level = [p for p in files if p.parent == root]
-    classes = sorted({p.relative_to(root).parts[0] for p in files if p.parent != root})
-    if classes and not top_level:
+    def labels(self) -> tuple[list[int] | None, list[str]]:
+        """Labels from class subfolders (the first path component), or ``None`` when any image lies
+        at the top level (then the folder is unlabelled); and the class names."""
+        parts = [f.split("/", 1) for f in self.files]
+        if not parts or any(len(p) == 1 for p in parts):
+            return None, []
+        classes = sorted({p[0] for p in parts})
         index = {c: i for i, c in enumerate(classes)}
-        return files, [index[p.relative_to(root).parts[0]] for p in files], classes
-    return files, None, []
+        return [index[p[0]] for p in parts], classes
 
 
-def load_image_folder(root: str | Path, image_size: int = 64, workers: int = 4) -> ImageSet:
-    base = Path(root)
-    if not base.is_dir():
-        raise DataError(f"image folder not found: {base}")
-    files, labels, classes = list_images(base)
-    if not files:
-        raise DataError(f"{base} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}); point --data at a folder of images")
-
-    def attempt(path: Path):
+def list_folder(root: str | Path) -> FolderListing:
+    """Every image file under ``root`` with its size and mtime; see the module docstring for the rules."""
+    base = Path(root).absolute()
+    listing = FolderListing(base)
+    visited: set[tuple[int, int]] = set()
+    found: list[tuple[str, int, int]] = []
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        path = base / rel if rel else base
         try:
-            return read_image(path, image_size)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning,
-                MemoryError) as exc:
-            return f"{type(exc).__name__}: {exc}"
+            st = os.stat(path)
+        except OSError as exc:
+            listing.problems[rel] = f"unreadable directory: {exc.strerror}"
+            continue
+        if (st.st_dev, st.st_ino) in visited:  # a symlink back to a directory already walked
+            continue
+        visited.add((st.st_dev, st.st_ino))
+        listing.dirs[rel or "."] = st.st_mtime_ns if time.time_ns() - st.st_mtime_ns > RACY_NS else -1
+        try:
+            entries = list(os.scandir(path))
+        except OSError as exc:
+            listing.problems[rel or "."] = f"unreadable directory: {exc.strerror}"
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            child = f"{rel}/{entry.name}" if rel else entry.name
+            try:
+                if entry.is_dir():  # follows symlinks; loops end at the visited check
+                    stack.append(child)
+                elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+                    if not entry.is_file():
+                        listing.problems[child] = "broken link or not a regular file"
+                        continue
+                    est = entry.stat()
+                    found.append((child, est.st_size, est.st_mtime_ns))
+            except OSError as exc:
+                listing.problems[child] = f"cannot stat: {exc.strerror}"
+    found.sort()
+    listing.files = [f for f, _, _ in found]
+    listing.sizes = [s for _, s, _ in found]
+    listing.mtimes = [m for _, _, m in found]
+    return listing
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(attempt, files))
-    ok = [i for i, r in enumerate(results) if not isinstance(r, str)]
-    broken = {str(files[i]): results[i] for i, r in enumerate(results) if isinstance(r, str)}
-    if broken:
-        reasons = Counter(r.split(":")[0] for r in broken.values())
-        log.warning("skipped %d unreadable file(s) in %s (%s); first: %s", len(broken), base,
-                    ", ".join(f"{k}×{v}" for k, v in reasons.items()), next(iter(broken.items())))
-    if not ok or len(broken) > MAX_BROKEN_FRACTION * len(files):
-        examples = "; ".join(f"{p}: {r}" for p, r in list(broken.items())[:3])
-        raise DataError(f"{base}: {len(broken)} of {len(files)} image files are unreadable "
-                        f"(more than {MAX_BROKEN_FRACTION:.0%}); examples: {examples}")
-    gray = all(results[i][1] for i in ok)
-    arrays = [results[i][0] for i in ok]
-    if not gray:
-        arrays = [np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a for a in arrays]
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    y = None if labels is None else torch.tensor([labels[i] for i in ok], dtype=torch.long)
-    return ImageSet(images, y, classes, f"folder:{base.name}", [str(files[i]) for i in ok], len(broken))
+
+@dataclass
+class FolderChanges:
+    added: int = 0
+    removed: int = 0
+    modified: int = 0
+    dirs: int = 0
+    """Directories whose modification time changed (the fast check sees only these)."""
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.modified or self.dirs)
+
+    def __str__(self) -> str:
+        parts = [f"{n} {what}" for n, what in ((self.added, "added"), (self.removed, "removed"),
+                                                (self.modified, "modified")) if n]
+        if self.dirs and not parts:
+            parts.append(f"{self.dirs} director{'y' if self.dirs == 1 else 'ies'} changed")
+        return ", ".join(parts) or "no changes"
+
+
+def directory_changes(root: Path, dirs: dict[str, int]) -> FolderChanges:
+    """The fast check: a stat of each recorded directory. Adding, removing or renaming a file changes
+    its directory's mtime (and a new subdirectory its parent's); rewriting a file in place does not
+    — :func:`file_changes` sees that."""
+    changed = 0
+    for rel, mtime in dirs.items():
+        try:
+            now = os.stat(root / rel if rel != "." else root).st_mtime_ns
+        except OSError:
+            now = None
+        changed += now != mtime
+    return FolderChanges(dirs=changed)
+
+
+def file_changes(before: FolderListing, now: FolderListing) -> FolderChanges:
+    """The full check: image files added, removed, or with another size or mtime (a directory whose
+    mtime changed for another reason, say a text file added, is no change)."""
+    old = {f: (s, m) for f, s, m in zip(before.files, before.sizes, before.mtimes)}
+    new = {f: (s, m) for f, s, m in zip(now.files, now.sizes, now.mtimes)}
+    modified = sum(1 for f, v in new.items() if f in old and old[f] != v)
+    return FolderChanges(len(new.keys() - old.keys()), len(old.keys() - new.keys()), modified)

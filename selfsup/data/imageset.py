@@ -1,50 +1,109 @@
-"""The in-memory image collection every dataset loads into.
+"""The image collection every dataset loads into: uint8 records of shape (C, S, S), in RAM or on disk.
 
-Images are kept as one ``uint8`` tensor of shape (N, C, H, W): small vision datasets fit in
-memory many times over, and a batch is then one index operation that can be moved to the
-training device and augmented there in one go (no per-image Python work in the hot loop).
+Small datasets (Fashion-MNIST, CIFAR, digits) live in one in-memory ``uint8`` tensor (N, C, H, W).
+Image folders are decoded once into an on-disk cache (:mod:`selfsup.data.cache`) and read through
+a memory map: nothing is loaded until a batch asks for it, and the OS page cache keeps hot pages
+for every process on the machine. Either way a batch is one gather (:meth:`ImageSet.batch`) that
+can be moved to the training device and augmented there in one go.
+
+A file-backed set is a *view*: :meth:`subset`, :meth:`head` and :meth:`with_channels` keep an
+index into the shared file instead of copying pixels. In-memory sets copy their (small) rows, as
+they always did, so ``.images`` stays a plain tensor that is cheap to slice repeatedly.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import torch
+from torch import Tensor
 
 
 class DataError(ValueError):
     """Data the user must fix or provide; the message says what and how."""
 
 
-@dataclass
-class ImageSet:
-    images: torch.Tensor
-    """uint8, (N, C, H, W)."""
-    labels: torch.Tensor | None = None
-    """int64, (N,); ``None`` when the images carry no labels."""
-    classes: list[str] = field(default_factory=list)
-    name: str = "images"
-    paths: list[str] | None = None
-    """Source file of each image (image folders only)."""
-    skipped: int = 0
-    """Files that could not be read and were left out."""
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, the weights PIL's convert("L") uses
 
-    def __post_init__(self) -> None:
-        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
-            raise DataError(f"{self.name}: images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
-        if self.labels is not None and len(self.labels) != len(self.images):
-            raise DataError(f"{self.name}: {len(self.images)} images but {len(self.labels)} labels")
+
+def convert_channels(x: Tensor, channels: int) -> Tensor:
+    """uint8 (B, C, H, W) → (B, ``channels``, H, W): grayscale repeated to RGB, RGB to its luma."""
+    c = x.shape[1]
+    if c == channels:
+        return x
+    if c == 1 and channels == 3:
+        return x.expand(-1, 3, -1, -1).contiguous()
+    if c == 3 and channels == 1:
+        w = torch.tensor(_LUMA).view(1, 3, 1, 1)
+        return (x.float() * w).sum(dim=1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+    raise DataError(f"cannot convert {c}-channel images to {channels} channels")
+
+
+class ImageSet:
+    """N uint8 images (C, S, S) with optional labels, source paths and aspect ratios.
+
+    ``aspect`` (N,) float32 is each image's original width / height when the stored pixels are the
+    whole image squashed to a square (image-folder caches); ``None`` means the pixels are the image
+    (aspect 1). ``image_size`` is the side views and encoders use; it is the stored side S unless
+    given (a cache stores S > image_size so random crops keep detail).
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor | None = None, classes: Sequence[str] | None = None,
+                 name: str = "images", paths: list[str] | None = None, skipped: int = 0, *,
+                 aspect: Tensor | None = None, image_size: int | None = None, mapped: bool = False,
+                 rows: Tensor | None = None, convert: tuple[int, ...] = (), source: str | None = None):
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise DataError(f"{name}: images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        self._pixels = images
+        """The backing records (M, C, S, S): this set's rows, or (``rows`` given) a shared file's."""
+        self._rows = rows
+        self._convert = convert
+        """Channel conversions applied to each batch, in order (file-backed sets convert lazily)."""
+        self.mapped = mapped
+        """True when the records are a memory-mapped cache file (read on demand, never all in RAM)."""
+        self.labels = labels
+        """int64 (N,); ``None`` when the images carry no labels."""
+        self.classes = list(classes or [])
+        self.name = name
+        self.paths = paths
+        """Source file of each image (image folders only)."""
+        self.skipped = skipped
+        """Files that could not be read and were left out."""
+        self.aspect = aspect
+        self._image_size = image_size
+        self.source = source
+        """Where the records live on disk (a cache directory), if anywhere."""
+        n = len(self)
+        for what, value in (("labels", labels), ("aspect ratios", aspect), ("paths", paths)):
+            if value is not None and len(value) != n:
+                raise DataError(f"{name}: {n} images but {len(value)} {what}")
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self._rows) if self._rows is not None else len(self._pixels)
+
+    def __repr__(self) -> str:
+        where = f", mapped from {self.source}" if self.mapped else ""
+        return (f"ImageSet({self.name!r}, {len(self)} × ({self.channels}, {self.stored_size}, {self.stored_size})"
+                f"{', with aspect ratios' if self.aspect is not None else ''}{where})")
 
     @property
     def channels(self) -> int:
-        return int(self.images.shape[1])
+        return self._convert[-1] if self._convert else int(self._pixels.shape[1])
+
+    @property
+    def stored_size(self) -> int:
+        """Side S of the records :meth:`batch` returns."""
+        return int(self._pixels.shape[-1])
 
     @property
     def image_size(self) -> int:
-        return int(self.images.shape[-1])
+        """Side of the views and of the encoder's input."""
+        return self._image_size or self.stored_size
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of this set's records (what holding it in RAM costs)."""
+        return len(self) * self.channels * self.stored_size**2
 
     @property
     def num_classes(self) -> int:
@@ -52,26 +111,100 @@ class ImageSet:
             return len(self.classes)
         return int(self.labels.max()) + 1 if self.labels is not None and len(self.labels) else 0
 
-    def subset(self, index: torch.Tensor | np.ndarray | list[int]) -> "ImageSet":
+    @property
+    def images(self) -> Tensor:
+        """All records, uint8 (N, C, S, S). Zero-copy for an in-memory or a whole file-backed set; a
+        gather into RAM for a subset of a file (prefer :meth:`batch` there)."""
+        if self._rows is None and not self._convert:
+            return self._pixels
+        return self.batch(torch.arange(len(self)))
+
+    def batch(self, idx: Tensor | Sequence[int]) -> Tensor:
+        """Records of the images at positions ``idx`` (B,), in that order: uint8 (B, C, S, S) in RAM.
+
+        A file-backed set reads them in ascending file order (neighbouring records share pages and
+        readahead) and restores the requested order after.
+        """
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        rows = idx if self._rows is None else self._rows[idx]
+        if not self.mapped:
+            out = self._pixels[rows]
+        else:
+            order = torch.argsort(rows)
+            array = self._pixels.numpy()  # the memmap itself: numpy's gather reads only the rows it needs
+            gathered = torch.from_numpy(np.take(array, rows[order].numpy(), axis=0))
+            out = torch.empty_like(gathered)
+            out[order] = gathered
+        for channels in self._convert:
+            out = convert_channels(out, channels)
+        return out
+
+    def _view(self, idx: Tensor | None, labels: Tensor | None, aspect: Tensor | None, paths: list[str] | None,
+              convert: tuple[int, ...]) -> "ImageSet":
+        rows = self._rows if idx is None else idx if self._rows is None else self._rows[idx]
+        return ImageSet(self._pixels, labels, self.classes, self.name, paths, self.skipped, aspect=aspect,
+                        image_size=self._image_size, mapped=True, rows=rows, convert=convert, source=self.source)
+
+    def subset(self, index: Tensor | np.ndarray | list[int]) -> "ImageSet":
+        """The images at ``index``: an index view of a file-backed set, a copy of an in-memory one."""
         index = torch.as_tensor(index, dtype=torch.long)
-        return ImageSet(
-            images=self.images[index],
-            labels=None if self.labels is None else self.labels[index],
-            classes=self.classes,
-            name=self.name,
-            paths=None if self.paths is None else [self.paths[i] for i in index.tolist()],
-            skipped=self.skipped,
-        )
+        labels = None if self.labels is None else self.labels[index]
+        aspect = None if self.aspect is None else self.aspect[index]
+        paths = None if self.paths is None else [self.paths[i] for i in index.tolist()]
+        if self.mapped:
+            return self._view(index, labels, aspect, paths, self._convert)
+        return ImageSet(self.batch(index), labels, self.classes, self.name, paths, self.skipped, aspect=aspect,
+                        image_size=self._image_size, source=self.source)
 
     def head(self, n: int | None) -> "ImageSet":
         return self if n is None or n >= len(self) else self.subset(torch.arange(n))
 
-    def mean_std(self) -> tuple[list[float], list[float]]:
-        """Per-channel mean and std of pixel values in [0, 1] (used to normalise every view)."""
-        x = self.images[: min(len(self), 20000)].float().div_(255)
-        mean = x.mean(dim=(0, 2, 3))
-        std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
-        return mean.tolist(), std.tolist()
+    def with_channels(self, channels: int) -> "ImageSet":
+        """The same images as ``channels``-channel records (gray repeated to RGB, RGB to luma), so an
+        encoder can be used on any folder; file-backed sets convert per batch."""
+        if channels == self.channels:
+            return self
+        if self.channels not in (1, 3) or channels not in (1, 3):
+            raise DataError(f"the encoder takes {channels}-channel images, {self.name} has {self.channels}")
+        if self.mapped:
+            return self._view(None, self.labels, self.aspect, self.paths, self._convert + (channels,))
+        return ImageSet(convert_channels(self.images, channels), self.labels, self.classes, self.name, self.paths,
+                        self.skipped, aspect=self.aspect, image_size=self._image_size, source=self.source)
+
+    def to_memory(self) -> "ImageSet":
+        """The same set with its records copied into RAM (``self`` when they already are)."""
+        if not self.mapped:
+            return self
+        if self._rows is None and not self._convert:
+            pixels = torch.from_numpy(np.array(self._pixels.numpy()))  # one sequential read of the file
+        else:
+            pixels = self.images
+        return ImageSet(pixels, self.labels, self.classes, self.name, self.paths, self.skipped, aspect=self.aspect,
+                        image_size=self._image_size, source=self.source)
+
+    def mean_std(self, sample: int = 20000, chunk: int = 1024) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std of pixel values in [0, 1] (used to normalise every view).
+
+        In-memory sets use their first ``sample`` images (as always: recorded runs stay reproducible).
+        File-backed sets use ``sample`` images spread evenly over the set (folders are sorted by class,
+        so the first ones would be a few classes), read in chunks and summed in float64.
+        """
+        if not self.mapped:
+            x = self.images[: min(len(self), sample)].float().div_(255)
+            mean = x.mean(dim=(0, 2, 3))
+            std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+            return mean.tolist(), std.tolist()
+        picks = torch.linspace(0, len(self) - 1, min(len(self), sample)).round().long().unique()
+        total = torch.zeros(self.channels, dtype=torch.float64)
+        squares = torch.zeros(self.channels, dtype=torch.float64)
+        for start in range(0, len(picks), chunk):
+            x = self.batch(picks[start : start + chunk]).double().div_(255)
+            total += x.sum(dim=(0, 2, 3))
+            squares += x.square().sum(dim=(0, 2, 3))
+        count = len(picks) * self.stored_size**2
+        mean = total / count
+        var = (squares - count * mean.square()) / max(count - 1, 1)
+        return mean.tolist(), var.clamp_min(0).sqrt().clamp_min(1e-3).tolist()
 
     def class_counts(self) -> dict[str, int] | None:
         """Images per class name (None for unlabelled data): what a long-tailed or limited run trained on."""
@@ -89,7 +222,7 @@ class ImageSet:
         return f"{len(self)} images of {len(counts)} classes ({sizes[0]}–{sizes[-1]} per class)"
 
     @staticmethod
-    def from_arrays(images: np.ndarray | torch.Tensor, labels=None, name: str = "arrays", classes=None) -> "ImageSet":
+    def from_arrays(images: np.ndarray | Tensor, labels=None, name: str = "arrays", classes=None) -> "ImageSet":
         """Images as (N, H, W), (N, H, W, C) or (N, C, H, W); uint8, or floats in [0, 1]."""
         x = torch.as_tensor(np.asarray(images))
         if x.ndim == 3:

@@ -1,6 +1,8 @@
 """One entry point from a data config to (train, test) image sets."""
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,12 +11,13 @@ import torch
 from selfsup.config import DataConfig
 from selfsup.data.cifar import is_cifar_dir, load_cifar
 from selfsup.data.fashion_mnist import load_fashion_mnist
-from selfsup.data.folder import load_image_folder
+from selfsup.data.cache import load_image_folder
 from selfsup.data.imageset import DataError, ImageSet
 from selfsup.data.imbalance import long_tail_subset
 from selfsup.data.sample_photos import sample_photo_crops
 from selfsup.data.splits import stratified_subset
 
+log = logging.getLogger(__name__)
 NAMED = ("fashion-mnist", "digits", "cifar10", "cifar100", "sample-photos")
 DEFAULT_FOLDER_SIZE = 64
 SAMPLE_PHOTO_CROPS, SAMPLE_PHOTO_SIZE = 10000, 32
@@ -67,13 +70,42 @@ def load_dataset(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
         if path.is_dir() and is_cifar_dir(path):
             train, test = load_cifar(path)
         else:
-            full = load_image_folder(path, cfg.image_size or DEFAULT_FOLDER_SIZE)
+            full = load_image_folder(path, cfg.image_size or DEFAULT_FOLDER_SIZE, cache_dir=cfg.cache_dir,
+                                     cache_size=cfg.cache_size, check=cfg.cache_check)
             train, test = split_labelled(full) if full.labels is not None else (full, full.subset([]))
     if cfg.image_size and cfg.image_size != train.image_size and not Path(name).is_dir():
         train, test = resize(train, cfg.image_size), resize(test, cfg.image_size)
     if cfg.long_tail is not None:
         train = long_tail(train, cfg.long_tail)
-    return train.head(cfg.limit), test
+    return resident(train.head(cfg.limit), test, cfg)
+
+
+def memory_budget(cfg: DataConfig) -> int:
+    """Bytes of image records this process may hold in RAM: ``data.memory_budget_gb``, else a quarter of
+    the machine's RAM divided among the processes torchrun started on it (``LOCAL_WORLD_SIZE``)."""
+    if cfg.memory_budget_gb is not None:
+        return int(cfg.memory_budget_gb * 2**30)
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = 16 * 2**30
+    return ram // 4 // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def resident(train: ImageSet, test: ImageSet, cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
+    """File-backed sets loaded into RAM when ``data.stream`` is false, or (unset) when both fit the
+    memory budget together; otherwise left memory-mapped, read batch by batch."""
+    if not (train.mapped or test.mapped) or cfg.stream:
+        return train, test
+    need, budget = train.nbytes + test.nbytes, memory_budget(cfg)
+    if cfg.stream is None and need > budget:
+        log.info("reading %s from its cache file as batches need it (%.2f GiB of records, over the %.2f GiB "
+                 "memory budget, data.memory_budget_gb)", train.name, need / 2**30, budget / 2**30)
+        return train, test
+    if cfg.stream is False and need > budget:
+        log.warning("data.stream=false: loading %.2f GiB of image records into RAM, over the %.2f GiB budget",
+                    need / 2**30, budget / 2**30)
+    return train.to_memory(), test.to_memory()
 
 
 def long_tail(train: ImageSet, decay: float) -> ImageSet:
@@ -88,8 +120,8 @@ def long_tail(train: ImageSet, decay: float) -> ImageSet:
 
 
 def resize(images: ImageSet, size: int) -> ImageSet:
+    """An in-memory set resized to ``size`` (named datasets at another ``data.image_size``)."""
     x = torch.nn.functional.interpolate(images.images.float(), size=(size, size), mode="bilinear",
                                         antialias=True, align_corners=False)
-    out = images.subset(torch.arange(len(images)))
-    out.images = x.round().clamp(0, 255).to(torch.uint8)
-    return out
+    return ImageSet(x.round().clamp(0, 255).to(torch.uint8), images.labels, images.classes, images.name,
+                    images.paths, images.skipped)

@@ -1,8 +1,9 @@
 """Embeddings of a folder of images with a run's encoder (``selfsup embed``), as NumPy or Parquet.
 
-The folder is read by :func:`selfsup.data.folder.load_image_folder` (resized and centre-cropped
-to the encoder's image size; unreadable files skipped and counted), brought to the encoder's
-number of channels, normalised with the pretraining statistics and encoded in batches.
+The folder is read through its on-disk cache (:func:`selfsup.data.cache.load_image_folder`: built on
+first use, reused after; unreadable files skipped and counted), seen at the encoder's image size as
+its evaluation view (the centre square of each image), brought to the encoder's number of channels,
+normalised with the pretraining statistics and encoded in batches.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from selfsup.data.folder import load_image_folder, read_image
+from selfsup.data.cache import CacheOptions, load_image_folder
+from selfsup.data.decode import Unreadable, decode_image
 from selfsup.data.imageset import DataError, ImageSet
 from selfsup.train.rundir import LoadedRun
 from selfsup.monitor.features import extract_features
@@ -37,37 +39,35 @@ class Embeddings:
 def match_channels(images: ImageSet, in_chans: int) -> ImageSet:
     """Grayscale images for an RGB encoder are repeated over 3 channels; RGB images for a grayscale
     encoder become their luma (ITU-R 601), so the encoder can be used on any folder."""
-    c = images.channels
-    if c == in_chans:
-        return images
-    x = images.images
-    if c == 1 and in_chans == 3:
-        x = x.expand(-1, 3, -1, -1).contiguous()
-    elif c == 3 and in_chans == 1:
-        w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-        x = (x.float() * w).sum(dim=1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
-    else:
-        raise DataError(f"the encoder takes {in_chans}-channel images, {images.name} has {c}")
-    return ImageSet(x, images.labels, images.classes, images.name, images.paths, images.skipped)
+    return images.with_channels(in_chans)
 
 
 def load_folder_for(run: LoadedRun, folder: str | Path) -> ImageSet:
-    """The folder's readable images, at the encoder's size and channels."""
-    images = load_image_folder(folder, run.meta["image_size"])
+    """The folder's readable images, at the encoder's size and channels (through the folder's cache,
+    with the pretraining run's cache settings)."""
+    d = run.cfg.data
+    images = load_image_folder(folder, run.meta["image_size"], cache_dir=d.cache_dir, cache_size=d.cache_size,
+                               check=d.cache_check)
     return match_channels(images, run.meta["in_chans"])
 
 
 def load_query_image(run: LoadedRun, path: str | Path) -> ImageSet:
-    """One image file, prepared as the folder images are; unreadable files raise :class:`DataError`."""
+    """One image file, decoded directly (no cache) exactly as a folder's images are cached, so a query
+    that lies in the folder gets the same embedding as its copy there; unreadable files raise
+    :class:`DataError`."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"query image not found: {path}")
+    d = run.cfg.data
+    opts = CacheOptions(run.meta["image_size"], d.cache_size)
     try:
-        array, _ = read_image(path, run.meta["image_size"])
-    except Exception as exc:  # PIL raises many types for broken files; all mean "cannot use this query"
-        raise DataError(f"query image {path} could not be read ({type(exc).__name__}: {exc})") from None
-    x = torch.from_numpy(np.array(array)).permute(2, 0, 1)[None].contiguous()
-    return match_channels(ImageSet(x, name=str(path), paths=[str(path)]), run.meta["in_chans"])
+        decoded = decode_image(path, opts.size)
+    except Unreadable as exc:
+        raise DataError(f"query image {path} could not be read ({exc})") from None
+    x = torch.from_numpy(decoded.pixels).permute(2, 0, 1)[None].contiguous()
+    one = ImageSet(x, name=str(path), paths=[str(path)], aspect=torch.tensor([decoded.aspect]),
+                   image_size=run.meta["image_size"])
+    return match_channels(one, run.meta["in_chans"])
 
 
 def encode(run: LoadedRun, images: ImageSet, device: str = "cpu", batch_size: int = 512) -> Tensor:

@@ -13,6 +13,7 @@ evaluate``'s come from one code path and are written by one writer (:func:`write
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,7 +21,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from selfsup.config import ConfigError, DataConfig
+from selfsup.config import ConfigError
 from selfsup.data import DataError, ImageSet, load_dataset
 from selfsup.data.splits import parse_fraction, sample_indices, stratified_subset
 from selfsup.monitor.features import extract_features, pixel_features
@@ -80,7 +81,8 @@ def evaluate_run(run_dir: str | Path, protocols: Sequence[str] = PROTOCOLS, data
         check_layer_decay(run.encoder, finetune_settings)  # before any feature extraction or training
     data_cfg = run.cfg.data.labelled()
     if data:
-        data_cfg = DataConfig(name=data, root=data_root, image_size=run.meta["image_size"])
+        # another dataset at the encoder's size; the run's cache settings (data.cache_dir, ...) still apply
+        data_cfg = dataclasses.replace(data_cfg, name=data, root=data_root, image_size=run.meta["image_size"])
     train, test = load_dataset(data_cfg)
     if train.labels is None or test.labels is None or len(test) == 0:
         raise DataError(f"{data_cfg.name} has no labelled test split to evaluate on (image folders need class subfolders)")

@@ -1,4 +1,10 @@
-"""Frozen features of an image set, computed in batches without augmentation."""
+"""Frozen features of an image set, computed in batches without augmentation.
+
+Each batch is read with ``ImageSet.batch`` (a file-backed set is never loaded whole) and seen as
+:func:`selfsup.views.center_view` shows it: for image-folder caches, whose records are whole images
+squashed to squares, the centre square in the original pixel space at the set's ``image_size``;
+for in-memory datasets, the images themselves.
+"""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -8,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from selfsup.data.imageset import ImageSet
-from selfsup.views import normalize, to_float
+from selfsup.views import center_view, normalize
 
 
 @contextmanager
@@ -37,8 +43,8 @@ def extract_features(model: nn.Module, images: ImageSet, mean: Sequence[float], 
             model.to(memory_format=torch.channels_last)
     out = []
     with eval_mode(model):
-        for start in range(0, len(images), batch_size):
-            x = normalize(to_float(images.images[start : start + batch_size].to(device, non_blocking=True)), mean, std)
+        for x in eval_batches(images, device, batch_size):
+            x = normalize(x, mean, std)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             out.append(model(x).float().cpu())
@@ -47,6 +53,26 @@ def extract_features(model: nn.Module, images: ImageSet, mean: Sequence[float], 
     return torch.cat(out)
 
 
-def pixel_features(images: ImageSet, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """Raw-pixel baseline: the normalised image, flattened."""
-    return normalize(to_float(images.images), mean, std).flatten(1)
+def eval_batches(images: ImageSet, device: torch.device | str = "cpu", batch_size: int = 512) -> Iterator[Tensor]:
+    """Float (B, C, image_size, image_size) evaluation views in [0, 1], in order, on ``device``."""
+    for start in range(0, len(images), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(images)))
+        aspect = None if images.aspect is None else images.aspect[idx].to(device)
+        yield center_view(images.batch(idx).to(device, non_blocking=True), aspect, images.image_size)
+
+
+def eval_images(images: ImageSet, idx: Tensor | Sequence[int]) -> Tensor:
+    """uint8 (B, C, image_size, image_size): the evaluation views of the images at ``idx``, for drawing
+    (a file-backed folder's records are whole images squashed to S×S; this is what the encoder sees)."""
+    idx = torch.as_tensor(idx, dtype=torch.long)
+    aspect = None if images.aspect is None else images.aspect[idx]
+    x = images.batch(idx)
+    if aspect is None and x.shape[-1] == images.image_size:
+        return x
+    return center_view(x, aspect, images.image_size).mul_(255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def pixel_features(images: ImageSet, mean: Sequence[float], std: Sequence[float], batch_size: int = 4096) -> Tensor:
+    """Raw-pixel baseline: the normalised evaluation view, flattened (N, C·size²)."""
+    chunks = [normalize(x, mean, std).flatten(1) for x in eval_batches(images, "cpu", batch_size)]
+    return torch.cat(chunks) if chunks else torch.zeros(0, images.channels * images.image_size**2)

@@ -19,6 +19,7 @@ from torch import Tensor
 from selfsup.config import ConfigError
 from selfsup.data.imageset import ImageSet
 from selfsup.data.splits import sample_indices
+from selfsup.monitor.features import eval_images
 from selfsup.report.curves import save_figure
 
 GOOD, BAD = "#2ca02c", "#d62728"
@@ -105,7 +106,7 @@ def plot_retrieval(test: ImageSet, query_idx: Tensor, bank: ImageSet, sims: Tens
     axes = fig.subplots(q, k + 1, squeeze=False)
     for r in range(q):
         qi = int(query_idx[r])
-        _show(axes[r][0], test.images[qi])
+        _show(axes[r][0], eval_images(test, [qi])[0])
         q_label = None if test.labels is None else int(test.labels[qi])
         if q_label is not None:
             axes[r][0].set_ylabel(test.classes[q_label] if q_label < len(test.classes) else str(q_label), fontsize=7)
@@ -113,7 +114,7 @@ def plot_retrieval(test: ImageSet, query_idx: Tensor, bank: ImageSet, sims: Tens
         for c in range(k):
             j = int(idx[r, c])
             ax = axes[r][c + 1]
-            _show(ax, bank.images[j])
+            _show(ax, eval_images(bank, [j])[0])
             if q_label is not None and bank.labels is not None:
                 _frame(ax, GOOD if int(bank.labels[j]) == q_label else BAD)
             ax.set_xlabel(f"{float(sims[r, c]):.2f}", fontsize=6, labelpad=1)

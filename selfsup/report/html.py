@@ -18,7 +18,7 @@ from typing import Any
 
 from selfsup.data import DataError, load_dataset
 from selfsup.monitor.diagnostics import effective_rank
-from selfsup.monitor.features import extract_features
+from selfsup.monitor.features import eval_images, extract_features
 from selfsup.report import curves, embeddings
 from selfsup.train.checkpoint import CheckpointError
 from selfsup.train.rundir import read_metrics
@@ -173,7 +173,7 @@ def _model_pictures(run, test, run_dir: Path, out: Path, opts: ReportOptions) ->
     from selfsup.report.colorization import FILENAME as COLORIZATION_PNG, save_colorization_grid
     from selfsup.report.reconstructions import save_method_pictures
 
-    images = test.subset(embeddings.pick_queries(test, 8, opts.seed)).images
+    images = eval_images(test, embeddings.pick_queries(test, 8, opts.seed))
     mean, std = run.meta["mean"], run.meta["std"]
     paths, note = [], ""
     if isinstance(run.encoder, ViT):

@@ -102,10 +102,10 @@ def train_one_epoch(run: Run, epoch: int, stop: _StopFlag) -> dict[str, Any]:
     clock = _Throughput()
     logs: dict[str, Tensor] = {}
     order = epoch_order(len(run.data.train), t.seed, epoch)
-    for i, idx, x in epoch_batches(run.images, order, first, run.steps_per_epoch, t.batch_size, run.rank,
-                                   run.world, run.device):
+    for i, idx, x, aspect in epoch_batches(run.data.train, run.resident, order, first, run.steps_per_epoch,
+                                           t.batch_size, run.rank, run.world, run.device):
         progress = make_progress(run.model, run.step, run.total_steps, epoch, run.steps_per_epoch)
-        result = train_step(run, x, idx, progress)
+        result = train_step(run, x, idx, progress, aspect)
         if not result.finite:
             _skip(run, result, epoch)
             continue
@@ -135,15 +135,17 @@ def train_one_epoch(run: Run, epoch: int, stop: _StopFlag) -> dict[str, Any]:
     return summary
 
 
-def train_step(run: Run, x: Tensor, idx: Tensor, progress: Progress) -> StepResult:
+def train_step(run: Run, x: Tensor, idx: Tensor, progress: Progress, aspect: Tensor | None = None) -> StepResult:
     """Views on the device, the method's loss, backward, a finite check, the optimiser step, then the method's
-    state updates and the teachers' EMA. A non-finite loss or gradient takes no step (``finite=False``)."""
+    state updates and the teachers' EMA. A non-finite loss or gradient takes no step (``finite=False``).
+    ``aspect`` (B,): the images' original width / height when they are whole images squashed to squares (an
+    image-folder cache), so crops are drawn in the original pixel space."""
     cfg = run.cfg
     lr = warmup_cosine(progress.step, run.total_steps, run.warmup_steps, run.base_lr, run.base_lr * cfg.optim.min_lr_ratio)
     wd_end = cfg.optim.weight_decay if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end
     set_optim_values(run.optimizer, lr, run.base_lr, cosine_schedule(progress.fraction, cfg.optim.weight_decay, wd_end))
     with torch.no_grad():
-        views = make_views(x, run.recipe, run.data.mean, run.data.std)
+        views = make_views(x, run.recipe, run.data.mean, run.data.std, aspect)
     if run.channels_last:
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
     # a method with ``needs_indices`` (a per-sample memory) also gets the batch's positions in the training set

@@ -25,6 +25,7 @@ from selfsup.monitor.collapse import CollapseMonitor
 from selfsup.monitor.features import extract_features
 from selfsup.monitor.knn import knn_accuracy
 from selfsup.schedules import scaled_lr
+from selfsup.train.batches import resident_images
 from selfsup.train.build import build_method, check_batch, check_names, check_run, resolve_config, view_recipe
 from selfsup.train.checkpoint import FORMAT_VERSION, atomic_save, check_compatible, safe_load
 from selfsup.train.device import resolve_device, resolve_precision, rng_state, set_rng_state, sync_batchnorm
@@ -80,8 +81,8 @@ class Run:
     run_dir: Path
     device: torch.device
     data: Data
-    images: Tensor
-    """The training images where the loop reads batches from (on the GPU when they fit there)."""
+    resident: Tensor | None
+    """The training records held on the GPU for the whole run (small in-memory sets on CUDA), else None."""
     recipe: ViewRecipe
     model: nn.Module
     spec: MethodSpec
@@ -139,7 +140,7 @@ def setup_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False) -> Run:
     stepper: nn.Module = _Stepper(model)
     if world > 1:
         stepper = torch.nn.parallel.DistributedDataParallel(stepper, device_ids=[device] if device.type == "cuda" else None)
-    run = Run(cfg=cfg, run_dir=run_dir, device=device, data=data, images=_training_images(data.train, device),
+    run = Run(cfg=cfg, run_dir=run_dir, device=device, data=data, resident=resident_images(data.train, device),
               recipe=recipe, model=model, spec=spec, stepper=stepper, optimizer=build_optimizer(model, cfg.optim, base_lr),
               amp_dtype=resolve_precision(t.precision, device), channels_last=channels_last,
               steps_per_epoch=steps_per_epoch, total_steps=total_steps,
@@ -186,14 +187,6 @@ def _build_model(cfg: RunConfig, data: Data, world: int, device: torch.device,
     if t.compile:
         model.backbone.compile()
     return model, channels_last
-
-
-def _training_images(train: ImageSet, device: torch.device) -> Tensor:
-    """Where batches are read from: the CPU tensor, or on a GPU the whole set when it is small (one gather per
-    step on the device) and pinned memory otherwise (asynchronous copies)."""
-    if device.type != "cuda":
-        return train.images
-    return train.images.pin_memory() if train.images.numel() > 2**31 else train.images.to(device)
 
 
 def _resume(run: Run) -> None:

@@ -136,9 +136,9 @@ def check_augment(a: Augment, name: str) -> list[str]:
     return p
 
 
-def augment(x: Tensor, a: Augment) -> Tensor:
-    """One random view of a float batch in [0, 1]."""
-    x = ops.resized_crop_flip(x, a.size, a.scale, a.ratio, a.flip_p)
+def augment(x: Tensor, a: Augment, aspect: Tensor | None = None) -> Tensor:
+    """One random view of a float batch in [0, 1]; ``aspect`` (B,) as in :func:`make_views`."""
+    x = ops.resized_crop_flip(x, a.size, a.scale, a.ratio, a.flip_p, aspect)
     x = ops.color_jitter(x, a.jitter_p, a.brightness, a.contrast, a.saturation, a.hue)
     x = ops.random_grayscale(x, a.gray_p)
     x = ops.gaussian_blur(x, a.blur_p, a.blur_sigma)
@@ -163,12 +163,24 @@ def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     return (x - m) / s
 
 
-def make_views(batch: Tensor, recipe: ViewRecipe, mean: Sequence[float], std: Sequence[float]) -> list[Tensor]:
-    """uint8 (B, C, H, W) on the training device → normalised views: globals, then local crops."""
+def make_views(batch: Tensor, recipe: ViewRecipe, mean: Sequence[float], std: Sequence[float],
+               aspect: Tensor | None = None) -> list[Tensor]:
+    """uint8 (B, C, H, W) on the training device → normalised views: globals, then local crops.
+
+    ``aspect`` (B,): each image's original width / height when the batch holds whole images squashed to
+    squares (``ImageSet.aspect`` of an image-folder cache); crops are then drawn in the original pixel
+    space, as torchvision's RandomResizedCrop on the original image. ``None``: square images.
+    """
     x = to_float(batch)
-    views = [augment(x, a) for a in recipe.globals_]
-    views += [augment(x, recipe.local) for _ in range(recipe.local_crops)]
+    views = [augment(x, a, aspect) for a in recipe.globals_]
+    views += [augment(x, recipe.local, aspect) for _ in range(recipe.local_crops)]
     return [normalize(v, mean, std) for v in views]
+
+
+def center_view(batch: Tensor, aspect: Tensor | None, size: int) -> Tensor:
+    """The evaluation view: uint8 (B, C, S, S) → float (B, C, size, size) in [0, 1], the centre square of
+    each image in its original pixel space ("resize the short side, centre-crop"); not normalised."""
+    return ops.center_crop(to_float(batch), size, aspect)
 
 
 def group_by_size(views: Sequence[Tensor]) -> list[tuple[list[int], Tensor]]:

@@ -1,7 +1,6 @@
-"""Datasets: IDX parsing, splits, label subsets, image folders with unusual and broken files."""
+"""Datasets: IDX parsing, splits, label subsets, corrupt image files (fuzzed). Image folders and their
+cache: test_folder_cache.py."""
 from __future__ import annotations
-
-import dataclasses
 
 import gzip
 import io
@@ -14,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from selfsup.data import DataError, holdout_split, parse_fraction, stratified_subset
+from selfsup.data import DataError, ImageSet, holdout_split, parse_fraction, stratified_subset
+from selfsup.data.cache import load_image_folder
 from selfsup.data.fashion_mnist import read_idx
-from selfsup.data.folder import load_image_folder
 
 FUZZ_CASES = 300
 
@@ -67,64 +66,6 @@ def test_stratified_subset_fractions_and_shots():
         parse_fraction("150%")
 
 
-def test_folder_with_class_subfolders_and_unusual_modes(tmp_path):
-    """Palette, 16-bit, CMYK, RGBA, LA, bilevel, 32-bit int and float images all load as 8-bit RGB."""
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    base = Image.open(io.BytesIO(_png()))
-    base.convert("P").save(tmp_path / "a" / "palette.png")
-    base.convert("RGBA").save(tmp_path / "a" / "rgba.png")
-    base.convert("CMYK").save(tmp_path / "a" / "cmyk.jpg")
-    base.convert("LA").save(tmp_path / "a" / "la.png")
-    Image.fromarray((np.arange(120, dtype=np.uint16).reshape(10, 12) * 500)).save(tmp_path / "b" / "sixteen.png")
-    base.convert("1").save(tmp_path / "b" / "bilevel.png")
-    Image.fromarray(np.full((10, 12), 3.5, dtype=np.float32)).save(tmp_path / "b" / "float.tiff")
-    Image.new("RGB", (1, 1), (255, 0, 0)).save(tmp_path / "b" / "tiny.png")
-    Image.new("RGB", (3000, 2), (0, 0, 255)).save(tmp_path / "b" / "wide.png")
-    images = load_image_folder(tmp_path, image_size=16)
-    assert images.classes == ["a", "b"] and len(images) == 9 and images.skipped == 0
-    assert images.images.shape == (9, 3, 16, 16) and images.images.dtype == torch.uint8
-    assert images.labels.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 1]
-    tiny = images.images[images.paths.index(str(tmp_path / "b" / "tiny.png"))]
-    assert tiny[0].min() == 255 and tiny[1].max() == 0
-    sixteen = images.images[images.paths.index(str(tmp_path / "b" / "sixteen.png"))]
-    assert sixteen.max() > 200, "16-bit images are rescaled, not clipped"
-
-
-def test_grayscale_folder_stays_one_channel(tmp_path):
-    for i in range(3):
-        Image.open(io.BytesIO(_png(seed=i))).convert("L").save(tmp_path / f"{i}.png")
-    images = load_image_folder(tmp_path, image_size=8)
-    assert images.channels == 1 and images.labels is None
-
-
-def test_broken_files_are_skipped_and_counted(tmp_path):
-    for i in range(6):
-        (tmp_path / f"ok{i}.png").write_bytes(_png(seed=i))
-    (tmp_path / "zero.png").write_bytes(b"")
-    (tmp_path / "text.jpg").write_bytes(b"this is not an image")
-    (tmp_path / "cut.png").write_bytes(_png(seed=9)[:60])
-    images = load_image_folder(tmp_path, image_size=8)
-    assert len(images) == 6 and images.skipped == 3
-
-
-def test_mostly_broken_folder_stops_with_summary(tmp_path):
-    (tmp_path / "ok.png").write_bytes(_png())
-    for i in range(3):
-        (tmp_path / f"bad{i}.png").write_bytes(b"garbage")
-    with pytest.raises(DataError, match="3 of 4 image files are unreadable"):
-        load_image_folder(tmp_path)
-
-
-def test_decompression_bomb_is_skipped(tmp_path, monkeypatch):
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
-    for i in range(3):
-        (tmp_path / f"small{i}.png").write_bytes(_png(size=(5, 5), seed=i))
-    (tmp_path / "bomb.png").write_bytes(_png(size=(200, 200)))
-    images = load_image_folder(tmp_path, image_size=8)
-    assert len(images) == 3 and images.skipped == 1
-
-
 @settings(max_examples=FUZZ_CASES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kind=st.sampled_from(["png", "jpeg"]), seed=st.integers(0, 3),
        mutations=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=8),
@@ -140,9 +81,9 @@ def test_fuzz_corrupt_images_never_crash(tmp_path_factory, kind, seed, mutations
     (folder / f"mutant.{kind}").write_bytes(bytes(data))
     for i in range(2):
         (folder / f"good{i}.png").write_bytes(_png(seed=10 + i))
-    images = load_image_folder(folder, image_size=8, workers=1)
+    images = load_image_folder(folder, 8, cache_dir=str(folder / ".cache"), workers=1, progress=False)
     assert len(images) + images.skipped == 3
-    assert images.images.shape[1:] == (images.channels, 8, 8)
+    assert images.images.shape[1:] == (images.channels, 11, 11) and images.image_size == 8
 
 
 def test_long_tail_pretraining_subset_decays_by_the_factor_and_evaluation_keeps_every_label(tmp_path):
@@ -164,7 +105,7 @@ def test_long_tail_pretraining_subset_decays_by_the_factor_and_evaluation_keeps_
     recorded = train.class_counts()
     assert list(recorded.values()) == counts.tolist() and list(recorded)[0] == train.classes[0]
     assert train.describe() == f"{len(train)} images of 10 classes ({int(counts[9])}–{smallest} per class)"
-    assert dataclasses.replace(train, labels=None).class_counts() is None
+    assert ImageSet(train.images, None).class_counts() is None
     with pytest.raises(ConfigError, match="data.long_tail must be ≥ 1"):
         load_config(None, {"data.long_tail": 0.5})
     with pytest.raises(DataError, match="needs labelled training images"):
