@@ -156,12 +156,13 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
     note = f" ({emb.skipped} unreadable file(s) skipped)" if emb.skipped else ""
     if args.duplicates:
         groups = [[emb.paths[i] for i in g] for g in duplicate_groups(emb.vectors, args.threshold)]
+        criterion = "every pair in a group at cosine similarity ≥ threshold, on embeddings centred by the folder's mean"
         if args.json:
-            print(json.dumps({"threshold": args.threshold, "images": len(emb.paths), "skipped": emb.skipped,
-                              "groups": groups}, indent=2))
+            print(json.dumps({"threshold": args.threshold, "criterion": criterion, "images": len(emb.paths),
+                              "skipped": emb.skipped, "groups": groups}, indent=2))
             return 0
-        print(f"{len(groups)} group(s) of near-duplicates (cosine similarity ≥ {args.threshold}) "
-              f"among {len(emb.paths)} images{note}")
+        print(f"{len(groups)} group(s) of near-duplicates among {len(emb.paths)} images{note}: every pair in a "
+              f"group at cosine similarity ≥ {args.threshold} (embeddings centred by the folder's mean)")
         for n, group in enumerate(groups, 1):
             print(f"group {n} ({len(group)} images):")
             print("".join(f"  {p}\n" for p in group), end="")
@@ -304,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     nb.add_argument("--data", required=True, help="image folder to search")
     nb.add_argument("--query", help="image file whose neighbours to list")
     nb.add_argument("--duplicates", action="store_true", help="list groups of near-duplicate images")
-    nb.add_argument("--threshold", type=float, default=0.95, help="cosine similarity for --duplicates (default 0.95)")
+    nb.add_argument("--threshold", type=float, default=0.95, help="--duplicates: the cosine similarity every pair in a group reaches, on embeddings centred "
+                    "by the folder's mean (default 0.95)")
     nb.add_argument("--k", type=int, default=5, help="neighbours per query (default 5)")
     nb.add_argument("--device", default="cpu")
     nb.add_argument("--threads", type=int, help="CPU threads for torch")

@@ -4,9 +4,12 @@ Exact search is a chunked matrix product in torch: (chunk, D) × (D, N) similari
 memory stays O(chunk · N) for any collection size. When faiss is installed and the collection has
 at least :data:`FAISS_MIN_SIZE` vectors, its exact inner-product index (``IndexFlatIP``) on the
 l2-normalised vectors is used instead — the same answer, computed faster. Near-duplicate groups
-are the connected components of the graph joining every pair with similarity ≥ the threshold.
+(:func:`duplicate_groups`) are clusters in which *every* pair is at least the threshold similar
+(complete linkage), measured on embeddings centred by the collection's mean.
 """
 from __future__ import annotations
+
+import heapq
 
 import numpy as np
 import torch
@@ -16,8 +19,9 @@ from torch import Tensor
 from selfsup.data.imageset import DataError
 
 FAISS_MIN_SIZE = 100_000
-MAX_PAIRS = 20_000_000
-"""Refuse thresholds so low that the pair list would not fit comfortably in memory."""
+MAX_PAIRS = 5_000_000
+"""Refuse thresholds so low that the pair list (and the linkage's per-pair bookkeeping, a few hundred
+bytes a pair in Python) would not fit comfortably in memory."""
 
 
 def _faiss(size: int, use_faiss: bool | None):
@@ -63,9 +67,10 @@ def cosine_topk(queries: Tensor, bank: Tensor, k: int, chunk: int = 1024,
     return torch.cat(out_s), torch.cat(out_i)
 
 
-def _pairs_torch(x: Tensor, threshold: float, chunk: int) -> Tensor:
-    """(P, 2) index pairs i < j with cos(x_i, x_j) ≥ threshold."""
-    pairs, total = [], 0
+def _pairs_torch(x: Tensor, threshold: float, chunk: int) -> tuple[Tensor, Tensor]:
+    """(P, 2) index pairs i < j with cos(x_i, x_j) ≥ threshold, and their (P,) similarities;
+    x (N, D) is l2-normalised."""
+    pairs, sims_out, total = [], [], 0
     n = x.shape[0]
     for start in range(0, n, chunk):
         sims = x[start : start + chunk] @ x.T
@@ -73,51 +78,107 @@ def _pairs_torch(x: Tensor, threshold: float, chunk: int) -> Tensor:
         hit = (sims >= threshold) & (torch.arange(n)[None] > rows)
         found = hit.nonzero()
         total += len(found)
-        if total > MAX_PAIRS:
-            raise DataError(f"more than {MAX_PAIRS:,} image pairs are above similarity {threshold}; "
-                            "raise --threshold (near-duplicates are usually ≥ 0.95)")
+        _check_pair_count(total, threshold)
+        sims_out.append(sims[hit])  # row-major, the order of nonzero()
         found[:, 0] += start
         pairs.append(found)
-    return torch.cat(pairs) if pairs else torch.zeros(0, 2, dtype=torch.long)
+    if not pairs:
+        return torch.zeros(0, 2, dtype=torch.long), torch.zeros(0)
+    return torch.cat(pairs), torch.cat(sims_out)
 
 
-def _pairs_faiss(faiss, x: Tensor, threshold: float) -> Tensor:
-    lims, _, idx = _index(faiss, x).range_search(np.ascontiguousarray(x.numpy(), dtype=np.float32), threshold)
+def _check_pair_count(total: int, threshold: float) -> None:
+    if total > MAX_PAIRS:
+        raise DataError(f"more than {MAX_PAIRS:,} image pairs are above similarity {threshold}; "
+                        "raise --threshold (near-duplicates are usually ≥ 0.9 on the centred embeddings)")
+
+
+def _pairs_faiss(faiss, x: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    lims, dist, idx = _index(faiss, x).range_search(np.ascontiguousarray(x.numpy(), dtype=np.float32), threshold)
     rows = np.repeat(np.arange(x.shape[0]), np.diff(lims))
     pairs = torch.from_numpy(np.stack([rows, idx.astype(np.int64)], axis=1))
-    return pairs[pairs[:, 0] < pairs[:, 1]]
+    keep = pairs[:, 0] < pairs[:, 1]
+    _check_pair_count(int(keep.sum()), threshold)
+    return pairs[keep], torch.from_numpy(np.asarray(dist, dtype=np.float32))[keep]
 
 
-def _components(n: int, pairs: Tensor) -> Tensor:
-    """Component label (n,) of each node; union-find with path halving over the edge list."""
-    parent = list(range(n))
+def _complete_linkage(pairs: Tensor, sims: Tensor) -> list[list[int]]:
+    """Agglomerative clustering with complete linkage, cut at the threshold the pairs were found with.
 
-    def root(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for i, j in pairs.tolist():
-        ri, rj = root(i), root(j)
-        if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)
-    return torch.tensor([root(i) for i in range(n)], dtype=torch.long)
+    pairs (P, 2) and sims (P,): every pair at or above the threshold (the sparse similarity graph).
+    Two clusters may merge only when every cross pair is in the graph; their linkage is the smallest
+    cross similarity, and the pair of clusters with the largest linkage merges first (ties: lower
+    cluster ids first, so the result is deterministic). The Lance–Williams update for complete
+    linkage (the linkage to a merged cluster is the min of the two) keeps each merge local. Returns
+    the clusters of ≥ 2 members.
+    """
+    link: dict[int, dict[int, float]] = {}
+    for (i, j), s in zip(pairs.tolist(), sims.tolist()):
+        link.setdefault(i, {})[j] = s
+        link.setdefault(j, {})[i] = s
+    heap = [(-s, i, j) for i, nbrs in link.items() for j, s in nbrs.items() if i < j]
+    heapq.heapify(heap)
+    members = {i: [i] for i in link}
+    next_id = max(link, default=-1) + 1
+    while heap:
+        _, a, b = heapq.heappop(heap)
+        if a not in members or b not in members:  # one side was merged since: a stale entry
+            continue
+        c, next_id = next_id, next_id + 1
+        la, lb = link.pop(a), link.pop(b)
+        for k in la:
+            if k != b:
+                del link[k][a]
+        for k in lb:
+            if k != a:
+                del link[k][b]
+        # A cluster linked to both halves stays linkable; one linked to only one half has a cross
+        # pair below the threshold with the merged cluster and can never join it.
+        merged = {k: min(la[k], lb[k]) for k in la.keys() & lb.keys()}
+        for k, s in merged.items():
+            link[k][c] = s
+            heapq.heappush(heap, (-s, k, c))
+        link[c] = merged
+        members[c] = members.pop(a) + members.pop(b)
+    return [sorted(m) for m in members.values() if len(m) > 1]
 
 
 @torch.no_grad()
 def duplicate_groups(vectors: Tensor, threshold: float = 0.95, chunk: int = 1024,
-                     use_faiss: bool | None = None) -> list[list[int]]:
-    """Groups (≥ 2 members, indices ascending) of vectors (N, D) linked by cosine similarity ≥ threshold,
-    transitively (connected components); largest group first, then by first index."""
+                     use_faiss: bool | None = None, centre: bool = True) -> list[list[int]]:
+    """Groups of near-duplicates among vectors (N, D): clusters in which every pair has cosine
+    similarity ≥ threshold. Groups have ≥ 2 members, indices ascending; largest group first, then by
+    first index.
+
+    Why complete linkage: near-duplicates of one image are all close to each other, so asking it of
+    every pair loses none of them, while it stops the chaining of single linkage (connected
+    components), where a ~ b ~ c ~ … joins images that are nothing alike through a path of
+    similar-enough neighbours — on a real folder that put 3,851 of 4,261 images in one group. Mutual
+    nearest neighbours would not chain either, but finds pairs only, not an image with two copies.
+
+    Why centre (``centre=True``, the collection's mean feature subtracted before l2-normalising):
+    pooled ReLU features are non-negative and share one large positive direction, so the raw cosine
+    of *any* two images is high and a threshold separates little. The centred cosine measures how
+    two images differ from the collection's average one. It needs a collection, not a pair: two
+    exact copies stay at similarity 1, but a folder of only two images gives them opposite directions.
+    Vectors that equal the mean (a collection of one repeated image) have no direction after centring;
+    they are one group, since they equal each other.
+    """
     if not -1.0 <= threshold <= 1.0:
         raise DataError(f"--threshold is a cosine similarity in [-1, 1], got {threshold}")
-    x = F.normalize(vectors.float(), dim=1)
-    n = x.shape[0]
-    faiss = _faiss(n, use_faiss)
-    pairs = _pairs_faiss(faiss, x, threshold) if faiss is not None else _pairs_torch(x, threshold, chunk)
-    labels = _components(n, pairs)
-    groups: dict[int, list[int]] = {}
-    for i, c in enumerate(labels.tolist()):
-        groups.setdefault(c, []).append(i)
-    return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: (-len(g), g[0]))
+    x = vectors.float()
+    at_mean = torch.zeros(x.shape[0], dtype=torch.bool)
+    if centre and x.shape[0] > 0:
+        centred = x - x.mean(dim=0)
+        at_mean = centred.norm(dim=1) <= 1e-6 * x.norm(dim=1).clamp_min(1e-12)
+        x = centred
+    x = F.normalize(x, dim=1)
+    faiss = _faiss(x.shape[0], use_faiss)
+    pairs, sims = _pairs_faiss(faiss, x, threshold) if faiss is not None else _pairs_torch(x, threshold, chunk)
+    if at_mean.any():  # their zero vectors would have similarity 0 to every other image
+        keep = ~(at_mean[pairs[:, 0]] | at_mean[pairs[:, 1]])
+        pairs, sims = pairs[keep], sims[keep]
+    groups = _complete_linkage(pairs, sims)
+    if int(at_mean.sum()) > 1:
+        groups.append(at_mean.nonzero().flatten().tolist())
+    return sorted(groups, key=lambda g: (-len(g), g[0]))

@@ -109,19 +109,28 @@ def check_vicreg_settings(sim_weight: float, var_weight: float, cov_weight: floa
 def vicreg_loss(z1: Tensor, z2: Tensor, sim_weight: float = 25.0, var_weight: float = 25.0,
                 cov_weight: float = 1.0, gamma: float = 1.0, eps: float = 1e-4,
                 gather: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
-    """λ s(Z, Z') + μ [v(Z) + v(Z')] + ν [c(Z) + c(Z')] (Bardes et al. 2022, arXiv:2105.04906, eq. 6).
+    """λ s(Z, Z') + μ [v(Z) + v(Z')] / 2 + ν [c(Z) + c(Z')] (Bardes et al. 2022, arXiv:2105.04906).
 
     z1, z2: (B, D) expander outputs. λ = μ = 25, ν = 1, γ = 1, ε = 10⁻⁴ are the paper's values.
+
+    The weighting follows the authors' code (facebookresearch/vicreg ``main_vicreg.py``, whose runs
+    produced the published 25/25/1 weights; lightly's ``VICRegLoss`` does the same), not the literal
+    eq. 6: the variance term is the *mean* of the two branches' hinges (``std_loss = mean(relu(1 −
+    std_x)) / 2 + mean(relu(1 − std_y)) / 2``), while the covariance term is the *sum* of the two
+    branches' c(·), each already divided by D. Summing the variance hinges, as eq. 6 reads, doubles
+    μ against the weights the paper tuned.
+
     With ``gather`` the variance and covariance terms use the embeddings of every process; the
-    invariance term is per sample, so it stays local. Returns the loss and its three unweighted
-    terms, detached, for logging.
+    invariance term is per sample, so it stays local (as the reference code). Returns the loss and
+    its three unweighted terms as they enter it (variance averaged over the branches, covariance
+    summed), detached, for logging.
     """
     _check_batch(z1, z2, "vicreg")
     check_vicreg_settings(sim_weight, var_weight, cov_weight, gamma, eps)
     inv = invariance_loss(z1, z2)
     if gather:
         z1, z2 = gather_ranks(z1), gather_ranks(z2)
-    var = variance_loss(z1, gamma, eps) + variance_loss(z2, gamma, eps)
+    var = (variance_loss(z1, gamma, eps) + variance_loss(z2, gamma, eps)) / 2
     cov = covariance_loss(z1) + covariance_loss(z2)
     loss = sim_weight * inv + var_weight * var + cov_weight * cov
     return loss, {"invariance": inv.detach(), "variance": var.detach(), "covariance": cov.detach()}

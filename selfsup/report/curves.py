@@ -131,6 +131,10 @@ def plot_diagnostics(m: Metrics, path: Path, monitor: CollapseMonitor | None = N
     a_spread.set(title="embedding spread", xlabel="step")
     xr, yr = _series(m.steps, "rank")
     a_rank.plot(xr, yr, color="tab:purple", label="effective rank (RankMe)")
+    if monitor.rank_drop and yr:  # the relative threshold; the absolute one (a fraction of min(B, D)) is lower
+        reference = max(yr[: monitor.reference_checks])
+        a_rank.axhline(monitor.rank_drop * reference, ls=":", color=WARN_COLOR,
+                       label=f"warning threshold ({monitor.rank_drop:g}× the first checks' {reference:.0f})")
     a_rank.set_ylim(bottom=0)
     a_rank.set(title="effective rank of z", xlabel="step")
     xa, ya = _series(m.steps, "alignment")

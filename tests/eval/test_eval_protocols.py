@@ -360,17 +360,58 @@ def test_cosine_topk_matches_a_brute_force_reference() -> None:
     assert cosine_topk(queries, bank[:2], k=5)[1].shape == (9, 2)  # k capped at the collection size
 
 
-def test_duplicate_groups_are_connected_components() -> None:
+def test_duplicate_groups_are_complete_linkage_clusters() -> None:
+    """Every pair in a group is ≥ the threshold: a chain of similar neighbours does not join its ends."""
     e = torch.eye(4)
     a, b, c = e[0], e[1], e[2]
-    mid_ab = torch.nn.functional.normalize(a + b, dim=0)
-    # a ~ mid_ab ~ b at cos 0.707 while a, b are orthogonal: one group through the chain
+    mid_ab = torch.nn.functional.normalize(2 * a + b, dim=0)
+    # a ~ mid_ab ~ b at cos 0.894 and 0.447 while a, b are orthogonal: single linkage chains a to b
     vectors = torch.stack([a, 2 * a, c, mid_ab, b, e[3], -c])
-    assert duplicate_groups(vectors, threshold=0.999) == [[0, 1]]  # scale does not matter, only direction
-    assert duplicate_groups(vectors, threshold=0.7) == [[0, 1, 3, 4]]
-    assert duplicate_groups(vectors, threshold=-1.0) == [list(range(7))]
+    groups = lambda t: duplicate_groups(vectors, threshold=t, centre=False)  # noqa: E731
+    assert groups(0.999) == [[0, 1]]  # uncentred, scale does not matter, only direction
+    assert groups(0.4) == [[0, 1, 3]]  # {a, 2a} joins mid_ab (0.894 to both), but b is at 0 from a
+    assert groups(-1.0) == [list(range(7))]
     with pytest.raises(DataError, match="cosine similarity in"):
         duplicate_groups(vectors, threshold=1.5)
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.8, 0.95])
+def test_duplicate_groups_match_scipy_complete_linkage(threshold) -> None:
+    """The sparse agglomeration cut at the threshold equals scipy's complete linkage on the full
+    cosine-distance matrix, cut at distance 1 − threshold (clusters of ≥ 2 members)."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import pdist
+
+    g = torch.Generator().manual_seed(4)
+    centres = torch.randn(12, 6, generator=g, dtype=torch.float64)
+    x = centres[torch.randint(0, 12, (80,), generator=g)] + 0.3 * torch.randn(80, 6, generator=g, dtype=torch.float64)
+    labels = fcluster(linkage(pdist(x.numpy(), "cosine"), "complete"), t=1 - threshold, criterion="distance")
+    expected = [np.flatnonzero(labels == c).tolist() for c in np.unique(labels)]
+    expected = sorted((e for e in expected if len(e) > 1), key=lambda e: (-len(e), e[0]))
+    got = duplicate_groups(x, threshold, centre=False)
+    assert got == expected and len(got) >= 5
+
+
+def test_duplicate_groups_centre_away_the_shared_direction() -> None:
+    """Non-negative features with one large common component (what pooled ReLU features look like):
+    every raw cosine is above 0.95, so uncentred everything is one group; centred, only the copies."""
+    g = torch.Generator().manual_seed(3)
+    x = 10 + torch.rand(30, 16, generator=g)
+    x[5] = x[3] + 0.01 * torch.rand(16, generator=g)
+    x[17] = x[3] * 1.001
+    x[9] = x[22].clone()
+    raw = torch.nn.functional.normalize(x, dim=1)
+    assert (raw @ raw.T).min() > 0.95
+    assert duplicate_groups(x, 0.95, centre=False) == [list(range(30))]
+    assert duplicate_groups(x, 0.95) == [[3, 5, 17], [9, 22]]
+
+
+def test_a_folder_of_one_repeated_image_is_one_group() -> None:
+    """Centred, identical vectors are all zero (no direction); they are still one group of copies."""
+    x = torch.cat([torch.ones(4, 3), torch.ones(1, 3)])
+    assert duplicate_groups(x, 0.95) == [[0, 1, 2, 3, 4]]
+    y = torch.cat([torch.ones(3, 3), torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0], [0.0, 5.0, 0.0]])])
+    assert duplicate_groups(y, 0.95)[0] == [0, 1, 2]
 
 
 def test_faiss_path_gives_the_exact_answer(monkeypatch) -> None:
@@ -398,7 +439,7 @@ def test_faiss_path_gives_the_exact_answer(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "faiss", types.SimpleNamespace(IndexFlatIP=IndexFlatIP))
     g = torch.Generator().manual_seed(2)
     bank = torch.randn(40, 5, generator=g)
-    bank[7] = 3 * bank[3]
+    bank[7] = 1.001 * bank[3]
     bank[20] = bank[3] + 1e-4
     queries = torch.randn(6, 5, generator=g)
     exact = cosine_topk(queries, bank, 5, use_faiss=False)

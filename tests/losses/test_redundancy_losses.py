@@ -90,8 +90,10 @@ def test_barlow_twins_bad_inputs():
 
 def naive_vicreg(za: torch.Tensor, zb: torch.Tensor, lam: float, mu: float, nu: float, gamma: float = 1.0,
                  eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """arXiv:2105.04906 eqs. 1–6 with explicit sums: s is the mean squared difference over the n·d
-    entries (Algorithm 1's mse_loss), v and c per branch with unbiased (n − 1) statistics."""
+    """arXiv:2105.04906 eqs. 1–5 with explicit sums, combined as the authors' code combines them
+    (facebookresearch/vicreg main_vicreg.py): s is the mean squared difference over the n·d entries
+    (Algorithm 1's mse_loss), v and c per branch with unbiased (n − 1) statistics, the two branches'
+    variance hinges averaged (``/ 2`` each) and their covariance terms summed."""
     n, d = za.shape
     s = sum((za[b, j] - zb[b, j]) ** 2 for b in range(n) for j in range(d)) / (n * d)
 
@@ -113,7 +115,7 @@ def naive_vicreg(za: torch.Tensor, zb: torch.Tensor, lam: float, mu: float, nu: 
                     total = total + cov ** 2
         return total / d
 
-    var, cov = v(za) + v(zb), c(za) + c(zb)
+    var, cov = v(za) / 2 + v(zb) / 2, c(za) + c(zb)
     return lam * s + mu * var + nu * cov, s, var, cov
 
 
@@ -140,6 +142,19 @@ def test_vicreg_terms_vanish_where_the_paper_says():
     assert covariance_loss(decorrelated).item() == pytest.approx(0.0, abs=1e-24)
     # A collapsed (constant) embedding pays γ − √ε per dimension.
     assert variance_loss(torch.ones(8, 3, **f64), 1.0, 1e-4).item() == pytest.approx(1 - 1e-2)
+
+
+def test_vicreg_variance_weight_is_the_mean_over_branches():
+    """Two fully collapsed branches pay μ (γ − √ε) in all, not 2 μ (γ − √ε): the reference code
+    averages the branches' hinges (main_vicreg.py ``std_loss = ... / 2 + ... / 2``), and its
+    25/25/1 weights were tuned with that average. The covariance terms are summed, as there."""
+    collapsed = torch.ones(8, 3, **f64)
+    loss, terms = vicreg_loss(collapsed, collapsed.clone(), sim_weight=0.0, var_weight=1.0, cov_weight=0.0)
+    assert loss.item() == pytest.approx(1 - 1e-2)
+    assert terms["variance"].item() == pytest.approx(1 - 1e-2)
+    za, zb = torch.randn(10, 4, **f64), 2 * torch.randn(10, 4, **f64)
+    _, terms = vicreg_loss(za, zb)
+    torch.testing.assert_close(terms["covariance"], covariance_loss(za) + covariance_loss(zb))
 
 
 def test_vicreg_gradcheck():

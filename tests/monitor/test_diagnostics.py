@@ -220,6 +220,46 @@ def test_monitor_names_dimensional_collapse() -> None:
     assert "projector" in warnings[0]["message"]
 
 
+def _subspace_batches(ranks: list[int], dim: int = 64, batch: int = 128, seed: int = 0) -> list[torch.Tensor]:
+    """One (batch, dim) batch per entry, isotropic within a randomly oriented k-dimensional subspace:
+    effective rank ≈ k (a little below), spread near the healthy 1/√D once k is not tiny."""
+    g = torch.Generator().manual_seed(seed)
+    basis = _orthonormal(dim, max(ranks), seed + 1).T.float()
+    return [torch.randn(batch, k, generator=g) @ basis[:k] for k in ranks]
+
+
+def test_monitor_warns_when_the_rank_falls_far_below_the_runs_first_checks() -> None:
+    """Dimensional collapse above the absolute threshold (0.05 × 64 = 3.2): the rank falls from ~40
+    in the first checks to ~10, below 0.35 × the reference, while the spread stays up."""
+    batches = _subspace_batches([40, 40, 40, 30, 10, 10, 10, 10])
+    monitor = CollapseMonitor(verbose=False)
+    warnings = _feed(monitor, batches)
+    assert [w["kind"] for w in warnings] == ["dimensional"] and warnings[0]["step"] == 6  # 3rd low check
+    w = warnings[0]
+    assert w["spread"] > w["spread_threshold"] and w["rank"] > 0.05 * 64
+    assert w["reference_rank"] == pytest.approx(monitor.reference_rank) and 30 < w["reference_rank"] <= 40
+    assert w["rank_threshold"] == pytest.approx(0.35 * w["reference_rank"])
+    assert f"0.35 × the {w['reference_rank']:.1f} this run reached in its first logged checks" in w["message"]
+    # the old, absolute-only rule (rank_drop = 0) misses it
+    assert _feed(CollapseMonitor(verbose=False, rank_drop=0.0), batches) == []
+
+
+def test_monitor_is_silent_when_the_rank_settles_lower_but_not_collapsed() -> None:
+    """A healthy run's rank often falls from its first steps (SimSiam's recipe: 146 → 92, 0.63 ×)."""
+    batches = _subspace_batches([40, 36, 32, 28, 24, 24, 24, 24, 24])
+    monitor = CollapseMonitor(verbose=False)
+    assert _feed(monitor, batches) == [] and not monitor.collapsed
+
+
+def test_the_reference_is_the_first_checks_only() -> None:
+    """A rank that rises after the first checks does not raise the bar; a later fall is measured
+    against the first checks' highest rank."""
+    monitor = CollapseMonitor(verbose=False, reference_checks=2)
+    _feed(monitor, _subspace_batches([20, 24, 60, 60]))
+    assert 20 < monitor.reference_rank <= 24
+    assert monitor.thresholds(128, 64)[1] == pytest.approx(0.35 * monitor.reference_rank)
+
+
 def test_monitor_ignores_a_short_dip_and_rearms_after_recovery() -> None:
     collapsed = [torch.ones(64, 32) + 1e-4 * torch.randn(64, 32) for _ in range(3)]
     monitor = CollapseMonitor(window=3, verbose=False)
@@ -237,6 +277,10 @@ def test_monitor_skips_non_finite_batches_and_rejects_bad_settings() -> None:
         CollapseMonitor(window=0)
     with pytest.raises(ValueError, match="spread_fraction"):
         CollapseMonitor(spread_fraction=1.5)
+    with pytest.raises(ValueError, match="rank_drop"):
+        CollapseMonitor(rank_drop=1.0)
+    with pytest.raises(ValueError, match="reference_checks"):
+        CollapseMonitor(reference_checks=0)
 
 
 def _tiny_run_config(tmp_path, **train):
