@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfsup.losses.distillation import dino_loss, update_center
-from selfsup.losses.ibot import ibot_patch_loss
+from selfsup.losses.distillation import centered_softmax, dino_loss, update_center
+from selfsup.losses.ibot import ibot_patch_loss_masked
 from selfsup.methods.base import MethodSpec, Progress
 from selfsup.methods.dino import DINOHead
 from selfsup.methods.registry import register
@@ -52,7 +52,7 @@ class StudentOutputs(NamedTuple):
     cls_logits: list[Tensor]
     """V (B, K) [CLS] head logits: the two masked global views, then every local crop."""
     patch_logits: Tensor
-    """(2B, L, K') patch-head logits of the global views, computed at the masked tokens only (0 elsewhere)."""
+    """(M, K') patch-head logits of the global views' M masked tokens, in ``x[masks]`` order (nothing else is read)."""
     cls_features: Tensor
     """(2B, D) backbone [CLS] outputs of the masked global views (DINOv2's KoLeo)."""
     cls_embed: Tensor
@@ -64,7 +64,7 @@ def student_outputs(vit: ViT, mask_token: Tensor, cls_head: DINOHead, patch_head
     """The student on the masked global views (stacked along B: view 0, then view 1) and the whole local crops.
 
     ``masks`` (2B, L) bool, True = mask token. Only the masked tokens go through the patch head (the patch loss
-    reads nothing else), scattered back to (2B, L, K'); local crops of one size run through the backbone together.
+    reads nothing else); local crops of one size run through the backbone together.
     ``frozen``: the last layers' gradients are cut (the first epoch's freeze)."""
     tokens = vit.encode_with_mask_tokens(torch.cat(views[:2]), masks, mask_token)  # (2B, 1 + L, D)
     cls_features = vit.cls_output(tokens)
@@ -74,8 +74,7 @@ def student_outputs(vit: ViT, mask_token: Tensor, cls_head: DINOHead, patch_head
         out = cls_head.logits(cls_head.embed(vit.cls_output(vit.encode(vit.patch_tokens(x)))), frozen)
         for i, o in zip(idx, out.chunk(len(idx))):
             cls_logits[2 + i] = o
-    masked = patch_head.logits(patch_head.embed(vit.patch_outputs(tokens)[masks]), frozen)  # (M, K')
-    patch_logits = masked.new_zeros(*masks.shape, masked.shape[-1]).index_put((masks,), masked)
+    patch_logits = patch_head.logits(patch_head.embed(vit.patch_outputs(tokens)[masks]), frozen)  # (M, K')
     return StudentOutputs(cls_logits, patch_logits, cls_features, cls_embed)
 
 
@@ -191,10 +190,10 @@ class IBOT(nn.Module):
             t_cls = self.teacher_head(self.teacher_backbone.cls_output(t))  # (2B, K)
             t_patch = (self.teacher_patch_head or self.teacher_head)(self.teacher_backbone.patch_outputs(t))  # (2B, L, K')
             patch_temp = progress.value("teacher_patch_temp")
-            patch_targets = F.softmax((t_patch.float() - self.patch_center) / patch_temp, dim=-1)
+            patch_targets = centered_softmax(t_patch[masks], self.patch_center.reshape(1, -1), patch_temp)  # (M, K')
         temp = progress.value("teacher_temp")
         cls_loss = dino_loss(s.cls_logits, t_cls.chunk(2), self.center, self.student_temp, temp)
-        patch_loss = ibot_patch_loss(s.patch_logits, patch_targets, masks, self.student_temp)
+        patch_loss = ibot_patch_loss_masked(s.patch_logits, patch_targets, masks, self.student_temp)
         loss = self.cls_loss_weight * cls_loss + self.patch_loss_weight * patch_loss
         with torch.no_grad():  # a uniform teacher (entropy log K) is one of the two collapses centring balances
             entropy = torch.special.entr(F.softmax((t_cls.float() - self.center) / temp, dim=-1)).sum(-1).mean()
