@@ -75,7 +75,7 @@ class DINOv2(nn.Module):
                  dino_loss_weight: float = 1.0, ibot_loss_weight: float = 1.0, koleo_loss_weight: float = 0.1,
                  sinkhorn_iterations: int = 3, mask_ratio: tuple[float, float] = (0.1, 0.5),
                  mask_probability: float = 0.5, momentum_start: float = 0.992, momentum_end: float = 1.0,
-                 freeze_last_layer_epochs: int = 1, registers: int = 0, gather: bool = False):
+                 freeze_last_layer_epochs: float = 1, registers: int = 0, gather: bool = False):
         super().__init__()
         vit = require_registers(backbone, "dinov2", registers) if registers else require_vit(backbone, "dinov2")
         check_masking("dinov2", mask_ratio, mask_probability)
@@ -131,7 +131,7 @@ class DINOv2(nn.Module):
         b = views[0].shape[0]
         masks = self.draw_masks(2 * b, self.backbone.patch_grid(views[0]), views[0].device)  # view 0, then view 1
         s = student_outputs(self.backbone, self.mask_token, self.dino_head, self.ibot_head or self.dino_head, views,
-                            masks, progress.epoch < self.freeze_last_layer_epochs)
+                            masks, self.last_layer_frozen(progress))
         temp = progress.value("teacher_temp")
         cls_targets, patch_targets = self.teacher_targets(views, masks, temp)
         dino = multicrop_cross_entropy(s.cls_logits, cls_targets.chunk(2), self.student_temp)
@@ -144,6 +144,11 @@ class DINOv2(nn.Module):
         return loss, {"dino_loss": dino.detach(), "ibot_loss": ibot.detach(), "koleo_loss": koleo.detach(),
                       "masked_share": masks.float().mean(), "teacher_temp": torch.tensor(temp),
                       "teacher_entropy": entropy, "z": s.cls_embed[:b].detach(), "z_pair": s.cls_embed[b:].detach()}
+
+    def last_layer_frozen(self, progress: Progress) -> bool:
+        """Whether this step cuts the heads' last-layer gradients: during the first ``freeze_last_layer_epochs``
+        (fractional: counted in steps)."""
+        return progress.step < self.freeze_last_layer_epochs * progress.steps_per_epoch
 
     def schedules(self) -> dict[str, Schedule]:
         return {"teacher_momentum": self.teacher_momentum, "teacher_temp": self.teacher_temp}

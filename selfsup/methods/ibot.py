@@ -137,7 +137,7 @@ class IBOT(nn.Module):
                  warmup_teacher_temp_epochs: float = 30, cls_loss_weight: float = 1.0, patch_loss_weight: float = 1.0,
                  mask_ratio: tuple[float, float] = (0.1, 0.5), mask_probability: float = 0.5,
                  center_momentum: float = 0.9, momentum_start: float = 0.996, momentum_end: float = 1.0,
-                 freeze_last_layer_epochs: int = 1, gather: bool = False):
+                 freeze_last_layer_epochs: float = 1, gather: bool = False):
         super().__init__()
         vit = require_vit(backbone, "ibot")
         check_masking("ibot", mask_ratio, mask_probability)
@@ -184,7 +184,7 @@ class IBOT(nn.Module):
         masks = self.draw_masks(2 * b, self.backbone.patch_grid(views[0]), views[0].device)  # view 0, then view 1
         patch_head = self.patch_head or self.head
         s = student_outputs(self.backbone, self.mask_token, self.head, patch_head, views, masks,
-                            progress.epoch < self.freeze_last_layer_epochs)
+                            self.last_layer_frozen(progress))
         with torch.no_grad():
             t = teacher_tokens(self.teacher_backbone, views)
             t_cls = self.teacher_head(self.teacher_backbone.cls_output(t))  # (2B, K)
@@ -201,6 +201,11 @@ class IBOT(nn.Module):
                       "masked_share": masks.float().mean(), "teacher_temp": torch.tensor(temp),
                       "teacher_entropy": entropy, "teacher_cls": t_cls, "teacher_patch": t_patch,
                       "z": s.cls_embed[:b].detach(), "z_pair": s.cls_embed[b:].detach()}
+
+    def last_layer_frozen(self, progress: Progress) -> bool:
+        """Whether this step cuts the heads' last-layer gradients: during the first ``freeze_last_layer_epochs``
+        (fractional: counted in steps)."""
+        return progress.step < self.freeze_last_layer_epochs * progress.steps_per_epoch
 
     def schedules(self) -> dict[str, Schedule]:
         return {"teacher_momentum": self.teacher_momentum, "teacher_temp": self.teacher_temp,
