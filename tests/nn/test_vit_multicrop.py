@@ -120,3 +120,11 @@ def test_local_crops_the_patch_does_not_divide_fail_before_training(method):
         check_run(model, cfg, 1000, recipe)
     cfg.views["local_size"] = 12
     check_run(model, cfg, 1000, view_recipe(cfg, get_method(method).spec, 28))
+
+
+def test_dino_teacher_has_no_drop_path():
+    from selfsup.methods.dino import DINO
+
+    method = DINO(tiny_vit(drop_path=0.3), out_dim=32, hidden=16, bottleneck=8)
+    assert method.backbone.blocks[-1].drop_path1.drop_prob == 0.3
+    assert method.teacher_backbone.blocks[-1].drop_path1.drop_prob == 0.0
