@@ -88,6 +88,9 @@ class ViT(VisionTransformer):
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         if depth < 1:
             raise ValueError(f"depth must be ≥ 1, got {depth}")
+        if isinstance(layer_scale, str) or isinstance(drop_path, str):
+            raise ValueError(f"layer_scale and drop_path must be numbers, got {layer_scale!r} and {drop_path!r} (YAML "
+                             "reads 1e-5 as text: write 1.0e-5)")
         if layer_scale is not None and not layer_scale > 0:
             raise ValueError(f"layer_scale is LayerScale's initial value and must be > 0 (DINOv2: 1e-5), or None "
                              f"for no LayerScale; got {layer_scale}")

@@ -128,3 +128,11 @@ def test_dino_teacher_has_no_drop_path():
     method = DINO(tiny_vit(drop_path=0.3), out_dim=32, hidden=16, bottleneck=8)
     assert method.backbone.blocks[-1].drop_path1.drop_prob == pytest.approx(0.3)
     assert method.teacher_backbone.blocks[-1].drop_path1.drop_prob == 0.0
+
+
+def test_layer_scale_given_as_text_is_a_clear_error():
+    """`--set backbone.params.layer_scale=1e-5` reaches the ViT as the string '1e-5' (YAML 1.1)."""
+    from selfsup.nn.backbones import BackboneError
+
+    with pytest.raises(BackboneError, match="write 1.0e-5"):
+        tiny_vit(layer_scale="1e-5")
