@@ -82,6 +82,11 @@ def constructor(run: LoadedRun) -> Constructor:
                   "num_classes": 0, "embed_dim": enc.embed_dim, "depth": len(enc.blocks), "num_heads": blk.attn.num_heads,
                   "mlp_ratio": blk.mlp.fc1.out_features / enc.embed_dim, "class_token": True,
                   "global_pool": "token" if enc.pool_kind == "cls" else "avg", "fc_norm": False}
+        if enc.num_registers:  # DINOv2's options change the parameters (stochastic depth does not)
+            kwargs["reg_tokens"] = enc.num_registers
+        if not isinstance(blk.ls1, nn.Identity):
+            # any value builds the LayerScale parameters the weights load into; the run's keeps it exact
+            kwargs["init_values"] = float(run.cfg.backbone.params.get("layer_scale") or 1e-5)
         return Constructor("timm", "timm.models.vision_transformer.VisionTransformer", [], kwargs, [])
     return Constructor("selfsup", f"selfsup.nn.backbones.{type(enc).__name__}", [],
                        {"in_chans": meta["in_chans"], **run.cfg.backbone.params}, [])

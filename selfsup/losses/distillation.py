@@ -6,6 +6,7 @@
 - :func:`dino_loss`: DINO's cross-entropy between the sharpened, centred teacher distribution and the
   student's, over every (teacher global view, other student view) pair (Caron et al. 2021,
   arXiv:2104.14294, eq. 3 and Algorithm 1).
+- :func:`multicrop_cross_entropy`: the same pairs with the teacher's targets given (DINOv2's Sinkhorn-Knopp).
 - :func:`centered_softmax` and :func:`update_center`: the teacher's centring and sharpening and the EMA of
   its centre, shared by DINO's CLS outputs and iBOT's patch outputs (:mod:`selfsup.losses.ibot`).
 - :func:`koleo_loss`: the KoLeo entropy regulariser DINOv2 adds on the student's CLS features (Oquab et
@@ -76,10 +77,31 @@ def dino_loss(student_out: Tensor | Sequence[Tensor], teacher_out: Tensor | Sequ
         raise ValueError(f"dino_loss: the student sees {len(students)} views, fewer than the teacher's {g}")
     if len(students) == 1 and g == 1:
         raise ValueError("dino_loss: one view only, so there is no pair of different views to compare")
-    log_p_s = [F.log_softmax(s / student_temp, dim=-1) for s in students]
+    targets = [centered_softmax(t, center.reshape(1, -1), teacher_temp) for t in teachers]
+    return multicrop_cross_entropy(students, targets, student_temp)
+
+
+@fp32_loss
+def multicrop_cross_entropy(student_out: Sequence[Tensor], teacher_probs: Sequence[Tensor],
+                            student_temp: float = 0.1) -> Tensor:
+    """``H(P_t, P_s)`` averaged over every (teacher view g, student view v ≠ g) pair: :func:`dino_loss` with the
+    teacher's targets already made (DINOv2's Sinkhorn-Knopp targets, :func:`selfsup.losses.clustering.sinkhorn_knopp`).
+
+    student_out: V (B, K) student logits, global views first; teacher_probs: G ≤ V (B, K) target distributions
+    (rows summing to 1) of the global views, in the same order. Each pair is ``−Σ_k P_t log softmax(s/τ_s)``
+    averaged over the batch; the result is the mean over the G·V − G pairs (DINO's Algorithm 1, iBOT's
+    ``iBOTLoss`` and DINOv2's ``DINOLoss`` summed over pairs and divided by their number).
+    """
+    if student_temp <= 0:
+        raise ValueError(f"multicrop_cross_entropy: student_temp must be > 0, got {student_temp}")
+    g = len(teacher_probs)
+    if len(student_out) < g or (len(student_out) == 1 and g == 1):
+        raise ValueError(f"multicrop_cross_entropy: need at least as many student views as teacher views and a pair "
+                         f"of different views; got {len(student_out)} student and {g} teacher view(s)")
+    log_p_s = [F.log_softmax(s / student_temp, dim=-1) for s in student_out]
     terms = []
-    for gi, t in enumerate(teachers):
-        p_t = centered_softmax(t, center.reshape(1, -1), teacher_temp)
+    for gi, p_t in enumerate(teacher_probs):
+        p_t = at_least_f32(p_t)
         terms += [-(p_t * ls).sum(dim=-1).mean() for vi, ls in enumerate(log_p_s) if vi != gi]
     return torch.stack(terms).mean()
 

@@ -45,11 +45,29 @@ def ibot_patch_loss(student_logits: Tensor, teacher_probs: Tensor, mask: Tensor,
     positions are read: the teacher's unmasked positions may hold anything. The method detaches the targets.
     """
     _check(student_logits, teacher_probs, mask, "ibot_patch_loss")
+    return ibot_patch_loss_masked(student_logits[mask], teacher_probs[mask], mask, student_temp)
+
+
+@fp32_loss
+def ibot_patch_loss_masked(student_masked: Tensor, teacher_masked: Tensor, mask: Tensor,
+                           student_temp: float = 0.1) -> Tensor:
+    """:func:`ibot_patch_loss` given only the M masked tokens (DINOv2's ``forward_masked``): no (B, L, K) tensor.
+
+    student_masked: (M, K) student logits and teacher_masked: (M, K) teacher targets at the masked tokens, in
+    the order ``x[mask]`` lists them (row-major over mask (B, L) bool); M = mask.sum(). Same value as
+    ``ibot_patch_loss(s, t, mask)`` for any s, t with ``s[mask] = student_masked``, ``t[mask] = teacher_masked``.
+    """
+    if mask.ndim != 2 or mask.dtype != torch.bool:
+        raise ValueError(f"ibot_patch_loss_masked: mask must be a (B, L) bool tensor, got {tuple(mask.shape)} {mask.dtype}")
+    m = int(mask.sum())
+    if student_masked.ndim != 2 or teacher_masked.shape != student_masked.shape or student_masked.shape[0] != m:
+        raise ValueError(f"ibot_patch_loss_masked: expected student logits and teacher targets of one shape (M, K) "
+                         f"with M = {m} masked tokens, got {tuple(student_masked.shape)} and {tuple(teacher_masked.shape)}")
     if student_temp <= 0:
-        raise ValueError(f"ibot_patch_loss: student_temp must be > 0, got {student_temp}")
-    b = student_logits.shape[0]
-    log_p = F.log_softmax(student_logits[mask] / student_temp, dim=-1)  # (M, K), masked tokens only
-    per_token = -(teacher_probs[mask] * log_p).sum(dim=-1)  # (M,)
+        raise ValueError(f"ibot_patch_loss_masked: student_temp must be > 0, got {student_temp}")
+    b = mask.shape[0]
+    log_p = F.log_softmax(student_masked / student_temp, dim=-1)  # (M, K)
+    per_token = -(teacher_masked * log_p).sum(dim=-1)  # (M,)
     # Each token weighs 1 / (masked tokens of its image), so every masked image counts once.
     weight = (1.0 / mask.sum(dim=1).clamp_min(1).to(per_token.dtype)).unsqueeze(1).expand_as(mask)[mask]
     return (per_token * weight).sum() / b

@@ -25,6 +25,7 @@ from selfsup.methods.base import MethodSpec, Progress
 from selfsup.methods.registry import register
 from selfsup.nn.ema import frozen_copy
 from selfsup.nn.heads import mlp
+from selfsup.nn.vit import without_drop_path
 from selfsup.distributed import all_reduce_mean
 from selfsup.schedules import Schedule
 from selfsup.views import Augment, ViewRecipe, group_by_size
@@ -97,7 +98,8 @@ class DINO(nn.Module):
             raise ValueError("dino: " + "; ".join(problems))
         self.backbone = backbone
         self.head = DINOHead(backbone.num_features, out_dim, hidden, bottleneck, norm_last_layer, use_bn_in_head)
-        self.teacher_backbone = frozen_copy(self.backbone)
+        # the reference builds its teacher without stochastic depth (a ViT student may have it)
+        self.teacher_backbone = without_drop_path(frozen_copy(self.backbone))
         self.teacher_head = frozen_copy(self.head)
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.student_temp, self.center_momentum = student_temp, center_momentum

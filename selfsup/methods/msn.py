@@ -8,8 +8,8 @@ Paper defaults (ViT-S/16): random patch drop 0.15 on anchors (the anchor encoder
 patches), an EMA target encoder on the unmasked view (momentum 0.996 → 1), a 3-layer projector
 (hidden 2048, BN, GELU, output 256), 1024 learnable l2-normalised prototypes, anchor τ = 0.1,
 sharpened targets τ⁺ = 0.025 (T = 0.25), Sinkhorn on targets, me-max weight 1, AdamW.
-CPU adaptations: one anchor view beside the target (paper: 1 random + 10 focal 96 px views; focal
-crops need position-embedding interpolation, not supported here), weight decay also reaches the
+CPU adaptations: one anchor view beside the target (paper: 1 random + 10 focal 96 px views; the ViT
+encodes smaller crops since issue #19, but this method takes one fixed pair of views), weight decay also reaches the
 prototypes (the paper exempts them; the optimiser's groups decide decay by parameter shape).
 """
 from __future__ import annotations

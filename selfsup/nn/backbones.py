@@ -147,4 +147,7 @@ def build_backbone(name: str, in_chans: int, image_size: int, /, **params) -> nn
         raise BackboneError(str(exc)) from None
     if not isinstance(getattr(model, "num_features", None), int):
         raise BackboneError(f"backbone {name!r} does not report num_features")
+    for attr, value in (("in_chans", in_chans), ("image_size", image_size)):
+        if not hasattr(model, attr):  # the input it was built for, as LibraryBackbone records it (DCCAE's decoders)
+            setattr(model, attr, value)
     return model

@@ -3,7 +3,14 @@ arXiv:2010.11929), with what masked methods need besides the backbone contract.
 
 Patch size 4 on 28×28 / 32×32 inputs (7×7 / 8×8 patches), a CLS token, ``pool="cls"`` or ``"mean"``
 (mean of the patch tokens), and fixed 2-D sin-cos position embeddings (MAE, arXiv:2111.06377 §A.1;
-MoCo v3, arXiv:2104.02057). Beyond ``forward(x) -> (B, D)``, a :class:`ViT` exposes the patch grid
+MoCo v3, arXiv:2104.02057).
+
+Other input sizes (multi-crop's local crops, Caron et al. 2020/2021): any size the patch size divides. Its
+grid gets the sin-cos embeddings evaluated at the positions DINO's ``interpolate_pos_encoding`` resamples
+(arXiv:2104.14294, the reference ``vision_transformer.py``): a g-cell grid spread over the G cells of the
+training grid, cell i at (i + ½)·G/g − ½ (``F.interpolate``'s ``align_corners=False`` geometry), so a local
+crop covers the same range of positions as a global view, at coarser spacing. The embeddings are a fixed
+function, so they are computed exactly rather than interpolated, once per grid (cached per device and dtype). Beyond ``forward(x) -> (B, D)``, a :class:`ViT` exposes the patch grid
 and ways to run the encoder on a subset of patch tokens (MAE, MSN, I-JEPA) or with mask tokens in
 place of hidden patches (SimMIM, iBOT).
 
@@ -40,14 +47,26 @@ def _sincos_1d(dim: int, pos: Tensor) -> Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
-def sincos_pos_embed_2d(embed_dim: int, grid_size: int | tuple[int, int], cls_token: bool = False) -> Tensor:
+def _spread(n: int, extent: int) -> Tensor:
+    """Positions of n cells spread over ``extent`` unit cells: (i + ½)·extent/n − ½ (i itself when n = extent)."""
+    if n == extent:
+        return torch.arange(n, dtype=torch.float64)
+    return (torch.arange(n, dtype=torch.float64) + 0.5) * (extent / n) - 0.5
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_size: int | tuple[int, int], cls_token: bool = False,
+                        extent: int | tuple[int, int] | None = None) -> Tensor:
     """Fixed 2-D sin-cos position embeddings, (h·w, D) in raster order, or (1 + h·w, D) with a zero row
-    for the CLS token first. Half the channels encode the row, half the column (MAE's layout)."""
+    for the CLS token first. Half the channels encode the row, half the column (MAE's layout).
+
+    ``extent`` (H, W): spread the h×w cells over an H×W grid's range of positions (see the module docstring:
+    the positions a local crop gets); by default cell (i, j) is at position (i, j)."""
     gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
+    eh, ew = (gh, gw) if extent is None else (extent, extent) if isinstance(extent, int) else extent
     if embed_dim % 4:
         raise ValueError(f"sin-cos position embeddings need embed_dim divisible by 4, got {embed_dim}")
-    rows = torch.arange(gh).repeat_interleave(gw)
-    cols = torch.arange(gw).repeat(gh)
+    rows = _spread(gh, eh).repeat_interleave(gw)
+    cols = _spread(gw, ew).repeat(gh)
     emb = torch.cat([_sincos_1d(embed_dim // 2, rows), _sincos_1d(embed_dim // 2, cols)], dim=1)
     if cls_token:
         emb = torch.cat([torch.zeros(1, embed_dim, dtype=emb.dtype), emb])
@@ -69,6 +88,9 @@ class ViT(VisionTransformer):
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         if depth < 1:
             raise ValueError(f"depth must be ≥ 1, got {depth}")
+        if isinstance(layer_scale, str) or isinstance(drop_path, str):
+            raise ValueError(f"layer_scale and drop_path must be numbers, got {layer_scale!r} and {drop_path!r} (YAML "
+                             "reads 1e-5 as text: write 1.0e-5)")
         if layer_scale is not None and not layer_scale > 0:
             raise ValueError(f"layer_scale is LayerScale's initial value and must be > 0 (DINOv2: 1e-5), or None "
                              f"for no LayerScale; got {layer_scale}")
@@ -89,6 +111,10 @@ class ViT(VisionTransformer):
         pos = sincos_pos_embed_2d(embed_dim, self.grid_size, cls_token=True)
         self.pos_embed.data.copy_(torch.cat([pos[:1].expand(1 + registers, -1), pos[1:]])[None])
         self.pos_embed.requires_grad_(False)
+        # Other input sizes get their own positions (pos_embed_for); divisibility is checked by patch_grid.
+        self.patch_embed.strict_img_size = False
+        self.pos_cache: dict[tuple, Tensor] = {}
+        """Patch position embeddings of grids other than the training one, per (grid, device, dtype)."""
 
     @property
     def num_patches(self) -> int:
@@ -98,9 +124,40 @@ class ViT(VisionTransformer):
     def num_registers(self) -> int:
         return self.num_reg_tokens
 
+    def input_problem(self, size: int) -> str | None:
+        """Why a square input of ``size`` pixels cannot be encoded (None when it can): read by the run checks
+        (``selfsup.train.build.check_run``) for every view size, so a local-crop size the patch size does not
+        divide fails before training, not at its first step."""
+        p = self.patch_size
+        if size < p or size % p:
+            return (f"a {size}px view is not divisible by the ViT patch size {p}: set the view size to a multiple "
+                    f"of {p} (e.g. views.local_size={max(p, size // p * p)}) or pick another patch size")
+        return None
+
+    def patch_grid(self, x: Tensor) -> tuple[int, int]:
+        """The (h, w) patch grid of images ``x`` (B, C, H, W); a ValueError when the patch size does not divide."""
+        h, w = x.shape[-2:]
+        p = self.patch_size
+        if h % p or w % p or h < p or w < p:
+            raise ValueError(f"ViT: a {h}×{w} input is not divisible by the patch size {p}; resize the views to a "
+                             f"multiple of {p}")
+        return h // p, w // p
+
+    def pos_embed_for(self, grid: tuple[int, int]) -> Tensor:
+        """(1, h·w, D) position embeddings of the patch tokens of an h×w grid: the stored ones for the training
+        grid, otherwise the sin-cos embeddings spread over the training grid's range (module docstring)."""
+        if tuple(grid) == tuple(self.grid_size):
+            return self.pos_embed[:, self.num_prefix_tokens:]
+        key = (tuple(grid), self.pos_embed.device, self.pos_embed.dtype)
+        if key not in self.pos_cache:
+            pos = sincos_pos_embed_2d(self.embed_dim, tuple(grid), extent=self.grid_size)
+            self.pos_cache[key] = pos[None].to(self.pos_embed.device, self.pos_embed.dtype)
+        return self.pos_cache[key]
+
     def patch_tokens(self, x: Tensor) -> Tensor:
-        """(B, C, H, W) → (B, L, D) patch embeddings plus their position embeddings."""
-        return self.patch_embed(x) + self.pos_embed[:, self.num_prefix_tokens:]
+        """(B, C, H, W) → (B, L, D) patch embeddings plus their position embeddings (any size the patch divides)."""
+        grid = self.patch_grid(x)
+        return self.patch_embed(x) + self.pos_embed_for(grid)
 
     def prefix_tokens(self, batch: int) -> Tensor:
         """(B, 1 + R, D): the CLS token, then the R register tokens, with their (zero) positions added."""
@@ -134,12 +191,14 @@ class ViT(VisionTransformer):
         (SimMIM; iBOT's and DINOv2's masked student) → (B, 1 + L, D).
 
         mask: (B, L) bool, True = hidden, its own pattern and count per image (an all-False row is the
-        plain encoder on that image)."""
-        if mask.shape != (x.shape[0], self.num_patches) or mask.dtype != torch.bool:
-            raise ValueError(f"encode_with_mask_tokens: mask must be a (B, L) = ({x.shape[0]}, {self.num_patches}) "
+        plain encoder on that image); L is the patch count of ``x``'s size."""
+        grid = self.patch_grid(x)
+        n = grid[0] * grid[1]
+        if mask.shape != (x.shape[0], n) or mask.dtype != torch.bool:
+            raise ValueError(f"encode_with_mask_tokens: mask must be a (B, L) = ({x.shape[0]}, {n}) "
                              f"bool tensor, True where the patch is hidden; got {tuple(mask.shape)} {mask.dtype}")
         tokens = substitute_mask_tokens(self.patch_embed(x), mask, mask_token)
-        return self.encode(tokens + self.pos_embed[:, self.num_prefix_tokens:])
+        return self.encode(tokens + self.pos_embed_for(grid))
 
     def pool_tokens(self, tokens: Tensor) -> Tensor:
         """(B, 1 + N, D) encoder outputs → (B, D): the CLS token or the mean of the patch tokens."""

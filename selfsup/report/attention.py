@@ -26,10 +26,12 @@ FILENAME = "attention.png"
 @torch.no_grad()
 def cls_attention(vit: ViT, x: Tensor) -> Tensor:
     """(B, C, H, W) normalised images → (B, heads, gh, gw): the last block's softmax attention weights
-    from the CLS token to each patch (each map sums to 1 minus the CLS token's attention to itself)."""
+    from the CLS token to each patch (each map sums to 1 minus the CLS token's attention to itself and to the
+    register tokens, when the ViT has them: the sequence the blocks see is the encoder's own, CLS, registers,
+    patches, from :meth:`ViT.prefix_tokens` and :meth:`ViT.patch_tokens`)."""
     tokens = vit.patch_tokens(x)
-    cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
-    h = vit.norm_pre(torch.cat([cls, tokens], dim=1))
+    grid = vit.patch_grid(x)
+    h = vit.norm_pre(torch.cat([vit.prefix_tokens(tokens.shape[0]), tokens], dim=1))
     for block in vit.blocks[:-1]:
         h = block(h)
     last = vit.blocks[-1]
@@ -38,7 +40,7 @@ def cls_attention(vit: ViT, x: Tensor) -> Tensor:
     qkv = attn.qkv(last.norm1(h)).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
     weights = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, 1, N)
-    return weights[:, :, 0, 1:].reshape(b, attn.num_heads, *vit.grid_size)
+    return weights[:, :, 0, vit.num_prefix_tokens:].reshape(b, attn.num_heads, *grid)
 
 
 def save_attention_maps(vit: ViT, images: Tensor, path: str | Path, mean: Sequence[float] | None = None,

@@ -658,3 +658,12 @@ def test_a_run_from_another_version_is_a_clear_error(run_dir, tmp_path) -> None:
     torch.save({"conv.weight": torch.zeros(1)}, other / "encoder.pt")
     with pytest.raises(CheckpointError, match="does not fit backbone 'small_resnet'"):
         load_run(other)
+
+
+def test_export_vit_with_registers_and_layer_scale_round_trip(tmp_path) -> None:
+    """DINOv2's ViT options change the parameters: the recorded timm constructor has the register tokens and
+    LayerScale, so the weights load strict and give the run's outputs (issue #19)."""
+    run_dir = _pretrain(tmp_path / "vit", "vit_tiny", {"depth": 1, "embed_dim": 32, "num_heads": 2, "registers": 2,
+                                                        "layer_scale": 1e-5}, limit=40, batch=16)
+    meta = _check_library_export(run_dir, tmp_path / "v", "timm", "torchvision")
+    assert meta["constructor"]["kwargs"]["reg_tokens"] == 2 and meta["constructor"]["kwargs"]["init_values"] == 1e-5

@@ -10,6 +10,7 @@ are driven as the loop drives them: ``make_progress`` evaluates their schedules,
 """
 from __future__ import annotations
 
+import dataclasses
 
 import pytest
 import torch
@@ -31,8 +32,18 @@ def tiny_method(name: str, in_chans: int = 1):
     return cls(backbone, **cls.spec.test_params)
 
 
-def fixed_views(method, images: torch.Tensor) -> list[torch.Tensor]:
+def tiny_recipe(method):
+    """The method's views at the tests' image size; local crops of a ViT method snapped to a multiple of the patch
+    size (the paper's 96/224 of 16 px is 7, which patch 4 does not divide; a run gets a clear error instead)."""
     recipe = resolve_sizes(method.spec.views, IMAGE_SIZE)
+    p = getattr(method.backbone, "patch_size", None)
+    if recipe.local_crops and isinstance(p, int) and recipe.local.size % p:
+        recipe = dataclasses.replace(recipe, local=dataclasses.replace(recipe.local, size=max(p, recipe.local.size // p * p)))
+    return recipe
+
+
+def fixed_views(method, images: torch.Tensor) -> list[torch.Tensor]:
+    recipe = tiny_recipe(method)
     torch.manual_seed(1)
     return make_views(images, recipe, [0.5] * images.shape[1], [0.25] * images.shape[1])
 

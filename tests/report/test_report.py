@@ -207,3 +207,29 @@ def test_cls_attention_is_a_distribution_over_tokens() -> None:
         vit(x)
     handle.remove()
     torch.testing.assert_close(cls_attention(vit, x), seen[0][:, :, 0, 1:].reshape(3, 2, 7, 7))
+
+
+def test_cls_attention_of_a_register_vit_is_the_encoders_own() -> None:
+    """With register tokens the blocks see [CLS, registers, patches] (issue #19): the maps are the weights the
+    last block applies from CLS to the patches, past the registers, on the training grid and on another one."""
+    import torch
+
+    from selfsup.nn.backbones import build_backbone
+    from selfsup.report.attention import cls_attention
+
+    vit = build_backbone("vit_tiny", 1, 28, depth=2, embed_dim=32, num_heads=2, registers=3, layer_scale=1e-5).eval()
+    attn = vit.blocks[-1].attn
+    attn.fused_attn = False
+    seen = []
+    handle = attn.attn_drop.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+    for size, grid in ((28, 7), (12, 3)):
+        x = torch.randn(2, 1, size, size)
+        seen.clear()
+        with torch.no_grad():
+            vit(x)
+        maps = cls_attention(vit, x)
+        assert maps.shape == (2, 2, grid, grid)
+        torch.testing.assert_close(maps, seen[0][:, :, 0, 4:].reshape(2, 2, grid, grid))
+        # the rest of each row goes to CLS itself and to the three registers
+        torch.testing.assert_close(maps.sum(dim=(2, 3)) + seen[0][:, :, 0, :4].sum(-1), torch.ones(2, 2))
+    handle.remove()
