@@ -124,11 +124,11 @@ class Run:
 
 def setup_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False) -> Run:
     """Everything a run needs, built once: the resolved config, data, model, optimiser, and a resumed state
-    when ``run_dir`` holds a checkpoint (refused when its config differs)."""
+    when ``run_dir`` holds a checkpoint (refused when its config differs). ``overwrite`` deletes what
+    ``run_dir`` holds only once the data, the model and the optimiser are built: a run that cannot start
+    (a bad name, size or folder) leaves a finished run's checkpoints where they were."""
     clock = StartupClock()
     world, rank = dist.world_size(), dist.rank()
-    if overwrite and rank == 0 and run_dir.exists():
-        shutil.rmtree(run_dir)
     t = cfg.train
     device = resolve_device(t.device)
     if t.threads:
@@ -137,7 +137,7 @@ def setup_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False) -> Run:
     check_names(cfg)
     data = prepare_data(cfg, clock)
     cfg = resolve_config(cfg, data.train)
-    resuming = (run_dir / "checkpoints" / "last.pt").is_file()
+    resuming = not overwrite and (run_dir / "checkpoints" / "last.pt").is_file()
     if resuming:
         check_resumable(run_dir, cfg)
     spec = get_method(cfg.method.name).spec
@@ -163,6 +163,8 @@ def setup_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False) -> Run:
     if resuming:
         _resume(run)
     else:
+        if overwrite and run.main and run_dir.exists():
+            shutil.rmtree(run_dir)
         _start_run_dir(run)
     if run.main:
         _write_run_files(run)
