@@ -24,11 +24,14 @@ the decision."""
 
 
 class ConfigError(ValueError):
-    """A configuration the user must fix; the message lists every problem found."""
+    """A configuration the user must fix; the message lists every problem found (one problem: one line)."""
 
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
-        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))
+        if len(self.problems) == 1 and "\n" not in self.problems[0]:
+            super().__init__(f"invalid configuration: {self.problems[0]}")
+        else:
+            super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
 @dataclass

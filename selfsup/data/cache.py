@@ -47,6 +47,7 @@ from selfsup.data.folder import (IMAGE_SUFFIXES, FolderChanges, FolderListing, d
                                  list_folder)
 from selfsup.data.imageset import DataError, ImageSet
 from selfsup.data.manifest import CacheDamaged, Manifest
+from selfsup.data.shard import RecordFile
 
 log = logging.getLogger(__name__)
 ENV_VAR = "SELFSUP_CACHE"
@@ -181,13 +182,15 @@ def open_cache(report: CacheReport, folder: str | Path, image_size: int) -> Imag
         raise DataError(f"{folder}: {len(skipped)} of {total} image files are unreadable "
                         f"(more than {MAX_BROKEN_FRACTION:.0%}); examples: {examples}")
     array = np.memmap(report.path / m.shard, dtype=np.uint8, mode="c", shape=m.record_shape)
+    file = RecordFile(report.path / m.shard, m.count, m.record_shape[1:])
     stored = m.stored()
     f = m.files
     labels = torch.tensor([f["label"][i] for i in stored], dtype=torch.long) if m.labelled else None
     aspect = torch.tensor([f["aspect"][i] for i in stored], dtype=torch.float32)
     paths = [str(Path(folder) / f["path"][i]) for i in stored]
     return ImageSet(torch.from_numpy(array), labels, m.classes if m.labelled else [], f"folder:{Path(folder).name}",
-                    paths, len(skipped), aspect=aspect, image_size=image_size, mapped=True, source=str(report.path))
+                    paths, len(skipped), aspect=aspect, image_size=image_size, mapped=True, source=str(report.path),
+                    file=file)
 
 
 # ------------------------------------------------------------------------------------------ validation

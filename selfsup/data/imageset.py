@@ -12,17 +12,23 @@ they always did, so ``.images`` stays a plain tensor that is cheap to slice repe
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from selfsup.data.shard import RecordFile
 
 
 class DataError(ValueError):
     """Data the user must fix or provide; the message says what and how."""
 
 
+STATS_VALUES = 2**25
+"""Pixel values an image folder's normalisation statistics are computed from (:meth:`ImageSet.mean_std`)."""
+STATS_MIN_IMAGES = 1000
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, the weights PIL's convert("L") uses
 
 
@@ -51,7 +57,8 @@ class ImageSet:
     def __init__(self, images: Tensor, labels: Tensor | None = None, classes: Sequence[str] | None = None,
                  name: str = "images", paths: list[str] | None = None, skipped: int = 0, *,
                  aspect: Tensor | None = None, image_size: int | None = None, mapped: bool = False,
-                 rows: Tensor | None = None, convert: tuple[int, ...] = (), source: str | None = None):
+                 rows: Tensor | None = None, convert: tuple[int, ...] = (), source: str | None = None,
+                 file: "RecordFile | None" = None):
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise DataError(f"{name}: images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         self._pixels = images
@@ -61,6 +68,10 @@ class ImageSet:
         """Channel conversions applied to each batch, in order (file-backed sets convert lazily)."""
         self.mapped = mapped
         """True when the records are a memory-mapped cache file (read on demand, never all in RAM)."""
+        self._file = file
+        """The same cache file opened for positioned reads (:mod:`selfsup.data.shard`): what :meth:`batch` reads
+        with, so the pages it reads are never counted in this process's resident memory; ``None``: read through
+        the memory map."""
         self.labels = labels
         """int64 (N,); ``None`` when the images carry no labels."""
         self.classes = list(classes or [])
@@ -130,11 +141,18 @@ class ImageSet:
         if not self.mapped:
             out = self._pixels[rows]
         else:
-            order = torch.argsort(rows)
-            array = self._pixels.numpy()  # the memmap itself: numpy's gather reads only the rows it needs
-            gathered = torch.from_numpy(np.take(array, rows[order].numpy(), axis=0))
-            out = torch.empty_like(gathered)
-            out[order] = gathered
+            ascending = len(rows) < 2 or bool((rows[1:] >= rows[:-1]).all())
+            order = None if ascending else torch.argsort(rows)
+            wanted = rows if order is None else rows[order]
+            if self._file is not None:
+                gathered = torch.from_numpy(self._file.read(wanted.numpy()))
+            else:  # the memmap itself: numpy's gather reads only the rows it needs
+                gathered = torch.from_numpy(np.take(self._pixels.numpy(), wanted.numpy(), axis=0))
+            if order is None:
+                out = gathered
+            else:
+                out = torch.empty_like(gathered)
+                out[order] = gathered
         for channels in self._convert:
             out = convert_channels(out, channels)
         return out
@@ -143,7 +161,8 @@ class ImageSet:
               convert: tuple[int, ...]) -> "ImageSet":
         rows = self._rows if idx is None else idx if self._rows is None else self._rows[idx]
         return ImageSet(self._pixels, labels, self.classes, self.name, paths, self.skipped, aspect=aspect,
-                        image_size=self._image_size, mapped=True, rows=rows, convert=convert, source=self.source)
+                        image_size=self._image_size, mapped=True, rows=rows, convert=convert, source=self.source,
+                        file=self._file)
 
     def subset(self, index: Tensor | np.ndarray | list[int]) -> "ImageSet":
         """The images at ``index``: an index view of a file-backed set, a copy of an in-memory one."""
@@ -157,7 +176,15 @@ class ImageSet:
                         image_size=self._image_size, source=self.source)
 
     def head(self, n: int | None) -> "ImageSet":
-        return self if n is None or n >= len(self) else self.subset(torch.arange(n))
+        """The first ``n`` images: a view, never a copy (an in-memory set's leading rows are a slice)."""
+        if n is None or n >= len(self):
+            return self
+        if self.mapped:
+            return self.subset(torch.arange(n))
+        return ImageSet(self._pixels[:n], None if self.labels is None else self.labels[:n], self.classes, self.name,
+                        None if self.paths is None else self.paths[:n], self.skipped,
+                        aspect=None if self.aspect is None else self.aspect[:n], image_size=self._image_size,
+                        source=self.source)
 
     def with_channels(self, channels: int) -> "ImageSet":
         """The same images as ``channels``-channel records (gray repeated to RGB, RGB to luma), so an
@@ -175,35 +202,39 @@ class ImageSet:
         """The same set with its records copied into RAM (``self`` when they already are)."""
         if not self.mapped:
             return self
-        if self._rows is None and not self._convert:
-            pixels = torch.from_numpy(np.array(self._pixels.numpy()))  # one sequential read of the file
+        if self._rows is None and not self._convert:  # one sequential read of the file
+            pixels = torch.from_numpy(self._file.read_all() if self._file is not None else np.array(self._pixels.numpy()))
         else:
             pixels = self.images
         return ImageSet(pixels, self.labels, self.classes, self.name, self.paths, self.skipped, aspect=self.aspect,
                         image_size=self._image_size, source=self.source)
 
-    def mean_std(self, sample: int = 20000, chunk: int = 1024) -> tuple[list[float], list[float]]:
+    def mean_std(self, sample: int = 20000, chunk: int = 256) -> tuple[list[float], list[float]]:
         """Per-channel mean and std of pixel values in [0, 1] (used to normalise every view).
 
-        In-memory sets use their first ``sample`` images (as always: recorded runs stay reproducible).
-        File-backed sets use ``sample`` images spread evenly over the set (folders are sorted by class,
-        so the first ones would be a few classes), read in chunks and summed in float64.
+        Named datasets held in memory use their first ``sample`` images (as always: recorded runs stay
+        reproducible). Image folders (``source`` set; streamed or loaded into RAM alike, so both give the same
+        statistics) use images spread evenly over the set — folders are sorted by class, so the first ones
+        would be a few classes — as many as hold :data:`STATS_VALUES` pixel values (1,548 RGB records of 85 px),
+        at most ``sample``: a channel's mean and spread need no more, and reading 20,000 large records would
+        dominate a run's start. Images are read ``chunk`` at a time and their values and squares summed exactly
+        in integers, so the memory this takes grows with neither the image size nor the sample.
         """
-        if not self.mapped:
-            x = self.images[: min(len(self), sample)].float().div_(255)
-            mean = x.mean(dim=(0, 2, 3))
-            std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
-            return mean.tolist(), std.tolist()
-        picks = torch.linspace(0, len(self) - 1, min(len(self), sample)).round().long().unique()
-        total = torch.zeros(self.channels, dtype=torch.float64)
-        squares = torch.zeros(self.channels, dtype=torch.float64)
+        if self.source is None and not self.mapped:
+            picks = torch.arange(min(len(self), sample))
+        else:
+            per_image = self.channels * self.stored_size**2
+            n = min(len(self), sample, max(STATS_MIN_IMAGES, STATS_VALUES // per_image))
+            picks = torch.linspace(0, len(self) - 1, n).round().long().unique()
+        total = torch.zeros(self.channels, dtype=torch.int64)
+        squares = torch.zeros(self.channels, dtype=torch.int64)
         for start in range(0, len(picks), chunk):
-            x = self.batch(picks[start : start + chunk]).double().div_(255)
-            total += x.sum(dim=(0, 2, 3))
-            squares += x.square().sum(dim=(0, 2, 3))
+            x = self.batch(picks[start : start + chunk]).to(torch.int32)
+            total += x.sum(dim=(0, 2, 3), dtype=torch.int64)
+            squares += x.square_().sum(dim=(0, 2, 3), dtype=torch.int64)
         count = len(picks) * self.stored_size**2
-        mean = total / count
-        var = (squares - count * mean.square()) / max(count - 1, 1)
+        mean = total.double() / (255.0 * count)
+        var = (squares.double() / 255.0**2 - count * mean.square()) / max(count - 1, 1)
         return mean.tolist(), var.clamp_min(0).sqrt().clamp_min(1e-3).tolist()
 
     def class_counts(self) -> dict[str, int] | None:

@@ -47,9 +47,11 @@ def split_labelled(full: ImageSet, test_fraction: float = 0.2, seed: int = 0) ->
     return train, test_set
 
 
-def load_dataset(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
+def load_dataset(cfg: DataConfig, place: bool = True) -> tuple[ImageSet, ImageSet]:
     """(train, test). ``cfg.long_tail`` makes the training images class-imbalanced, then ``cfg.limit``
-    keeps the first N of them."""
+    keeps the first N of them. An image folder's sets are then held in RAM or left on disk by :func:`resident`;
+    ``place=False`` leaves them on disk (views of the cache file) for a caller that first takes the part it
+    needs — a subset of a file-backed set costs no memory — and then calls :func:`resident` on that part."""
     name = cfg.name
     if name == "fashion-mnist":
         train, test = load_fashion_mnist(cfg.root)
@@ -77,7 +79,8 @@ def load_dataset(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
         train, test = resize(train, cfg.image_size), resize(test, cfg.image_size)
     if cfg.long_tail is not None:
         train = long_tail(train, cfg.long_tail)
-    return resident(train.head(cfg.limit), test, cfg)
+    train = train.head(cfg.limit)
+    return resident(train, test, cfg) if place else (train, test)
 
 
 def memory_budget(cfg: DataConfig) -> int:
@@ -94,7 +97,7 @@ def memory_budget(cfg: DataConfig) -> int:
 
 def resident(train: ImageSet, test: ImageSet, cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
     """File-backed sets loaded into RAM when ``data.stream`` is false, or (unset) when both fit the
-    memory budget together; otherwise left memory-mapped, read batch by batch."""
+    memory budget together; otherwise left on disk, read batch by batch."""
     if not (train.mapped or test.mapped) or cfg.stream:
         return train, test
     need, budget = train.nbytes + test.nbytes, memory_budget(cfg)

@@ -9,6 +9,8 @@ codes of the 2 global crops by Sinkhorn–Knopp (ε = 0.05, 3 iterations) withou
 prediction over all crops with τ = 0.1; multi-crop 2 global (scale 0.14–1) + local crops (scale
 0.05–0.14; the paper uses 6, here 4 by default); prototypes frozen for the first 313 iterations;
 an optional queue of past projections (off by default; the paper uses it for small batches).
+``proj_layers``/``proj_bn`` give SEER's head (Goyal et al. 2021, arXiv:2103.01988: SwAV at scale): three
+linear layers without BatchNorm.
 """
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ class SwAV(nn.Module):
 
     def __init__(self, backbone: nn.Module, *, num_prototypes: int = 3000, temperature: float = 0.1,
                  epsilon: float = 0.05, sinkhorn_iterations: int = 3, proj_hidden: int = 2048, proj_dim: int = 128,
-                 freeze_prototypes_iters: int = 313, queue_length: int = 0, gather: bool = False):
+                 freeze_prototypes_iters: int = 313, queue_length: int = 0, proj_layers: int = 2,
+                 proj_bn: bool = True, gather: bool = False):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"swav: temperature must be > 0, got {temperature}")
@@ -46,11 +49,15 @@ class SwAV(nn.Module):
         if num_prototypes < 1 or sinkhorn_iterations < 1:
             raise ValueError(f"swav: num_prototypes and sinkhorn_iterations must be ≥ 1, got {num_prototypes} "
                              f"and {sinkhorn_iterations}")
+        if proj_layers < 1:
+            raise ValueError(f"swav: proj_layers must be ≥ 1, got {proj_layers}")
         if freeze_prototypes_iters < 0 or queue_length < 0:
             raise ValueError(f"swav: freeze_prototypes_iters and queue_length must be ≥ 0, got "
                              f"{freeze_prototypes_iters} and {queue_length}")
         self.backbone = backbone
-        self.projector = mlp([backbone.num_features, proj_hidden, proj_dim], norm="bn")
+        # proj_layers linear layers: SwAV's 2 (with BatchNorm), SEER's 3 (without)
+        dims = [backbone.num_features] + [proj_hidden] * (proj_layers - 1) + [proj_dim]
+        self.projector = mlp(dims, norm="bn" if proj_bn else None)
         self.prototypes = nn.Linear(proj_dim, num_prototypes, bias=False)
         # One queue per global crop, as the codes of each crop are computed separately.
         self.queues = nn.ModuleList([MemoryQueue(queue_length, proj_dim) for _ in range(N_GLOBAL)]

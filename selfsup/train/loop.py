@@ -30,7 +30,7 @@ from selfsup.train.batches import epoch_batches, epoch_order
 from selfsup.train.checkpoint import atomic_save
 
 from selfsup.train.optim import set_optim_values
-from selfsup.train.setup import Run, TrainingError, knn_monitor, save_checkpoint, setup_run
+from selfsup.train.setup import Run, TrainingError, knn_monitor, record_startup, save_checkpoint, setup_run
 from selfsup.views import make_views
 
 log = logging.getLogger("selfsup")
@@ -111,6 +111,8 @@ def train_one_epoch(run: Run, epoch: int, stop: _StopFlag) -> dict[str, Any]:
             continue
         run.bad_in_row = 0
         run.step += 1
+        if not run.startup.done:
+            record_startup(run)
         logs = result.logs
         clock.count(t.batch_size)
         if run.step % t.log_every == 0 or i == run.steps_per_epoch - 1:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from selfsup import distributed as dist
 from selfsup.config import RunConfig
 from selfsup.data import DataError, ImageSet, holdout_split, load_dataset
+from selfsup.data.load import resident
 from selfsup.methods import get_method
 from selfsup.methods.base import MethodSpec, Progress
 from selfsup.monitor.collapse import CollapseMonitor
@@ -31,6 +32,7 @@ from selfsup.train.checkpoint import FORMAT_VERSION, atomic_save, check_compatib
 from selfsup.train.device import resolve_device, resolve_precision, rng_state, set_rng_state, sync_batchnorm
 from selfsup.train.optim import build_optimizer
 from selfsup.train.rundir import MetricsLog, check_resumable, write_env
+from selfsup.train.startup import StartupClock
 from selfsup.views import ViewRecipe
 
 log = logging.getLogger("selfsup")
@@ -52,14 +54,20 @@ class Data:
     std: list[float]
 
 
-def prepare_data(cfg: RunConfig) -> Data:
-    train_full, _ = load_dataset(cfg.data)
-    if len(train_full) < 2:
-        raise DataError(f"{cfg.data.name}: only {len(train_full)} training image(s); need at least 2")
-    train_idx, val_idx = holdout_split(len(train_full), cfg.data.val_size, cfg.train.seed)
-    train = train_full.subset(train_idx)
-    mean, std = train.mean_std()
-    return Data(train, train_full.subset(val_idx), train.head(KNN_BANK_SIZE), mean, std)
+def prepare_data(cfg: RunConfig, clock: StartupClock | None = None) -> Data:
+    clock = clock or StartupClock()
+    with clock.part("data"):
+        # the test split is not needed here; an image folder is split while on disk, then only the training
+        # and held-out images are loaded into RAM (when they are: data.stream, data.memory_budget_gb)
+        train_full, _ = load_dataset(cfg.data, place=False)
+        if len(train_full) < 2:
+            raise DataError(f"{cfg.data.name}: only {len(train_full)} training image(s); need at least 2")
+        train_idx, val_idx = holdout_split(len(train_full), cfg.data.val_size, cfg.train.seed)
+        train, val = resident(train_full.subset(train_idx), train_full.subset(val_idx), cfg.data)
+        del train_full
+    with clock.part("mean_std"):
+        mean, std = train.mean_std()
+    return Data(train, val, train.head(KNN_BANK_SIZE), mean, std)
 
 
 class _Stepper(nn.Module):
@@ -102,6 +110,8 @@ class Run:
     bad_in_row: int = 0
     world: int = 1
     rank: int = 0
+    startup: StartupClock = field(default_factory=StartupClock)
+    """When this process started and how long its set-up took; the loop records its first step."""
 
     @property
     def main(self) -> bool:
@@ -114,25 +124,27 @@ class Run:
 
 def setup_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False) -> Run:
     """Everything a run needs, built once: the resolved config, data, model, optimiser, and a resumed state
-    when ``run_dir`` holds a checkpoint (refused when its config differs)."""
+    when ``run_dir`` holds a checkpoint (refused when its config differs). ``overwrite`` deletes what
+    ``run_dir`` holds only once the data, the model and the optimiser are built: a run that cannot start
+    (a bad name, size or folder) leaves a finished run's checkpoints where they were."""
+    clock = StartupClock()
     world, rank = dist.world_size(), dist.rank()
-    if overwrite and rank == 0 and run_dir.exists():
-        shutil.rmtree(run_dir)
     t = cfg.train
     device = resolve_device(t.device)
     if t.threads:
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed + rank)
     check_names(cfg)
-    data = prepare_data(cfg)
+    data = prepare_data(cfg, clock)
     cfg = resolve_config(cfg, data.train)
-    resuming = (run_dir / "checkpoints" / "last.pt").is_file()
+    resuming = not overwrite and (run_dir / "checkpoints" / "last.pt").is_file()
     if resuming:
         check_resumable(run_dir, cfg)
     spec = get_method(cfg.method.name).spec
     check_batch(cfg, spec, len(data.train), world)
     recipe = view_recipe(cfg, spec, data.train.image_size)
-    model, channels_last = _build_model(cfg, data, world, device, recipe)
+    with clock.part("model"):
+        model, channels_last = _build_model(cfg, data, world, device, recipe)
     steps_per_epoch = len(data.train) // t.batch_size
     total_steps = steps_per_epoch * t.epochs
     _describe(cfg, data, spec, steps_per_epoch, total_steps)
@@ -147,13 +159,16 @@ def setup_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False) -> Run:
               warmup_steps=min(int(cfg.optim.warmup_epochs * steps_per_epoch), total_steps - 1), base_lr=base_lr,
               metrics=MetricsLog(run_dir / "metrics.jsonl", enabled=rank == 0),
               collapse=CollapseMonitor(verbose=rank == 0, stops=t.stop_on_collapse),
-              trainable=[p for p in model.parameters() if p.requires_grad], world=world, rank=rank)
+              trainable=[p for p in model.parameters() if p.requires_grad], world=world, rank=rank, startup=clock)
     if resuming:
         _resume(run)
     else:
+        if overwrite and run.main and run_dir.exists():
+            shutil.rmtree(run_dir)
         _start_run_dir(run)
     if run.main:
         _write_run_files(run)
+    clock.setup_done()
     return run
 
 
@@ -237,6 +252,24 @@ def save_checkpoint(run: Run, epoch_done: bool) -> None:
     if epoch_done and cfg.train.checkpoint_every and epoch % cfg.train.checkpoint_every == 0:
         atomic_save(state, run.run_dir / "checkpoints" / f"epoch_{epoch}.pt")
     log.debug("checkpoint at step %d written in %.2fs", run.step, time.perf_counter() - t0)
+
+
+def record_startup(run: Run) -> None:
+    """After this process's first optimiser step: how long it took to get there (``env.json``'s ``startup``,
+    :mod:`selfsup.train.startup`), said in one line."""
+    figures = run.startup.first_step()
+    if not run.main:
+        return
+    parts = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in figures["parts_s"].items())
+    log.info("first step %.1f s after the %s (%s s; %.1f s of CPU time)", figures["first_step_s"], figures["from"],
+             parts, figures["first_step_cpu_s"])
+    path = run.run_dir / "env.json"
+    try:
+        env = json.loads(path.read_text())
+        env["startup"] = figures
+        path.write_text(json.dumps(env, indent=2))
+    except (OSError, ValueError):
+        log.debug("could not record the start-up time in %s", path)
 
 
 def knn_monitor(run: Run) -> float | None:

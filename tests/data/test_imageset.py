@@ -127,3 +127,46 @@ def test_prefetched_batches_arrive_in_order_and_errors_reach_the_caller(folder, 
     early.close()  # leaving the loop stops the reader thread
     with pytest.raises(IndexError):
         list(prefetch_batches(full, [torch.tensor([0, 99])]))
+
+
+def _mapped_rss_kb(s: ImageSet) -> int:
+    """Resident kB of the set's own mapping of its shard (/proc/self/smaps): pages read through that map."""
+    ptr, inside = s._pixels.data_ptr(), False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if "-" in head[0] and not head[0].endswith(":"):  # a mapping's header line: "lo-hi perms ..."
+            lo, hi = (int(x, 16) for x in head[0].split("-"))
+            inside = lo <= ptr < hi and head[-1] == f"{s.source}/images.u8"
+        elif inside and head[0] == "Rss:":
+            return int(head[1])
+    raise AssertionError("the set is not a mapping of its shard")
+
+
+def test_streamed_batches_never_count_the_shard_in_this_process(folder, tmp_path):
+    """Batches are read with positioned reads (selfsup.data.shard), not through the memory map: a process
+    streaming a shard larger than RAM once per epoch must not end the epoch with all of it resident."""
+    full = _mapped(folder, tmp_path)
+    expected = full.images.clone()  # the whole set: the map itself (and now resident)
+    fresh = _mapped(folder, tmp_path)  # another set, another mapping of the same file
+    sub = fresh.subset(torch.arange(3, 30))
+    assert _mapped_rss_kb(fresh) == 0
+    for idx in torch.randperm(27).split(5):
+        assert torch.equal(sub.batch(idx), expected[3:][idx])
+    fresh.mean_std()
+    ram = sub.to_memory()
+    assert torch.equal(ram.images, expected[3:])
+    assert _mapped_rss_kb(fresh) == 0
+
+
+def test_a_folder_has_one_normalisation_streamed_or_in_ram(folder, tmp_path, monkeypatch):
+    import selfsup.data.imageset as imageset
+
+    full = _mapped(folder, tmp_path)
+    assert full.mean_std() == full.to_memory().mean_std()
+    sub = full.subset(torch.arange(0, 30, 2))
+    assert sub.mean_std() == sub.to_memory().mean_std()
+    # a large folder: the statistics come from images spread over it, as many as hold STATS_VALUES values
+    monkeypatch.setattr(imageset, "STATS_VALUES", 5 * 3 * full.stored_size**2)
+    monkeypatch.setattr(imageset, "STATS_MIN_IMAGES", 1)
+    picked = torch.linspace(0, 29, 5).round().long()
+    assert full.mean_std() == full.subset(picked).to_memory().mean_std(sample=5)

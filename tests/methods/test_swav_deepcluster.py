@@ -153,6 +153,20 @@ def test_swav_prototypes_unit_rows_and_frozen_at_start():
     assert m.prototypes.weight.grad.abs().max() > 0
 
 
+def test_swav_seer_head_has_three_layers_without_batchnorm():
+    """SEER's projector (arXiv:2103.01988; vissl's d10444_d8192_d8192_d256 head, use_bn False): 3 linear layers."""
+    m = _method("swav", proj_layers=3, proj_bn=False)
+    linears = [l for l in m.projector if isinstance(l, torch.nn.Linear)]
+    assert len(linears) == 3 and not any(isinstance(l, torch.nn.BatchNorm1d) for l in m.projector)
+    assert linears[0].out_features == linears[1].in_features == linears[1].out_features == 32
+    loss, _ = m.training_step(_views(), Progress(0, 100, 0, 10))
+    loss.backward()
+    assert all(l.weight.grad.abs().max() > 0 for l in linears)
+    default = _method("swav")
+    assert sum(isinstance(l, torch.nn.Linear) for l in default.projector) == 2
+    assert any(isinstance(l, torch.nn.BatchNorm1d) for l in default.projector)
+
+
 def test_swav_queue_codes_use_only_batch_rows():
     m = _method("swav", queue_length=16)
     views = _views(b=8)
@@ -188,6 +202,7 @@ def test_deepcluster_memory_indices_epochs_and_resume():
 
 def test_bad_values_raise():
     for name, bad in [("swav", {"temperature": 0.0}), ("swav", {"epsilon": -1.0}), ("swav", {"num_prototypes": 0}),
+                      ("swav", {"proj_layers": 0}),
                       ("deepclusterv2", {"temperature": -0.1}), ("deepclusterv2", {"num_clusters": 0})]:
         with pytest.raises(ValueError, match=next(iter(bad))):
             _method(name, **bad)
