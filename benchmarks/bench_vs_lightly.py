@@ -8,7 +8,10 @@ parameters, for the same number of epochs, alternating epoch by epoch so machine
   at the recipe's precision as the training loop resolves it (``auto``: bf16 autocast on CPUs with
   native bf16, fp32 elsewhere).
 - lightly: ``SimCLRTransform`` in a torch DataLoader, ``SimCLRProjectionHead``, ``NTXentLoss``, its LARS,
-  in fp32 as its examples train (``--lightly-precision bf16`` gives it the same autocast instead).
+  in fp32 as its examples train, and as a second row (its own model, trained alternately too) in bf16 autocast
+  where the CPU or GPU computes bf16 natively (``--lightly-precision fp32,bf16`` chooses the rows).
+- ``train.compile`` (``--set train.compile=on``) compiles selfsup's step as the training loop does; the first
+  step, which compiles, is timed apart and reported, not counted in the epoch's images/s.
 
 Printed: images/s per epoch (median), wall time, and kNN / linear-probe accuracy on the test set,
 evaluated by the same code. lightly is not a dependency of selfsup: the script installs it (without
@@ -35,6 +38,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import shutil
 import statistics
 import subprocess
@@ -81,7 +85,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="train on the first N images")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", default="0,2", help="lightly DataLoader worker counts to try (best is kept)")
-    parser.add_argument("--lightly-precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--lightly-precision", default=None,
+                        help="comma-separated lightly rows: fp32 and/or bf16 (autocast); default fp32, plus bf16 "
+                             "where the device computes bf16 natively")
     parser.add_argument("--seed", type=int, default=0, help="initial weights (identical for both) and sampling")
     parser.add_argument("--out", default="benchmarks/results_vs_lightly.json")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
@@ -110,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
 
     from PIL import Image
 
-    from selfsup.config import load_config, parse_override
+    from selfsup.config import compile_mode, load_config, parse_override
     from selfsup.data import load_dataset
     from selfsup.monitor.features import extract_features
     from selfsup.monitor.knn import knn_accuracy
@@ -143,8 +149,12 @@ def run(args: argparse.Namespace) -> int:
     warmup = int(cfg.optim.warmup_epochs * steps)
     channels_last = True
     ours_amp = resolve_precision(cfg.train.precision, device)
-    theirs_amp = torch.bfloat16 if args.lightly_precision == "bf16" else None
-    peak_mb = {"selfsup": 0.0, "lightly": 0.0}
+    ours_compile = compile_mode(cfg.train.compile)
+    # lightly's rows: fp32 as its examples train; bf16 autocast as a second row where the device computes it natively
+    precisions = args.lightly_precision.split(",") if args.lightly_precision else (
+        ["fp32", "bf16"] if resolve_precision("auto", device) is not None else ["fp32"])
+    names = ["lightly" if prec == "fp32" else f"lightly_{prec}" for prec in precisions]
+    peak_mb = {k: 0.0 for k in ["selfsup"] + names}
 
     def autocast(dtype):
         return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
@@ -155,17 +165,27 @@ def run(args: argparse.Namespace) -> int:
     ours_opt = build_optimizer(ours, cfg.optim, lr)
     recipe = view_recipe(cfg, ours.spec, size)
     ours_images = train.images.to(device)  # on a GPU the views are made there, from images kept there
+    ours_step = ours.training_step
+    if ours_compile == "on":  # as the training loop: the whole step
+        ours_step = torch.compile(ours.training_step)
+    elif ours_compile == "backbone":
+        ours.backbone.compile()
+    compile_s: list[float] = []
 
-    # --- lightly, around an identically initialised backbone
-    torch.manual_seed(args.seed)
-    theirs_backbone = build_method(cfg, chans, size).backbone.to(device, memory_format=torch.channels_last)
+    # --- lightly, one model per precision, each around an identically initialised backbone
+    theirs: dict[str, dict] = {}
+    for name, prec in zip(names, precisions):
+        torch.manual_seed(args.seed)
+        backbone = build_method(cfg, chans, size).backbone.to(device, memory_format=torch.channels_last)
+        theirs[name] = {"backbone": backbone, "amp": torch.bfloat16 if prec == "bf16" else None}
+        if lightly_error is None:
+            p = cfg.method.params
+            head = SimCLRProjectionHead(backbone.num_features, p["proj_hidden"], p["proj_dim"]).to(device)
+            params = list(backbone.parameters()) + list(head.parameters())
+            theirs[name].update(head=head, loss=NTXentLoss(temperature=p["temperature"]),
+                                opt=LightlyLARS(params, lr=lr, momentum=cfg.optim.momentum,
+                                                weight_decay=cfg.optim.weight_decay))
     if lightly_error is None:
-        p = cfg.method.params
-        theirs_head = SimCLRProjectionHead(theirs_backbone.num_features, p["proj_hidden"], p["proj_dim"]).to(device)
-        theirs_loss = NTXentLoss(temperature=p["temperature"])
-        theirs_params = list(theirs_backbone.parameters()) + list(theirs_head.parameters())
-        theirs_opt = LightlyLARS(theirs_params, lr=lr, momentum=cfg.optim.momentum,
-                                 weight_decay=cfg.optim.weight_decay)
         v = cfg.views
         transform = SimCLRTransform(input_size=size, min_scale=v["scale"][0], cj_prob=0.8, cj_strength=0.5,
                                     random_gray_scale=0.2, gaussian_blur=v.get("blur_p", 0.5), hf_prob=0.5,
@@ -195,32 +215,36 @@ def run(args: argparse.Namespace) -> int:
                                                            persistent_workers=workers > 0, pin_memory=True, **order)
         return loaders[workers]
 
-    def lightly_epoch(epoch: int, workers: int) -> float:
+    def lightly_epoch(name: str, epoch: int, workers: int) -> float:
+        m = theirs[name]
         loader = lightly_loader(workers)
-        theirs_backbone.train(), theirs_head.train()
+        m["backbone"].train(), m["head"].train()
         _sync(device)
         t0 = time.perf_counter()
         for i, (x0, x1) in enumerate(loader):
-            for g in theirs_opt.param_groups:
+            for g in m["opt"].param_groups:
                 g["lr"] = warmup_cosine(epoch * steps + i, total, warmup, lr)
             if cuda:
                 x0, x1 = x0.to(device, non_blocking=True), x1.to(device, non_blocking=True)
             x = torch.cat([x0, x1]).contiguous(memory_format=torch.channels_last)
-            with autocast(theirs_amp):
-                z = theirs_head(theirs_backbone(x))
+            with autocast(m["amp"]):
+                z = m["head"](m["backbone"](x))
                 z0, z1 = z.chunk(2)
-                loss = theirs_loss(z0, z1)
-            theirs_opt.zero_grad()
+                loss = m["loss"](z0, z1)
+            m["opt"].zero_grad()
             loss.backward()
-            theirs_opt.step()
+            m["opt"].step()
         _sync(device)
         return steps * b / (time.perf_counter() - t0)
 
     def selfsup_epoch(epoch: int) -> float:
+        """Images/s of one epoch; with train.compile the first step (compilation) is timed apart, in ``compile_s``,
+        and the epoch's rate is over the other steps."""
         ours.train()
         order = epoch_order(len(train), steps * b).to(device)
         _sync(device)
         t0 = time.perf_counter()
+        timed_steps = steps
         for i in range(steps):
             step = epoch * steps + i
             set_optim_values(ours_opt, warmup_cosine(step, total, warmup, lr), lr)
@@ -228,12 +252,16 @@ def run(args: argparse.Namespace) -> int:
                 views = make_views(ours_images[order[i * b : (i + 1) * b]], recipe, mean, std)
             views = [x.contiguous(memory_format=torch.channels_last) for x in views]
             with autocast(ours_amp):
-                loss, _ = ours.training_step(views, Progress(step, total, epoch, steps))
+                loss, _ = ours_step(views, Progress(step, total, epoch, steps))
             ours_opt.zero_grad()
             loss.backward()
             ours_opt.step()
+            if ours_compile != "off" and step == 0:
+                _sync(device)
+                compile_s.append(time.perf_counter() - t0)
+                t0, timed_steps = time.perf_counter(), steps - 1
         _sync(device)
-        return steps * b / (time.perf_counter() - t0)
+        return timed_steps * b / (time.perf_counter() - t0)
 
     def timed(name: str, fn, *a) -> float:
         """Runs one epoch of ``fn``; adds its wall time to ``wall[name]`` and its peak GPU memory to ``peak_mb``."""
@@ -247,20 +275,24 @@ def run(args: argparse.Namespace) -> int:
         return ips
 
     workers = [int(w) for w in args.workers.split(",")]
-    speed = {"selfsup": [], "lightly": []}
-    lightly_by_workers: dict[int, list[float]] = {w: [] for w in workers}
-    wall = {"selfsup": 0.0, "lightly": 0.0}
+    speed: dict[str, list[float]] = {k: [] for k in ["selfsup"] + names}
+    lightly_by_workers = {name: {w: [] for w in workers} for name in names}
+    wall = {k: 0.0 for k in ["selfsup"] + names}
+    load = [os.getloadavg()[0]]
     for epoch in range(args.epochs):
         speed["selfsup"].append(timed("selfsup", selfsup_epoch, epoch))
         if lightly_error is not None:
             print(f"epoch {epoch + 1}: selfsup {speed['selfsup'][-1]:.0f} img/s, lightly not run", flush=True)
             continue
         w = workers[epoch % len(workers)]
-        ips = timed("lightly", lightly_epoch, epoch, w)
-        lightly_by_workers[w].append(ips)
-        speed["lightly"].append(ips)
-        print(f"epoch {epoch + 1}: selfsup {speed['selfsup'][-1]:.0f} img/s, lightly ({w} workers) {ips:.0f} img/s",
-              flush=True)
+        line = [f"epoch {epoch + 1}: selfsup {speed['selfsup'][-1]:.0f} img/s"]
+        for name in names:
+            ips = timed(name, lightly_epoch, name, epoch, w)
+            lightly_by_workers[name][w].append(ips)
+            speed[name].append(ips)
+            line.append(f"{name} ({w} workers) {ips:.0f} img/s")
+        load.append(os.getloadavg()[0])
+        print(", ".join(line) + f"  (load average {load[-1]:.1f})", flush=True)
 
     def accuracy(backbone) -> dict[str, float]:
         tr = extract_features(backbone, train, mean, std, device, channels_last=channels_last)
@@ -268,20 +300,29 @@ def run(args: argparse.Namespace) -> int:
         return {"knn": knn_accuracy(tr, train.labels, te, test.labels, train.num_classes),
                 "linear": linear_probe(tr, train.labels, te, test.labels, train.num_classes)["accuracy"]}
 
-    libraries = ["selfsup"] + (["lightly"] if lightly_error is None else [])
-    results = {} if args.no_eval else {k: accuracy(ours.backbone if k == "selfsup" else theirs_backbone)
+    libraries = ["selfsup"] + (names if lightly_error is None else [])
+    results = {} if args.no_eval else {k: accuracy(ours.backbone if k == "selfsup" else theirs[k]["backbone"])
                                        for k in libraries}
-    by_workers = {str(k): statistics.median(v) for k, v in lightly_by_workers.items() if v}
-    best_lightly = max(by_workers.values()) if by_workers else None  # lightly's best loader setting
-    ratio = statistics.median(speed["selfsup"]) / best_lightly if best_lightly else None
+    by_workers = {name: {str(k): statistics.median(v) for k, v in lightly_by_workers[name].items() if v}
+                  for name in names}
+    best = {name: max(by_workers[name].values()) if by_workers[name] else None for name in names}  # best loader
+    ips = {"selfsup": statistics.median(speed["selfsup"]), **best}
+    ratios = {name: ips["selfsup"] / best[name] if best[name] else None for name in names}
     summary = {"lightly_version": version, "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "seed": args.seed, "device": str(device),
-               "precision": {"selfsup": str(ours_amp or "fp32"), "lightly": str(theirs_amp or "fp32")},
+               "seed": args.seed, "device": str(device), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+               "cpu_native_bf16": resolve_precision("auto", torch.device("cpu")) is not None,
+               "isa_env": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+                                                      "MKL_ENABLE_INSTRUCTIONS", "OMP_NUM_THREADS") if k in os.environ},
+               "date": time.strftime("%Y-%m-%d %H:%M %Z"), "load_average": {"start": load[0], "end": load[-1]},
+               "precision": {"selfsup": str(ours_amp or "fp32"),
+                             **{name: str(theirs[name]["amp"] or "fp32") for name in names}},
+               "compile": {"selfsup": ours_compile, "compile_s": compile_s[0] if compile_s else None},
                "epochs": args.epochs, "steps_per_epoch": steps, "train_images": len(train), "batch_size": b,
                "backbone": cfg.backbone.name, "dataset": cfg.data.name, "image_size": size,
-               "images_per_s": {"selfsup": statistics.median(speed["selfsup"]), "lightly": best_lightly},
-               "lightly_images_per_s_by_workers": by_workers,
-               "wall_s": wall, "accuracy": results, "speed_ratio": ratio}
+               "images_per_s": ips, "lightly_images_per_s_by_workers": by_workers.get("lightly", {}),
+               "lightly_bf16_images_per_s_by_workers": by_workers.get("lightly_bf16", {}),
+               "wall_s": wall, "accuracy": results, "speed_ratio": ratios.get("lightly"),
+               "speed_ratio_vs_lightly_bf16": ratios.get("lightly_bf16")}
     if cuda:
         summary.update(gpu=torch.cuda.get_device_name(device), peak_memory_mb=peak_mb)
     if lightly_error is not None:
@@ -290,15 +331,20 @@ def run(args: argparse.Namespace) -> int:
     def pct(k: str, protocol: str) -> str:
         return f"{100 * results[k][protocol]:.2f}%" if k in results else "not run"
 
-    print(f"\n| library | images/s (median) | train wall s | kNN | linear |\n|---|---|---|---|---|")
+    print(f"\n| library | precision | images/s (median) | train wall s | kNN | linear |\n|---|---|---|---|---|---|")
     for k in libraries:
-        print(f"| {k} | {summary['images_per_s'][k]:.0f} | {wall[k]:.0f} | {pct(k, 'knn')} | {pct(k, 'linear')} |")
+        print(f"| {k} | {summary['precision'][k]} | {ips[k]:.0f} | {wall[k]:.0f} | {pct(k, 'knn')} "
+              f"| {pct(k, 'linear')} |")
     if lightly_error is not None:
         print(f"| lightly | {lightly_error} | | | |")
         print(f"\nselfsup / lightly images/s: not measured ({lightly_error})")
     else:
-        print(f"\nselfsup / lightly images/s: {ratio:.2f}× (lightly {version}, {torch.get_num_threads()} threads; "
-              f"precision selfsup {summary['precision']['selfsup']}, lightly {summary['precision']['lightly']})")
+        for name in names:
+            print(f"selfsup / {name} images/s: {ratios[name]:.2f}× (lightly {version}, {torch.get_num_threads()} "
+                  f"threads; precision selfsup {summary['precision']['selfsup']}, {name} "
+                  f"{summary['precision'][name]})")
+    if compile_s:
+        print(f"selfsup compile ({ours_compile}): first step {compile_s[0]:.1f}s, not counted in its images/s")
     Path(args.out).write_text(json.dumps(summary, indent=2))
     return 3 if lightly_error is not None else 0
 

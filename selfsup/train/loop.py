@@ -30,7 +30,9 @@ from selfsup.train.batches import epoch_batches, epoch_order
 from selfsup.train.checkpoint import atomic_save
 
 from selfsup.train.optim import set_optim_values
-from selfsup.train.setup import Run, TrainingError, knn_monitor, record_startup, save_checkpoint, setup_run
+from selfsup.config import compile_mode
+from selfsup.train.setup import (Run, TrainingError, knn_monitor, record_compile_time, record_startup, save_checkpoint,
+                                 setup_run)
 from selfsup.views import make_views
 
 log = logging.getLogger("selfsup")
@@ -101,11 +103,16 @@ def train_one_epoch(run: Run, epoch: int, stop: _StopFlag) -> dict[str, Any]:
     run.model.train()
     clock = _Throughput()
     logs: dict[str, Tensor] = {}
+    compiled_in_epoch = None
     order = epoch_order(len(run.data.train), t.seed, epoch)
     for i, idx, x, aspect in epoch_batches(run.data.train, run.resident, order, first, run.steps_per_epoch,
                                            t.batch_size, run.rank, run.world, run.device):
         progress = make_progress(run.model, run.step, run.total_steps, epoch, run.steps_per_epoch)
+        t0 = time.perf_counter()
         result = train_step(run, x, idx, progress, aspect)
+        if run.compile_s is None and compile_mode(t.compile) != "off":
+            record_compile_time(run, time.perf_counter() - t0)
+            compiled_in_epoch = run.compile_s
         if not result.finite:
             _skip(run, result, epoch)
             continue
@@ -130,6 +137,8 @@ def train_one_epoch(run: Run, epoch: int, stop: _StopFlag) -> dict[str, Any]:
     if bar is not None:
         bar.close()
     summary = _epoch_summary(run, epoch, clock, logs)
+    if compiled_in_epoch is not None:
+        summary["compile_s"] = compiled_in_epoch
     run.metrics.write(summary)
     save_checkpoint(run, epoch_done=True)
     if run.main:

@@ -15,7 +15,7 @@ import yaml
 from torch import nn
 
 from selfsup import __version__
-from selfsup.config import ConfigError, RunConfig, config_from_dict
+from selfsup.config import ConfigError, RunConfig, compile_mode, config_from_dict
 from selfsup.train.build import build_encoder, build_method
 from selfsup.train.checkpoint import CheckpointError, check_compatible, safe_load
 
@@ -60,7 +60,11 @@ def check_resumable(run_dir: Path, cfg: RunConfig) -> None:
     if not saved_path.is_file():
         raise ConfigError([f"{run_dir} has checkpoints but no config.yaml; use another --out"])
     saved = yaml.safe_load(saved_path.read_text())
-    diff = _differences(saved, cfg.to_dict())
+    if isinstance(saved, dict) and isinstance(saved.get("train"), dict) and "compile" in saved["train"]:
+        saved["train"]["compile"] = compile_mode(saved["train"]["compile"])  # runs saved with compile: true/false
+    new = cfg.to_dict()
+    new["train"]["compile"] = compile_mode(new["train"]["compile"])
+    diff = _differences(saved, new)
     if diff:
         raise ConfigError([f"{run_dir} holds a run with a different config; resume it with the same settings, "
                            "or choose another --out (or pass --overwrite to start it again). Differences: "

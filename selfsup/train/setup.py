@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from selfsup import distributed as dist
-from selfsup.config import RunConfig
+from selfsup.config import RunConfig, compile_mode
 from selfsup.data import DataError, ImageSet, holdout_split, load_dataset
 from selfsup.data.load import resident
 from selfsup.methods import get_method
@@ -105,6 +106,8 @@ class Run:
     metrics: MetricsLog
     collapse: CollapseMonitor
     trainable: list[Tensor] = field(default_factory=list)
+    compile_s: float | None = None
+    """With ``train.compile``: seconds of the first step in this process, compilation included (None until then)."""
     step: int = 0
     bad_total: int = 0
     bad_in_row: int = 0
@@ -133,6 +136,8 @@ def setup_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False) -> Run:
     device = resolve_device(t.device)
     if t.threads:
         torch.set_num_threads(t.threads)
+    if rank == 0 and device.type == "cpu":
+        warn_if_oversubscribed()
     torch.manual_seed(t.seed + rank)
     check_names(cfg)
     data = prepare_data(cfg, clock)
@@ -152,6 +157,8 @@ def setup_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False) -> Run:
     stepper: nn.Module = _Stepper(model)
     if world > 1:
         stepper = torch.nn.parallel.DistributedDataParallel(stepper, device_ids=[device] if device.type == "cuda" else None)
+    if compile_mode(t.compile) == "on":  # the whole training step; the model's state-dict keys are unchanged
+        stepper = torch.compile(stepper)
     run = Run(cfg=cfg, run_dir=run_dir, device=device, data=data, resident=resident_images(data.train, device),
               recipe=recipe, model=model, spec=spec, stepper=stepper, optimizer=build_optimizer(model, cfg.optim, base_lr),
               amp_dtype=resolve_precision(t.precision, device), channels_last=channels_last,
@@ -172,6 +179,24 @@ def setup_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False) -> Run:
     return run
 
 
+def warn_if_oversubscribed() -> bool:
+    """Warn (and return True) when more runnable work than cores is already on the machine while torch uses several
+    threads: every parallel kernel then waits at its barriers for a descheduled thread, and OpenMP's spin-waiting
+    makes each step many times slower (measured 10× for the default recipe on 2 busy cores,
+    ``benchmarks/step/README.md``), where one thread, or passive waiting, loses little."""
+    threads, cores = torch.get_num_threads(), os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return False
+    if threads < 2 or load < cores + 1 or os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+        return False
+    log.warning("the machine is busy (load average %.1f on %d cores) and torch uses %d threads: parallel kernels "
+                "wait for descheduled threads, which can make training many times slower. Use --threads 1, or start "
+                "with OMP_WAIT_POLICY=PASSIVE in the environment.", load, cores, threads)
+    return True
+
+
 def _describe(cfg: RunConfig, data: Data, spec: MethodSpec, steps_per_epoch: int, total_steps: int) -> None:
     """What the run will do, said before it starts; and a warning when it is too short to learn anything."""
     if dist.rank() != 0:
@@ -190,7 +215,7 @@ def _describe(cfg: RunConfig, data: Data, spec: MethodSpec, steps_per_epoch: int
 def _build_model(cfg: RunConfig, data: Data, world: int, device: torch.device,
                  recipe: ViewRecipe) -> tuple[nn.Module, bool]:
     """The method on the device, checked against the data and views, channels-last where it pays, and with
-    ``train.compile`` its backbone compiled in place (state-dict keys unchanged)."""
+    ``train.compile: backbone`` its backbone compiled in place (state-dict keys unchanged)."""
     model = build_method(cfg, data.train.channels, data.train.image_size, world).to(device)
     if world > 1:
         model = sync_batchnorm(model, device, dist.rank() == 0)
@@ -199,7 +224,7 @@ def _build_model(cfg: RunConfig, data: Data, world: int, device: torch.device,
     channels_last = t.channels_last == "on" or (t.channels_last == "auto" and data.train.image_size >= 8)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if t.compile:
+    if compile_mode(t.compile) == "backbone":
         model.backbone.compile()
     return model, channels_last
 
@@ -229,12 +254,25 @@ def _write_run_files(run: Run) -> None:
         stale.unlink(missing_ok=True)
     train, cfg = run.data.train, run.cfg
     write_env(run.run_dir, run.device, cfg.train.seed, run.world, {
-        "precision": str(run.amp_dtype or "fp32"), "channels_last": run.channels_last, "resumed_from_step": run.step,
+        "precision": str(run.amp_dtype or "fp32"), "channels_last": run.channels_last,
+        "compile": compile_mode(cfg.train.compile), "resumed_from_step": run.step,
         "pretraining_images": len(train), "pretraining_class_counts": train.class_counts()})
     (run.run_dir / "encoder.json").write_text(json.dumps({
         "backbone": cfg.backbone.name, "params": cfg.backbone.params, "in_chans": train.channels,
         "image_size": train.image_size, "num_features": run.model.backbone.num_features,
         "mean": run.data.mean, "std": run.data.std, "method": cfg.method.name}, indent=2))
+
+
+def record_compile_time(run: Run, seconds: float) -> None:
+    """With ``train.compile``: the first step's time (compilation included), logged and added to ``env.json``."""
+    run.compile_s = seconds
+    if not run.main:
+        return
+    log.info("torch.compile (%s): the first step took %.1fs, compilation included", compile_mode(run.cfg.train.compile),
+             seconds)
+    path = run.run_dir / "env.json"
+    env = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**env, "compile_s": round(seconds, 2)}, indent=2))
 
 
 def save_checkpoint(run: Run, epoch_done: bool) -> None:
