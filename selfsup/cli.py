@@ -110,7 +110,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 raise ConfigError([f"--finetune-steps must be ≥ 1, got {args.finetune_steps}"])
             settings = dataclasses.replace(settings, min_steps=args.finetune_steps, max_steps=args.finetune_steps)
     results = evaluate_run(args.run_dir, protocols, data=args.data, data_root=args.data_root, labels=args.labels,
-                           device=args.device, seed=args.seed, finetune_settings=settings)
+                           device=args.device, seed=args.seed, finetune_settings=settings, split=args.split)
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     else:
@@ -278,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="knn, linear, finetune (end to end, beside from-scratch), or a comma-separated list")
     e.add_argument("--labels", help="label fraction ('1%%', '10%%') or few-shot count ('5-shot')")
     e.add_argument("--data", help="evaluate on another dataset (transfer)")
+    e.add_argument("--split", choices=["test", "val"], default="test",
+                   help="test: the dataset's test split; val: the images the run held out of pretraining "
+                        "(data.val_size), fitting on every other labelled training image (for choosing settings)")
     e.add_argument("--data-root")
     e.add_argument("--device", default="cpu")
     e.add_argument("--seed", type=int, default=0)

@@ -2,9 +2,9 @@
 and label subsets."""
 from selfsup.data.cache import load_image_folder
 from selfsup.data.imageset import DataError, ImageSet
-from selfsup.data.load import load_dataset, split_labelled
+from selfsup.data.load import load_dataset, pretraining_holdout, split_labelled
 from selfsup.data.splits import holdout_split, parse_fraction, stratified_subset
 from selfsup.data.stream import prefetch_batches
 
-__all__ = ["DataError", "ImageSet", "load_dataset", "load_image_folder", "prefetch_batches", "split_labelled",
-           "holdout_split", "parse_fraction", "stratified_subset"]
+__all__ = ["DataError", "ImageSet", "load_dataset", "load_image_folder", "prefetch_batches", "pretraining_holdout",
+           "split_labelled", "holdout_split", "parse_fraction", "stratified_subset"]

@@ -15,7 +15,7 @@ from selfsup.data.cache import load_image_folder
 from selfsup.data.imageset import DataError, ImageSet
 from selfsup.data.imbalance import long_tail_subset
 from selfsup.data.sample_photos import sample_photo_crops
-from selfsup.data.splits import stratified_subset
+from selfsup.data.splits import holdout_split, stratified_subset
 
 log = logging.getLogger(__name__)
 NAMED = ("fashion-mnist", "digits", "cifar10", "cifar100", "sample-photos")
@@ -111,15 +111,33 @@ def resident(train: ImageSet, test: ImageSet, cfg: DataConfig) -> tuple[ImageSet
     return train.to_memory(), test.to_memory()
 
 
-def long_tail(train: ImageSet, decay: float) -> ImageSet:
-    """The class-imbalanced subset of ``data.long_tail`` (see :mod:`selfsup.data.imbalance`)."""
+def long_tail_indices(train: ImageSet, decay: float) -> torch.Tensor:
+    """Positions in ``train`` of the class-imbalanced subset of ``data.long_tail`` (see :mod:`selfsup.data.imbalance`)."""
     if train.labels is None:
         raise DataError(f"{train.name}: data.long_tail needs labelled training images to make a class-imbalanced "
                         "subset; this dataset has no labels")
     smallest = int(torch.bincount(train.labels).min())
-    out = train.subset(long_tail_subset(train.labels, smallest, decay))
+    return long_tail_subset(train.labels, smallest, decay)
+
+
+def long_tail(train: ImageSet, decay: float) -> ImageSet:
+    out = train.subset(long_tail_indices(train, decay))
     out.name = f"{train.name} (long tail ×{decay:g})"
     return out
+
+
+def pretraining_holdout(labelled_train: ImageSet, cfg: DataConfig, seed: int) -> torch.Tensor:
+    """Positions in the whole labelled training split (``load_dataset(cfg.labelled())[0]``) of the images a run
+    with data config ``cfg`` and seed ``seed`` held out of pretraining (``data.val_size``, for its online kNN
+    monitor): the split :func:`load_dataset` and :func:`~selfsup.data.splits.holdout_split` make, replayed, so
+    the run's encoder never trained on them."""
+    pool = torch.arange(len(labelled_train))
+    if cfg.long_tail is not None:
+        pool = long_tail_indices(labelled_train, cfg.long_tail)
+    if cfg.limit is not None:
+        pool = pool[: cfg.limit]
+    _, val = holdout_split(len(pool), cfg.val_size, seed)
+    return pool[val]
 
 
 def resize(images: ImageSet, size: int) -> ImageSet:

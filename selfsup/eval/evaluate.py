@@ -6,6 +6,10 @@ table never compares against a number from elsewhere. ``finetune`` (asked for by
 encoder end to end with a linear head, beside the same architecture trained from scratch on the
 same labels with the same recipe (:mod:`selfsup.eval.finetune`).
 
+``split="val"`` evaluates on the images the run held out of pretraining (``data.val_size``, drawn with the
+run's seed) and fits on every other labelled training image: figures to choose a recipe by, with the test
+split kept for the final ones.
+
 Frozen-feature results also describe the test split's embeddings of the encoder and of each
 baseline (dimension and effective rank, RankMe): a collapsed encoder shows there as a low rank.
 ``selfsup bench`` calls :func:`evaluate_run` for every method, so its figures and ``selfsup
@@ -22,7 +26,7 @@ import torch
 from torch import Tensor
 
 from selfsup.config import ConfigError
-from selfsup.data import DataError, ImageSet, load_dataset
+from selfsup.data import DataError, ImageSet, load_dataset, pretraining_holdout
 from selfsup.data.splits import parse_fraction, sample_indices, stratified_subset
 from selfsup.monitor.features import extract_features, pixel_features
 from selfsup.eval.finetune import FinetuneSettings, check_layer_decay, finetune_accuracy
@@ -37,6 +41,8 @@ PROTOCOLS = ("knn", "linear")
 ALL_PROTOCOLS = PROTOCOLS + ("finetune",)
 BASELINES = ("raw_pixels", "random_encoder")
 """The frozen baselines, measured beside the encoder in the same call."""
+SPLITS = ("test", "val")
+"""What is evaluated on: the dataset's test split, or the images the run held out of pretraining."""
 
 
 def _check_compatible(images: ImageSet, meta: dict[str, Any]) -> None:
@@ -58,7 +64,7 @@ def evaluate_run(run_dir: str | Path, protocols: Sequence[str] = PROTOCOLS, data
                  data_root: str | None = None, labels: str | None = None, device: str = "cpu",
                  seed: int = 0, write: bool = True, finetune_settings: FinetuneSettings | None = None, *,
                  eval_limit: int | None = None, baselines: bool = True,
-                 source: str = "selfsup evaluate") -> list[dict[str, Any]]:
+                 source: str = "selfsup evaluate", split: str = "test") -> list[dict[str, Any]]:
     """One result dict per protocol; each is also written to ``RUN/eval_<protocol>[_<labels>].json``.
 
     ``labels`` is a fraction (``"1%"``) or a few-shot count (``"5-shot"``) of the training split,
@@ -69,6 +75,9 @@ def evaluate_run(run_dir: str | Path, protocols: Sequence[str] = PROTOCOLS, data
     - ``baselines=False``: the encoder alone; no random encoder, raw pixels or training from scratch
       (the results' ``baselines`` are empty), for a caller that needs only the encoder's figures.
     - ``source``: what produced the figures, stored in each result (the HTML report states it).
+    - ``split="val"``: test on the run's held-out images (:func:`~selfsup.data.pretraining_holdout`) and fit on
+      the rest of the labelled training split, for choosing settings without touching the test split; the
+      results are written to ``eval_<protocol>[_<labels>]_val.json``.
 
     A ``knn``/``linear`` result's ``test_embeddings`` holds, per feature set (``selfsup`` and each
     baseline), the dimension and effective rank of the test split's features.
@@ -76,6 +85,11 @@ def evaluate_run(run_dir: str | Path, protocols: Sequence[str] = PROTOCOLS, data
     unknown = [p for p in protocols if p not in ALL_PROTOCOLS]
     if unknown:
         raise ConfigError([f"unknown protocol(s) {', '.join(unknown)}; choose from {', '.join(ALL_PROTOCOLS)}"])
+    if split not in SPLITS:
+        raise ConfigError([f"unknown split {split!r}; choose from {', '.join(SPLITS)}"])
+    if split == "val" and data:
+        raise ConfigError(["--split val evaluates on the images the run held out of its own pretraining data; "
+                           "it cannot be combined with --data (evaluate another dataset on its test split)"])
     run = load_run(run_dir, device)
     if "finetune" in protocols and finetune_settings:
         check_layer_decay(run.encoder, finetune_settings)  # before any feature extraction or training
@@ -84,6 +98,8 @@ def evaluate_run(run_dir: str | Path, protocols: Sequence[str] = PROTOCOLS, data
         # another dataset at the encoder's size; the run's cache settings (data.cache_dir, ...) still apply
         data_cfg = dataclasses.replace(data_cfg, name=data, root=data_root, image_size=run.meta["image_size"])
     train, test = load_dataset(data_cfg)
+    if split == "val":
+        train, test = _heldout_split(train, run)
     if train.labels is None or test.labels is None or len(test) == 0:
         raise DataError(f"{data_cfg.name} has no labelled test split to evaluate on (image folders need class subfolders)")
     _check_compatible(train, run.meta)
@@ -131,7 +147,7 @@ def evaluate_run(run_dir: str | Path, protocols: Sequence[str] = PROTOCOLS, data
     for protocol in protocols:
         common = {"method": run.cfg.method.name, "backbone": run.cfg.backbone.name, "dataset": data_cfg.name,
                   "pretraining_epochs": run.cfg.train.epochs, "labels": labels or "100%", "seed": seed,
-                  "n_train": len(train), "n_test": len(test), "source": source}
+                  "split": split, "n_train": len(train), "n_test": len(test), "source": source}
         if protocol == "finetune":
             result = _finetune(run, train, test, seed, device, finetune_settings or FinetuneSettings(), baselines)
             # the frozen baselines of a fine-tune result are linear probes on the same labels
@@ -143,15 +159,27 @@ def evaluate_run(run_dir: str | Path, protocols: Sequence[str] = PROTOCOLS, data
                       "test_embeddings": {name: test_embeddings(name) for name in names}, **common}
         results.append(result)
         if write:
-            write_eval_result(run_dir, protocol, labels, result, seed)
+            write_eval_result(run_dir, protocol, labels, result, seed, split)
     return results
 
 
+def _heldout_split(train: ImageSet, run: LoadedRun) -> tuple[ImageSet, ImageSet]:
+    """(every labelled training image the run did not hold out, the held-out ones)."""
+    val = pretraining_holdout(train, run.cfg.data, run.cfg.train.seed)
+    if len(val) == 0:
+        raise DataError(f"the run held out no images (data.val_size: {run.cfg.data.val_size}); --split val needs a "
+                        "run pretrained with data.val_size > 0")
+    keep = torch.ones(len(train), dtype=torch.bool)
+    keep[val] = False
+    return train.subset(keep.nonzero().flatten()), train.subset(val)
+
+
 def write_eval_result(run_dir: str | Path, protocol: str, labels: str | None, result: dict[str, Any],
-                      seed: int = 0) -> Path:
-    """``RUN/eval_<protocol>[_<labels>][_seed<S>].json`` (``1%`` → ``1pct``; seed 0 unnamed), the files the
-    report reads: another seed's result sits beside seed 0's instead of replacing it."""
+                      seed: int = 0, split: str = "test") -> Path:
+    """``RUN/eval_<protocol>[_<labels>][_val][_seed<S>].json`` (``1%`` → ``1pct``; seed 0 unnamed), the files the
+    report reads: another seed's or split's result sits beside seed 0's test result instead of replacing it."""
     suffix = "" if not labels else f"_{str(labels).replace('%', 'pct')}"
+    suffix += "_val" if split == "val" else ""
     suffix += f"_seed{seed}" if seed else ""
     path = Path(run_dir) / f"eval_{protocol}{suffix}.json"
     path.write_text(json.dumps(result, indent=2))
@@ -191,7 +219,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
     header = ["protocol", "dataset", "labels", f"selfsup ({results[0]['method']})" if results else "selfsup",
               "random encoder", "raw pixels"]
     pct = lambda value: "-" if value is None else f"{100 * value:.2f}%"
-    rows = [[r["protocol"], r["dataset"], r["labels"], pct(r["accuracy"]), pct(r["baselines"].get("random_encoder")),
+    rows = [[r["protocol"], _dataset_label(r), r["labels"], pct(r["accuracy"]), pct(r["baselines"].get("random_encoder")),
              pct(r["baselines"].get("raw_pixels"))] for r in results]
     if any("from_scratch" in r["baselines"] for r in results):
         header.append("from scratch (fine-tuned)")
@@ -200,3 +228,8 @@ def format_table(results: list[dict[str, Any]]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _dataset_label(result: dict[str, Any]) -> str:
+    """The dataset, marked when the figures come from the run's held-out images instead of the test split."""
+    return f"{result['dataset']} (held-out val)" if result.get("split") == "val" else result["dataset"]

@@ -113,7 +113,8 @@ def _eval_results(run_dir: Path) -> str:
         base = r.get("baselines", {})
         sources.append(r.get("source", "selfsup evaluate"))
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
-            r.get("protocol"), r.get("dataset"), f"{r.get('labels')} (seed {r['seed']})" if r.get("seed") else r.get("labels"),
+            r.get("protocol"), f"{r.get('dataset')} (held-out val)" if r.get("split") == "val" else r.get("dataset"),
+            f"{r.get('labels')} (seed {r['seed']})" if r.get("seed") else r.get("labels"),
             _fmt(r.get("accuracy"), pct=True),
             _fmt(base.get("random_encoder"), pct=True), _fmt(base.get("raw_pixels"), pct=True),
             _fmt(base.get("from_scratch"), pct=True))) + "</tr>")

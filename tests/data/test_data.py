@@ -2,6 +2,7 @@
 cache: test_folder_cache.py."""
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import struct
@@ -118,3 +119,22 @@ def _unlabelled_folder(root):
     for i in range(4):
         Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
     return folder
+
+
+@pytest.mark.parametrize("extra", [{}, {"limit": 300}, {"long_tail": 5.0}, {"long_tail": 5.0, "limit": 200, "val_size": 7}])
+def test_pretraining_holdout_replays_the_images_a_run_held_out(extra):
+    """``pretraining_holdout`` finds, in the whole labelled training split, exactly the images a run's set-up held
+    out of pretraining (``load_dataset`` then ``holdout_split`` under the run's seed), after a limit or long tail."""
+    from selfsup.config import DataConfig
+    from selfsup.data import load_dataset, pretraining_holdout
+
+    cfg = DataConfig(name="digits", **extra)
+    labelled, _ = load_dataset(cfg.labelled())
+    for seed in (0, 1):
+        pool, _ = load_dataset(cfg)
+        _, val = holdout_split(len(pool), cfg.val_size, seed)
+        held = pretraining_holdout(labelled, cfg, seed)
+        assert len(held) == len(val) == min(cfg.val_size, len(pool) // 10) > 0
+        assert torch.equal(labelled.images[held], pool.images[val]) and torch.equal(labelled.labels[held], pool.labels[val])
+    assert not torch.equal(pretraining_holdout(labelled, cfg, 0), pretraining_holdout(labelled, cfg, 1))
+    assert len(pretraining_holdout(labelled, dataclasses.replace(cfg, val_size=0), 0)) == 0

@@ -78,3 +78,49 @@ def test_the_source_of_the_figures_is_written(run_dir: Path) -> None:
     assert knn["source"] == "selfsup evaluate"
     (knn,) = evaluate_run(run_dir, ["knn"], eval_limit=200, source="selfsup bench (1 epoch(s))")
     assert json.loads((run_dir / "eval_knn.json").read_text())["source"] == "selfsup bench (1 epoch(s))"
+
+
+def test_val_split_tests_on_the_images_the_run_held_out_and_fits_on_every_other(run_dir: Path, digits) -> None:
+    """``split="val"``: the run's held-out images (never pretrained on) are the test set, every other labelled
+    training image the fit set; the figures match a by-hand kNN on those two sets and go to their own file."""
+    from selfsup.data import pretraining_holdout
+    from selfsup.monitor.knn import knn_accuracy
+    from selfsup.train.setup import prepare_data
+
+    train, _ = digits
+    run = load_run(run_dir)
+    held = pretraining_holdout(train, run.cfg.data, run.cfg.train.seed)
+    assert torch.equal(train.images[held], prepare_data(run.cfg).val.images)  # what pretraining left out
+    knn, linear = evaluate_run(run_dir, ["knn", "linear"], split="val")
+    assert knn["split"] == linear["split"] == "val"
+    assert knn["n_test"] == len(held) == 25 and knn["n_train"] == len(train) - 25
+    keep = torch.ones(len(train), dtype=torch.bool)
+    keep[held] = False
+    feats = extract_features(run.encoder, train, run.meta["mean"], run.meta["std"])
+    expected = knn_accuracy(feats[keep], train.labels[keep], feats[held], train.labels[held], train.num_classes)
+    assert knn["accuracy"] == pytest.approx(expected)
+    assert json.loads((run_dir / "eval_knn_val.json").read_text())["split"] == "val"
+    assert "(held-out val)" in format_table([knn, linear])
+    (on_test,) = evaluate_run(run_dir, ["knn"], write=False)
+    assert on_test["split"] == "test" and on_test["n_test"] == len(digits[1])
+
+
+def test_val_split_errors_say_what_to_do(run_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import yaml
+
+    from selfsup.config import ConfigError
+    from selfsup.data import DataError
+
+    with pytest.raises(ConfigError, match="cannot be combined with --data"):
+        evaluate_run(run_dir, ["knn"], split="val", data="digits", write=False)
+    with pytest.raises(ConfigError, match="unknown split"):
+        evaluate_run(run_dir, ["knn"], split="train", write=False)
+    no_holdout = tmp_path / "run"
+    shutil.copytree(run_dir, no_holdout)
+    cfg = yaml.safe_load((no_holdout / "config.yaml").read_text())
+    cfg["data"]["val_size"] = 0
+    (no_holdout / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(DataError, match="held out no images"):
+        evaluate_run(no_holdout, ["knn"], split="val", write=False)
