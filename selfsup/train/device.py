@@ -55,6 +55,22 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def choose_attention(model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None) -> int:
+    """Training on a CPU under bf16 autocast: the ViT blocks' attention as plain matmul + softmax instead of
+    ``F.scaled_dot_product_attention``, whose CPU kernel's bf16 backward is 2–12× slower for the sequence
+    lengths used here (10–197 tokens: benchmarks/step/README.md, "Attention"). timm's attention
+    modules have both paths (``fused_attn``); elsewhere (fp32, CUDA) the fused kernel is kept. Returns the
+    number of attention modules switched."""
+    if device.type != "cpu" or amp_dtype != torch.bfloat16:
+        return 0
+    switched = 0
+    for module in model.modules():
+        if getattr(module, "fused_attn", False):
+            module.fused_attn = False
+            switched += 1
+    return switched
+
+
 def sync_batchnorm(model: nn.Module, device: torch.device, main: bool) -> nn.Module:
     """Batch statistics over the global batch (SimCLR §B.9 "global BN"): SyncBatchNorm on GPUs. torch has
     no SyncBatchNorm for CPU tensors, so CPU processes keep per-process statistics, with a warning."""

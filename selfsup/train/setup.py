@@ -30,7 +30,8 @@ from selfsup.schedules import scaled_lr
 from selfsup.train.batches import resident_images
 from selfsup.train.build import build_method, check_batch, check_names, check_run, resolve_config, view_recipe
 from selfsup.train.checkpoint import FORMAT_VERSION, atomic_save, check_compatible, safe_load
-from selfsup.train.device import resolve_device, resolve_precision, rng_state, set_rng_state, sync_batchnorm
+from selfsup.train.device import (choose_attention, resolve_device, resolve_precision, rng_state, set_rng_state,
+                                  sync_batchnorm)
 from selfsup.train.optim import build_optimizer
 from selfsup.train.rundir import MetricsLog, check_resumable, write_env
 from selfsup.train.startup import StartupClock
@@ -159,9 +160,11 @@ def setup_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False) -> Run:
         stepper = torch.nn.parallel.DistributedDataParallel(stepper, device_ids=[device] if device.type == "cuda" else None)
     if compile_mode(t.compile) == "on":  # the whole training step; the model's state-dict keys are unchanged
         stepper = torch.compile(stepper)
+    amp_dtype = resolve_precision(t.precision, device)
+    choose_attention(model, device, amp_dtype)
     run = Run(cfg=cfg, run_dir=run_dir, device=device, data=data, resident=resident_images(data.train, device),
               recipe=recipe, model=model, spec=spec, stepper=stepper, optimizer=build_optimizer(model, cfg.optim, base_lr),
-              amp_dtype=resolve_precision(t.precision, device), channels_last=channels_last,
+              amp_dtype=amp_dtype, channels_last=channels_last,
               steps_per_epoch=steps_per_epoch, total_steps=total_steps,
               warmup_steps=min(int(cfg.optim.warmup_epochs * steps_per_epoch), total_steps - 1), base_lr=base_lr,
               metrics=MetricsLog(run_dir / "metrics.jsonl", enabled=rank == 0),
