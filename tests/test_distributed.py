@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -114,9 +115,6 @@ def test_gather_is_identity_on_one_process():
 
 
 def _torchrun(out, *extra: str) -> "subprocess.CompletedProcess[str]":
-    import subprocess
-    import sys
-
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
            "-m", "selfsup", "pretrain", "--method", "simclr", "--data", "digits", "--limit", "512", "--epochs", "2",
            "--threads", "1", "--device", "cpu", "--no-progress", "--out", str(out),
