@@ -68,7 +68,7 @@ def run_one(config: str, overrides: dict, precision: str, steps: int, warmup: in
     with tempfile.TemporaryDirectory() as tmp:
         run = setup_run(cfg, Path(tmp) / "run")
         order = torch.randperm(len(run.data.train))
-        batches = [run.images[order[i * batch:(i + 1) * batch]] for i in range(steps + warmup + 1)]
+        batches = [run.data.train.batch(order[i * batch:(i + 1) * batch]) for i in range(steps + warmup + 1)]
 
         def step(i: int) -> None:
             progress = make_progress(run.model, i, run.total_steps, 0, run.steps_per_epoch)
