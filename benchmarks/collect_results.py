@@ -17,7 +17,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 
 BENCH_FOLDERS = ["simclr", "contrastive_clustering", "distillation_redundancy", "pretext", "masked", "masked/three_epochs",
-                 "cca"]
+                 "cca", "self_distillation_masked"]
 """Folders holding one ``results.json`` of ``selfsup bench`` each; a method in two of them is taken from the first."""
 
 FAMILY_ORDER = ["contrastive", "clustering", "self-distillation", "redundancy-reduction", "pretext",
@@ -95,14 +95,16 @@ def markdown(rows: list[dict[str, Any]], refs: list[dict[str, Any]], finetunes: 
         ft = _pct(r.get("finetune_1%"))
         if r.get("finetune_1%") is None and r["method"] in evaluated:
             ft = _pct(evaluated[r["method"]]) + " †"
-        lines.append(f"| {r['method']} | {r['family']} | {r.get('backbone', '–')} | {r.get('epochs', '–')} | "
+        epochs = f"{r.get('epochs', '–')}" + (" ‡" if "first" in r["budget"] else "")  # a --limit budget
+        lines.append(f"| {r['method']} | {r['family']} | {r.get('backbone', '–')} | {epochs} | "
                      f"{_pct(r.get('knn'))} | {_pct(r.get('linear'))} | {ft} | "
                      f"{_num(r.get('effective_rank'))} | {_num(r.get('images_per_s'))} | "
                      f"{_num((r.get('wall_time_s') or 0) / 60 or None, '{:.1f}')} | [{r['source']}]({r['source']}/) |")
     lines += ["", "Fine-tune 1%: the whole encoder and a linear head on 600 labelled images (stratified, seed 0), "
               "300 steps (`selfsup.eval.finetune`); † from `selfsup evaluate` on the same run, same recipe "
               "(table below); – not measured. images/s and minutes: as measured in that folder's run (its README "
-              "says when the machine was shared)."]
+              "says when the machine was shared). ‡ a smaller budget than the recipe's, named in that folder's README "
+              "(the rows' budget: " + "; ".join(sorted({f"{r['method']}: {r['budget']}" for r in rows if "first" in r["budget"]})) + ")."]
     lines += ["", "Reference rows (no pretraining), evaluated the same way:", "",
               "| reference | kNN | linear | fine-tune 1% (from scratch) | eff. rank | folder |", "|---|---|---|---|---|---|"]
     for r in refs:
