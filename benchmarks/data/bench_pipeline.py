@@ -47,6 +47,9 @@ from selfsup.data.imageset import ImageSet
 from selfsup.data.stream import prefetch_batches
 from selfsup.views.ops import resized_crop_flip
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic_folder import random_crop  # noqa: E402
+
 SCALE, RATIO, BATCH = (0.08, 1.0), (3 / 4, 4 / 3), 256
 
 
@@ -60,17 +63,8 @@ def make_folder(root: Path, n: int, seed: int = 0) -> list[Path]:
     for c in range(10):
         (root / f"class{c}").mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        photo = photos[i % 2]
-        aspect = float(np.exp(rng.uniform(np.log(0.6), np.log(1.7))))
-        h = int(rng.integers(120, 400))
-        w = min(photo.width, int(h * aspect))
-        left, top = int(rng.integers(0, photo.width - w + 1)), int(rng.integers(0, photo.height - h + 1))
-        longer = int(rng.integers(160, 257))
-        scale = longer / max(w, h)
-        crop = photo.crop((left, top, left + w, top + h)).resize((max(1, round(w * scale)), max(1, round(h * scale))),
-                                                                 Image.BICUBIC)
         path = root / f"class{i % 10}" / f"{i:05d}.jpg"
-        crop.save(path, quality=90)
+        random_crop(photos[i % 2], rng).save(path, quality=90)
         paths.append(path)
     return paths
 

@@ -35,18 +35,21 @@ def _make_range(root: str, start: int, stop: int, seed: int) -> int:
 
         _photos = [Image.fromarray(p) for p in load_sample_images().images]
     for i in range(start, stop):
-        rng = np.random.default_rng((seed, i))
-        photo = _photos[i % 2]
-        aspect = float(np.exp(rng.uniform(np.log(0.6), np.log(1.7))))
-        h = int(rng.integers(120, 400))
-        w = min(photo.width, int(h * aspect))
-        left, top = int(rng.integers(0, photo.width - w + 1)), int(rng.integers(0, photo.height - h + 1))
-        longer = int(rng.integers(160, 257))
-        scale = longer / max(w, h)
-        crop = photo.crop((left, top, left + w, top + h)).resize(
-            (max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
-        crop.save(image_path(Path(root), i), quality=90)
+        random_crop(_photos[i % 2], np.random.default_rng((seed, i))).save(image_path(Path(root), i), quality=90)
     return stop - start
+
+
+def random_crop(photo: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """One synthetic image: a crop of aspect 0.6–1.7 and 120–400 px tall at a random position of ``photo``,
+    resized so its longer side is 160–256 px."""
+    aspect = float(np.exp(rng.uniform(np.log(0.6), np.log(1.7))))
+    h = int(rng.integers(120, 400))
+    w = min(photo.width, int(h * aspect))
+    left, top = int(rng.integers(0, photo.width - w + 1)), int(rng.integers(0, photo.height - h + 1))
+    longer = int(rng.integers(160, 257))
+    scale = longer / max(w, h)
+    return photo.crop((left, top, left + w, top + h)).resize(
+        (max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
 
 
 def make_folder(root: Path, n: int, workers: int = 2, seed: int = 0, chunk: int = 2000) -> float:
