@@ -28,7 +28,7 @@ from selfsup.nn.heads import mlp
 from selfsup.nn.vit import without_drop_path
 from selfsup.distributed import all_reduce_mean
 from selfsup.schedules import Schedule
-from selfsup.views import Augment, ViewRecipe, group_by_size
+from selfsup.views import dino_multicrop, group_by_size
 
 
 class DINOHead(nn.Module):
@@ -69,9 +69,7 @@ class DINOHead(nn.Module):
           "Transformers, arXiv:2104.14294")
 class DINO(nn.Module):
     spec = MethodSpec(
-        views=ViewRecipe(globals_=(Augment(scale=(0.4, 1.0), blur_p=1.0),
-                                   Augment(scale=(0.4, 1.0), blur_p=0.1, solarize_p=0.2)),
-                         local_crops=8, local=Augment(scale=(0.05, 0.4), blur_p=0.5)),
+        views=dino_multicrop(split=0.4, local_crops=8),
         test_params={"out_dim": 64, "hidden": 32, "bottleneck": 16, "freeze_last_layer_epochs": 0},
     )
 

@@ -52,7 +52,7 @@ from selfsup.nn.ema import check_momentum, frozen_copy
 from selfsup.nn.masking import blockwise_masks
 from selfsup.nn.vit import require_registers, require_vit, without_drop_path
 from selfsup.schedules import Schedule
-from selfsup.views import Augment, ViewRecipe
+from selfsup.views import dino_multicrop
 
 log = logging.getLogger("selfsup")
 
@@ -61,9 +61,7 @@ log = logging.getLogger("selfsup")
           "Supervision, arXiv:2304.07193")
 class DINOv2(nn.Module):
     spec = MethodSpec(
-        views=ViewRecipe(globals_=(Augment(scale=(0.32, 1.0), saturation=0.2, blur_p=1.0),
-                                   Augment(scale=(0.32, 1.0), saturation=0.2, blur_p=0.1, solarize_p=0.2)),
-                         local_crops=8, local=Augment(scale=(0.05, 0.32), saturation=0.2, blur_p=0.5)),
+        views=dino_multicrop(split=0.32, local_crops=8, saturation=0.2),
         default_backbone="vit_tiny",
         stochastic_step=True,  # draws its masks inside training_step
         test_params={"out_dim": 64, "patch_out_dim": 48, "hidden": 32, "bottleneck": 16, "freeze_last_layer_epochs": 0},

@@ -43,7 +43,7 @@ from selfsup.nn.ema import check_momentum, frozen_copy
 from selfsup.nn.masking import blockwise_masks, check_mask_ratio
 from selfsup.nn.vit import ViT, require_vit, without_drop_path
 from selfsup.schedules import Schedule
-from selfsup.views import Augment, ViewRecipe, group_by_size
+from selfsup.views import dino_multicrop, group_by_size
 
 
 class StudentOutputs(NamedTuple):
@@ -122,9 +122,7 @@ def check_temperatures(method: str, student_temp: float, pairs: dict[str, tuple[
           "arXiv:2111.07832")
 class IBOT(nn.Module):
     spec = MethodSpec(
-        views=ViewRecipe(globals_=(Augment(scale=(0.25, 1.0), saturation=0.2, blur_p=1.0),
-                                   Augment(scale=(0.25, 1.0), saturation=0.2, blur_p=0.1, solarize_p=0.2)),
-                         local_crops=10, local=Augment(scale=(0.05, 0.25), saturation=0.2, blur_p=0.5)),
+        views=dino_multicrop(split=0.25, local_crops=10, saturation=0.2),
         default_backbone="vit_tiny",
         stochastic_step=True,  # draws its masks inside training_step
         test_params={"out_dim": 64, "hidden": 32, "bottleneck": 16, "freeze_last_layer_epochs": 0},

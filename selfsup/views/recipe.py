@@ -61,6 +61,16 @@ class ViewRecipe:
         return len(self.globals_) + self.local_crops
 
 
+def dino_multicrop(split: float, local_crops: int, saturation: float = 0.4) -> ViewRecipe:
+    """DINO's multi-crop (Caron et al. 2021, main_dino.py's DataAugmentationDINO), shared by DINO, iBOT and
+    DINOv2: two global crops of scale (``split``, 1) — one always blurred, one rarely blurred and sometimes
+    solarised — and ``local_crops`` crops of scale (0.05, ``split``) blurred half the time."""
+    jitter = {"saturation": saturation}
+    return ViewRecipe(globals_=(Augment(scale=(split, 1.0), blur_p=1.0, **jitter),
+                                Augment(scale=(split, 1.0), blur_p=0.1, solarize_p=0.2, **jitter)),
+                      local_crops=local_crops, local=Augment(scale=(0.05, split), blur_p=0.5, **jitter))
+
+
 AUGMENT_FIELDS = [f.name for f in dataclasses.fields(Augment)]
 GLOBAL_ONLY = {"size", "scale"}
 RECIPE_KEYS = ["local_crops", "local_size", "local_scale"] + AUGMENT_FIELDS
