@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from selfsup import __version__
 from selfsup.config import ConfigError
 from selfsup.nn.adapters import LibraryBackbone
-from selfsup.nn.vit import ViT
+from selfsup.nn.vit import is_vit
 from selfsup.train.checkpoint import CheckpointError, atomic_save
 from selfsup.train.rundir import LoadedRun
 
@@ -76,7 +76,7 @@ def constructor(run: LoadedRun) -> Constructor:
             return Constructor("torchvision", f"torchvision.models.{enc.arch}", [], {"weights": None, **enc.kwargs},
                                list(enc.replaced))
         return Constructor("timm", "timm.create_model", [enc.arch], {"pretrained": False, **enc.kwargs}, list(enc.replaced))
-    if isinstance(enc, ViT):
+    if is_vit(enc):
         blk = enc.blocks[0]
         kwargs = {"img_size": meta["image_size"], "patch_size": enc.patch_size, "in_chans": meta["in_chans"],
                   "num_classes": 0, "embed_dim": enc.embed_dim, "depth": len(enc.blocks), "num_heads": blk.attn.num_heads,

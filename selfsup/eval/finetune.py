@@ -18,8 +18,6 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
-from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
 
 from selfsup.config import ConfigError
@@ -152,7 +150,11 @@ def train_classifier(encoder: nn.Module, num_features: int, train: ImageSet, mea
 
 def check_layer_decay(encoder: nn.Module, settings: FinetuneSettings) -> None:
     """Layer-wise decay needs an encoder made of numbered blocks: a ViT. Called before any training too."""
-    if settings.layer_decay != 1.0 and not isinstance(encoder, VisionTransformer):
+    if settings.layer_decay == 1.0:
+        return
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(encoder, VisionTransformer):
         raise ConfigError([f"layer-wise learning-rate decay needs a ViT encoder; this one is a "
                            f"{type(encoder).__name__} (leave the layer decay at 1)"])
 
@@ -166,6 +168,8 @@ def _optimizer_groups(model: Classifier, settings: FinetuneSettings) -> list[dic
             g["weight_decay"] = 0.0 if g["exempt"] else settings.weight_decay
         return groups
     check_layer_decay(model.encoder, settings)
+    from timm.optim import param_groups_layer_decay
+
     groups = param_groups_layer_decay(model.encoder, weight_decay=settings.weight_decay,
                                       layer_decay=settings.layer_decay)
     head = model.head

@@ -28,7 +28,7 @@ iBOT's code would share the MLP and untie only the last layer).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +41,12 @@ from selfsup.methods.dino import DINOHead
 from selfsup.methods.registry import register
 from selfsup.nn.ema import check_momentum, frozen_copy
 from selfsup.nn.masking import blockwise_masks, check_mask_ratio
-from selfsup.nn.vit import ViT, require_vit, without_drop_path
+from selfsup.nn.vit import require_vit, without_drop_path
 from selfsup.schedules import Schedule
 from selfsup.views import dino_multicrop, group_by_size
+
+if TYPE_CHECKING:
+    from selfsup.nn.vit_model import ViT
 
 
 class StudentOutputs(NamedTuple):

@@ -14,7 +14,6 @@ linear momentum ramp (the library's one schedule helper).
 from __future__ import annotations
 
 import torch
-from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from selfsup.losses.masked import latent_prediction_loss, layer_norm_targets
@@ -36,6 +35,8 @@ class JEPAPredictor(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.register_buffer("pos", sincos_pos_embed_2d(dim, grid)[None])  # (1, L, dim)
+        from timm.models.vision_transformer import Block  # here, not at import: timm costs ~2 s of every command
+
         self.blocks = nn.Sequential(*[Block(dim, heads, qkv_bias=True) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, embed_dim)

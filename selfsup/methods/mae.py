@@ -11,7 +11,6 @@ normalised-pixel targets, random-resized-crop (0.2–1) + flip and nothing else,
 from __future__ import annotations
 
 import torch
-from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from selfsup.losses.masked import masked_mse, normalize_patches
@@ -49,6 +48,8 @@ class MAE(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         nn.init.normal_(self.mask_token, std=0.02)
         self.register_buffer("decoder_pos", sincos_pos_embed_2d(decoder_dim, vit.grid_size, cls_token=True)[None])
+        from timm.models.vision_transformer import Block  # here, not at import: timm costs ~2 s of every command
+
         self.decoder_blocks = nn.Sequential(*[Block(decoder_dim, decoder_heads, qkv_bias=True)
                                               for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_dim)

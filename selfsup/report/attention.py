@@ -7,6 +7,8 @@ Computed from the block's own query/key projections, so it is the attention the 
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pathlib import Path
 from typing import Sequence
 
@@ -17,8 +19,10 @@ from torch import Tensor
 
 from selfsup.monitor.features import eval_mode
 from selfsup.report.curves import save_figure
-from selfsup.nn.vit import ViT
 from selfsup.report.reconstructions import model_inputs
+
+if TYPE_CHECKING:
+    from selfsup.nn.vit_model import ViT
 
 FILENAME = "attention.png"
 

@@ -169,7 +169,7 @@ def _model_pictures(run, test, run_dir: Path, out: Path, opts: ReportOptions) ->
     CLS attention maps for ViT encoders. A missing or mismatched checkpoint gives a note, not an error."""
     from selfsup.train.rundir import load_method
     from selfsup.methods import get_method
-    from selfsup.nn.vit import ViT
+    from selfsup.nn.vit import is_vit
     from selfsup.report.attention import save_attention_maps
     from selfsup.report.colorization import FILENAME as COLORIZATION_PNG, save_colorization_grid
     from selfsup.report.reconstructions import save_method_pictures
@@ -177,7 +177,7 @@ def _model_pictures(run, test, run_dir: Path, out: Path, opts: ReportOptions) ->
     images = eval_images(test, embeddings.pick_queries(test, 8, opts.seed))
     mean, std = run.meta["mean"], run.meta["std"]
     paths, note = [], ""
-    if isinstance(run.encoder, ViT):
+    if is_vit(run.encoder):
         paths.append(save_attention_maps(run.encoder, images, out / "attention.png", mean, std))
     pictures = get_method(run.cfg.method.name).spec.pictures
     if pictures:

@@ -27,11 +27,17 @@ RESUME_FREE_KEYS = {("train", "progress"), ("train", "log_every"), ("train", "de
 
 
 def versions() -> dict[str, str]:
-    import numpy
-    import torchvision
+    """Versions of what a run depends on; torchvision's from its package metadata (importing it costs ~1 s)."""
+    import importlib.metadata
 
+    import numpy
+
+    try:
+        torchvision = importlib.metadata.version("torchvision")
+    except importlib.metadata.PackageNotFoundError:
+        torchvision = "not installed"
     return {"selfsup": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "numpy": numpy.__version__}
+            "torchvision": torchvision, "numpy": numpy.__version__}
 
 
 def write_env(run_dir: Path, device: torch.device, seed: int, world: int, extra: dict[str, Any]) -> None:

@@ -8,7 +8,8 @@ import torch
 from conftest import TINY_BACKBONES
 from selfsup.nn.backbones import BackboneError, build_backbone
 from selfsup.nn.ema import frozen_copy
-from selfsup.nn.vit import ViT, require_registers, sincos_pos_embed_2d, without_drop_path
+from selfsup.nn.vit import require_registers, sincos_pos_embed_2d, without_drop_path
+from selfsup.nn.vit_model import ViT
 
 
 def tiny_vit(**kw) -> ViT:

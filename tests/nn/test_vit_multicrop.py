@@ -10,7 +10,8 @@ import torch
 from conftest import TINY_BACKBONES
 from selfsup.config import ConfigError, load_config
 from selfsup.nn.backbones import build_backbone
-from selfsup.nn.vit import ViT, sincos_pos_embed_2d
+from selfsup.nn.vit import sincos_pos_embed_2d
+from selfsup.nn.vit_model import ViT
 
 
 def tiny_vit(size: int = 28, **kw) -> ViT:
