@@ -14,7 +14,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 
 BENCH_FOLDERS = ["vicreg", "simclr", "contrastive_clustering", "distillation_redundancy", "pretext", "masked", "masked/three_epochs",
                  "cca", "self_distillation_masked"]
@@ -32,6 +35,17 @@ def _num(value: Any, fmt: str = "{:.0f}") -> str:
     return "–" if value is None else fmt.format(value)
 
 
+def short_of_recipe(row: dict[str, Any], budget: dict[str, Any]) -> bool:
+    """Whether a row ran on less than its recipe: on the first N images (``--limit``), or for fewer epochs
+    than the recipe's ``train.epochs`` (its YAML, as the row names it)."""
+    if budget.get("limit"):
+        return True
+    recipe = REPO / row.get("recipe", "")
+    if not recipe.is_file() or row.get("epochs") is None:
+        return False
+    return row["epochs"] < yaml.safe_load(recipe.read_text())["train"]["epochs"]
+
+
 def load_bench_rows(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(method rows, reference rows), each with ``source`` (its folder) and ``budget`` added."""
     methods: dict[str, dict[str, Any]] = {}
@@ -43,6 +57,7 @@ def load_bench_rows(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, An
         results = json.loads(path.read_text())
         for row in results["rows"]:
             row = {**row, "source": folder, "budget": results["budget_text"]}
+            row["short_budget"] = short_of_recipe(row, results.get("budget") or {})
             if "error" in row:
                 continue
             if row.get("family") != "reference":
@@ -95,7 +110,7 @@ def markdown(rows: list[dict[str, Any]], refs: list[dict[str, Any]], finetunes: 
         ft = _pct(r.get("finetune_1%"))
         if r.get("finetune_1%") is None and r["method"] in evaluated:
             ft = _pct(evaluated[r["method"]]) + " †"
-        epochs = f"{r.get('epochs', '–')}" + (" ‡" if "first" in r["budget"] else "")  # a --limit budget
+        epochs = f"{r.get('epochs', '–')}" + (" ‡" if r["short_budget"] else "")
         lines.append(f"| {r['method']} | {r['family']} | {r.get('backbone', '–')} | {epochs} | "
                      f"{_pct(r.get('knn'))} | {_pct(r.get('linear'))} | {ft} | "
                      f"{_num(r.get('effective_rank'))} | {_num(r.get('images_per_s'))} | "
@@ -104,7 +119,7 @@ def markdown(rows: list[dict[str, Any]], refs: list[dict[str, Any]], finetunes: 
               "300 steps (`selfsup.eval.finetune`); † from `selfsup evaluate` on the same run, same recipe "
               "(table below); – not measured. images/s and minutes: as measured in that folder's run (its README "
               "says when the machine was shared). ‡ a smaller budget than the recipe's, named in that folder's README "
-              "(the rows' budget: " + "; ".join(sorted({f"{r['method']}: {r['budget']}" for r in rows if "first" in r["budget"]})) + ")."]
+              "(the rows' budget: " + "; ".join(sorted({f"{r['method']}: {r['budget']}" for r in rows if r["short_budget"]})) + ")."]
     lines += ["", "Reference rows (no pretraining), evaluated the same way:", "",
               "| reference | kNN | linear | fine-tune 1% (from scratch) | eff. rank | folder |", "|---|---|---|---|---|---|"]
     for r in refs:

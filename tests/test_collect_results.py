@@ -55,3 +55,12 @@ def test_collects_every_folder_into_one_table(tmp_path: Path) -> None:
     assert "jigsaw" in table.split("Registered but not in the table:")[1]  # its row failed
     assert json.loads((tmp_path / "RESULTS.json").read_text())["rows"][0]["method"] == "simclr"
     assert (tmp_path / "RESULTS.png").stat().st_size > 1000
+
+
+def test_rows_short_of_their_recipe_are_marked() -> None:
+    """‡ marks a --limit budget and fewer epochs than the recipe's YAML says, not a budget's wording."""
+    dccae = {"method": "dccae", "recipe": "configs/dccae_fashion_mnist.yaml"}  # the recipe: 10 epochs
+    assert collect.short_of_recipe({**dccae, "epochs": 2}, {"epochs": 2, "limit": None})
+    assert not collect.short_of_recipe({**dccae, "epochs": 10}, {"epochs": None, "limit": None})
+    assert collect.short_of_recipe({**dccae, "epochs": 10}, {"epochs": None, "limit": 20000})
+    assert not collect.short_of_recipe({"method": "x", "recipe": "configs/missing.yaml", "epochs": 1}, {})
