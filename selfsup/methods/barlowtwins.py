@@ -17,18 +17,14 @@ from selfsup.losses.redundancy import barlow_twins_loss
 from selfsup.methods.base import MethodSpec, Progress
 from selfsup.methods.registry import register
 from selfsup.nn.heads import mlp
-from selfsup.views import Augment, ViewRecipe
+from selfsup.views import byol_pair
 
 # BYOL's pair of view pipelines (arXiv:2006.07733), which Barlow Twins adopts.
-_VIEW_1 = Augment(saturation=0.2, blur_p=1.0)
-_VIEW_2 = Augment(saturation=0.2, blur_p=0.1, solarize_p=0.2)
-
-
 @register("barlowtwins", "redundancy-reduction",
           "Zbontar et al. 2021, Barlow Twins: Self-Supervised Learning via Redundancy Reduction, arXiv:2103.03230")
 class BarlowTwins(nn.Module):
     spec = MethodSpec(
-        views=ViewRecipe(globals_=(_VIEW_1, _VIEW_2)),
+        views=byol_pair(saturation=0.2),
         test_params={"proj_hidden": 64, "proj_dim": 64},
     )
 

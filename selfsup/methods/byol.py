@@ -21,13 +21,13 @@ from selfsup.methods.registry import register
 from selfsup.nn.ema import check_momentum, frozen_copy
 from selfsup.nn.heads import mlp
 from selfsup.schedules import Schedule
-from selfsup.views import Augment, ViewRecipe
+from selfsup.views import byol_pair
 
 
 @register("byol", "self-distillation", "Grill et al. 2020, Bootstrap Your Own Latent, arXiv:2006.07733")
 class BYOL(nn.Module):
     spec = MethodSpec(
-        views=ViewRecipe(globals_=(Augment(blur_p=1.0, solarize_p=0.0), Augment(blur_p=0.1, solarize_p=0.2))),
+        views=byol_pair(),
         test_params={"proj_hidden": 32, "proj_dim": 16, "pred_hidden": 32},
     )
 

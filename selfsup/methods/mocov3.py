@@ -19,14 +19,13 @@ from selfsup.methods.registry import register
 from selfsup.nn.ema import check_momentum, frozen_copy
 from selfsup.nn.heads import mlp
 from selfsup.schedules import Schedule
-from selfsup.views import Augment, ViewRecipe
+from selfsup.views import byol_pair
 
 
 @register("mocov3", "contrastive", "Chen, Xie, He 2021, Training Self-Supervised Vision Transformers, arXiv:2104.02057")
 class MoCoV3(nn.Module):
     spec = MethodSpec(
-        # BYOL's
-        views=ViewRecipe(globals_=(Augment(scale=(0.08, 1.0), blur_p=1.0), Augment(blur_p=0.1, solarize_p=0.2))),
+        views=byol_pair(),
         test_params={"proj_hidden": 32, "proj_dim": 16, "pred_hidden": 32},
     )
 

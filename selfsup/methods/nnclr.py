@@ -24,13 +24,13 @@ from selfsup.methods.registry import register
 from selfsup.nn.heads import mlp
 from selfsup.nn.queue import MemoryQueue
 from selfsup.distributed import gather_no_grad
-from selfsup.views import Augment, ViewRecipe
+from selfsup.views import ViewRecipe, byol_pair
 
 
 @register("nnclr", "contrastive", "Dwibedi et al. 2021, Nearest-Neighbor Contrastive Learning, arXiv:2104.14548")
 class NNCLR(nn.Module):
     spec = MethodSpec(
-        views=ViewRecipe(globals_=(Augment(blur_p=1.0), Augment(blur_p=0.1, solarize_p=0.2))),
+        views=byol_pair(),
         test_params={"support_size": 40, "proj_hidden": 32, "proj_dim": 16, "pred_hidden": 32},
     )
 

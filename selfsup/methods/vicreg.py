@@ -16,18 +16,14 @@ from selfsup.losses.redundancy import check_vicreg_settings, vicreg_loss
 from selfsup.methods.base import MethodSpec, Progress
 from selfsup.methods.registry import register
 from selfsup.nn.heads import mlp
-from selfsup.views import Augment, ViewRecipe
+from selfsup.views import byol_pair
 
 # BYOL's pair of view pipelines (arXiv:2006.07733), which VICReg adopts.
-_VIEW_1 = Augment(saturation=0.2, blur_p=1.0)
-_VIEW_2 = Augment(saturation=0.2, blur_p=0.1, solarize_p=0.2)
-
-
 @register("vicreg", "redundancy-reduction",
           "Bardes et al. 2022, VICReg: Variance-Invariance-Covariance Regularization, arXiv:2105.04906")
 class VICReg(nn.Module):
     spec = MethodSpec(
-        views=ViewRecipe(globals_=(_VIEW_1, _VIEW_2)),
+        views=byol_pair(saturation=0.2),
         test_params={"proj_hidden": 64, "proj_dim": 64},
     )
 

@@ -61,6 +61,14 @@ class ViewRecipe:
         return len(self.globals_) + self.local_crops
 
 
+def byol_pair(**common: Any) -> ViewRecipe:
+    """BYOL's asymmetric pair of views (Grill et al. 2020, arXiv:2006.07733, Table 6), also MoCo v3's, NNCLR's,
+    Barlow Twins' and VICReg's: the first always blurred and never solarised, the second rarely blurred (p 0.1)
+    and solarised with p 0.2; ``common`` settings apply to both (Barlow Twins and VICReg: ``saturation=0.2``)."""
+    return ViewRecipe(globals_=(Augment(blur_p=1.0, solarize_p=0.0, **common),
+                                Augment(blur_p=0.1, solarize_p=0.2, **common)))
+
+
 def dino_multicrop(split: float, local_crops: int, saturation: float = 0.4) -> ViewRecipe:
     """DINO's multi-crop (Caron et al. 2021, main_dino.py's DataAugmentationDINO), shared by DINO, iBOT and
     DINOv2: two global crops of scale (``split``, 1) — one always blurred, one rarely blurred and sometimes
