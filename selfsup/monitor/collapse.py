@@ -59,7 +59,7 @@ class CollapseMonitor:
     max(``min_rank``, ``rank_fraction`` × min(B, D)) (unless the run's reference rank is below twice that), or below
     ``rank_drop`` × the reference rank (dimensional collapse). The reference is the highest rank among the first
     ``reference_checks`` finite logged checks (while fewer have been seen, the highest so far); it
-    lives in the monitor only, so a resumed run learns it again from its own first checks.
+    is saved in the run's checkpoints (:meth:`state_dict`), so a resumed run keeps the reference of its start.
 
     Measured on Fashion-MNIST: the default SimCLR recipe sits at 0.84–0.97 × 1/√D and rank 0.27–0.65 ×
     min(B, D) over its first epochs. SimSiam's recipe (4 epochs on 16,384 images, D = 512) without
@@ -153,6 +153,23 @@ class CollapseMonitor:
     def collapsed(self) -> bool:
         """True while a warning's episode lasts (the figures have not recovered since it fired)."""
         return bool(self._fired)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to warn exactly as the uninterrupted one would: the reference ranks (learnt
+        again after a resume, they would be the ranks of a run that may already have collapsed, which then never
+        warns), the low checks in a row and the episodes already warned about (neither lost nor repeated), and
+        the warnings themselves. Plain numbers, strings and lists only: ``torch.load(weights_only=True)`` reads it."""
+        return {"reference": list(self._reference), "low": dict(self._low), "first_low": dict(self._first_low),
+                "fired": sorted(self._fired), "warnings": [dict(w) for w in self.warnings]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`; the thresholds stay this monitor's own (they come from the code
+        and the config, which a resumed run shares with the saved one)."""
+        self._reference = [float(r) for r in state["reference"]]
+        self._low = {"complete": 0, "dimensional": 0, **{k: int(v) for k, v in state["low"].items()}}
+        self._first_low = {k: int(v) for k, v in state["first_low"].items()}
+        self._fired = set(state["fired"])
+        self.warnings = [dict(w) for w in state["warnings"]]
 
     def should_stop(self) -> bool:
         """Collapsed here, or on any process of a distributed run (so every rank stops at the same step)."""

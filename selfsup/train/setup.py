@@ -239,6 +239,8 @@ def _resume(run: Run) -> None:
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.step, run.bad_total = int(ckpt["step"]), int(ckpt.get("bad_steps", 0))
     set_rng_state(ckpt["rng"], run.device)
+    if "collapse_monitor" in ckpt:  # checkpoints written before it was saved: the monitor starts afresh
+        run.collapse.load_state_dict(ckpt["collapse_monitor"])  # rank 0's, on every process of a distributed run
     run.metrics.truncate_after(run.step)
     if run.main:
         log.info("resuming %s from step %d (epoch %d)", run.run_dir, run.step, run.step // run.steps_per_epoch + 1)
@@ -286,7 +288,8 @@ def save_checkpoint(run: Run, epoch_done: bool) -> None:
     cfg = run.cfg
     state = {"meta": {"format": FORMAT_VERSION, "method": cfg.method.name, "backbone": cfg.backbone.name},
              "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "step": run.step,
-             "bad_steps": run.bad_total, "rng": rng, "config": cfg.to_dict()}
+             "bad_steps": run.bad_total, "collapse_monitor": run.collapse.state_dict(), "rng": rng,
+             "config": cfg.to_dict()}
     t0 = time.perf_counter()
     atomic_save(state, run.ckpt_path)
     epoch = run.step // run.steps_per_epoch
