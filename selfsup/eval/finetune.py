@@ -7,6 +7,13 @@ mode, and the same recipe — steps, optimiser, schedule, data order and augment
 a same-architecture encoder trained from scratch, so the gap between the two is what
 pretraining bought. Accuracy is measured once, on the test split, after the last step (no
 early stopping on test data).
+
+Image folders (records are whole images squashed to squares, with their aspect ratios) are seen as
+pretraining and the frozen-feature protocols see them: training crops are drawn in each original
+image's pixel space (:func:`selfsup.views.ops.resized_crop_flip` with the set's ``aspect``), and the
+test images are the centre square of the original (:func:`selfsup.monitor.features.extract_features`),
+so a 3:1 panorama is never learnt or tested squashed. Sets without aspect ratios (in-memory datasets)
+are cropped as they always were.
 """
 from __future__ import annotations
 
@@ -128,6 +135,7 @@ def train_classifier(encoder: nn.Module, num_features: int, train: ImageSet, mea
     batch = min(settings.batch_size, len(train))
     warmup = int(settings.warmup_fraction * steps)
     images, labels = train.images.to(device), train.labels.to(device)
+    aspect = None if train.aspect is None else train.aspect.to(device)  # None: crops as before aspects existed
     model.train()
     generator = torch.Generator().manual_seed(seed)
     for step, idx in enumerate(_batches(len(train), batch, steps, generator)):
@@ -136,7 +144,7 @@ def train_classifier(encoder: nn.Module, num_features: int, train: ImageSet, mea
         idx = idx.to(device)
         with torch.no_grad():
             x = resized_crop_flip(to_float(images[idx]), train.image_size, settings.crop_scale, (3 / 4, 4 / 3),
-                                  settings.flip_p)
+                                  settings.flip_p, None if aspect is None else aspect[idx])
             x = normalize(x, mean, std)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

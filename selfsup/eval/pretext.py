@@ -4,7 +4,10 @@ neighbour).
 
 The method's own training step is run in eval mode (batch-norm running statistics, no gradient) on
 the test split, with the views of its recipe, and the ``pretext_acc`` it reports is averaged over the
-images. Random choices (crops, puzzles) come from a fixed seed, so the figure is repeatable.
+images. Random choices (crops, puzzles) come from a fixed seed, so the figure is repeatable. The views
+are made as the training loop makes them: an image folder's squashed records are cropped in each
+original's pixel space (their ``aspect``), so the task is judged on the images it was trained on, not
+on squashed ones; each batch is read with ``ImageSet.batch``, so a file-backed set is never loaded whole.
 """
 from __future__ import annotations
 
@@ -37,8 +40,10 @@ def pretext_accuracy(method: nn.Module, images: ImageSet, recipe: ViewRecipe, me
             torch.no_grad():
         torch.manual_seed(seed)
         for start in range(0, len(images), batch_size):
-            batch = images.images[start:start + batch_size].to(device, non_blocking=True)
-            _, logs = method.training_step(make_views(batch, recipe, mean, std), done)
+            idx = torch.arange(start, min(start + batch_size, len(images)))
+            batch = images.batch(idx).to(device, non_blocking=True)
+            aspect = None if images.aspect is None else images.aspect[idx].to(device)
+            _, logs = method.training_step(make_views(batch, recipe, mean, std, aspect), done)
             if "pretext_acc" not in logs:
                 return None
             correct += float(logs["pretext_acc"]) * batch.shape[0]
