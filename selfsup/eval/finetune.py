@@ -13,7 +13,9 @@ pretraining and the frozen-feature protocols see them: training crops are drawn 
 image's pixel space (:func:`selfsup.views.ops.resized_crop_flip` with the set's ``aspect``), and the
 test images are the centre square of the original (:func:`selfsup.monitor.features.extract_features`),
 so a 3:1 panorama is never learnt or tested squashed. Sets without aspect ratios (in-memory datasets)
-are cropped as they always were.
+are cropped as they always were. Training images are read a batch at a time (:meth:`ImageSet.batch`, read
+ahead by :func:`selfsup.data.prefetch_batches`), so fine-tuning on 100% of a folder too large for RAM holds
+a few batches of it, never the whole set.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from torch import Tensor, nn
 
 from selfsup.config import ConfigError
 from selfsup.data.imageset import DataError, ImageSet
+from selfsup.data.stream import prefetch_batches
 from selfsup.monitor.features import extract_features
 from selfsup.eval.linear import fit_logistic
 from selfsup.train.optim import param_groups
@@ -134,21 +137,25 @@ def train_classifier(encoder: nn.Module, num_features: int, train: ImageSet, mea
     steps = settings.steps_for(len(train))
     batch = min(settings.batch_size, len(train))
     warmup = int(settings.warmup_fraction * steps)
-    images, labels = train.images.to(device), train.labels.to(device)
-    aspect = None if train.aspect is None else train.aspect.to(device)  # None: crops as before aspects existed
+    labels = train.labels.to(device)
     model.train()
     generator = torch.Generator().manual_seed(seed)
-    for step, idx in enumerate(_batches(len(train), batch, steps, generator)):
+    # one batch of records at a time (read ahead in a thread), never the whole set: 100% of the labels of a
+    # large image folder is more than fits in RAM, let alone on the GPU; reading draws no random numbers,
+    # so the crops and the order are those of indexing a set held whole
+    reader = prefetch_batches(train, _batches(len(train), batch, steps, generator), pin_memory=device.type == "cuda")
+    for step, (idx, records, aspect) in enumerate(reader):
         for g in optimizer.param_groups:
             g["lr"] = warmup_cosine(step, steps, warmup, settings.lr) * g["lr_scale"]
-        idx = idx.to(device)
         with torch.no_grad():
-            x = resized_crop_flip(to_float(images[idx]), train.image_size, settings.crop_scale, (3 / 4, 4 / 3),
-                                  settings.flip_p, None if aspect is None else aspect[idx])
+            # aspect None: sets without aspect ratios are cropped as before aspects existed
+            x = resized_crop_flip(to_float(records.to(device, non_blocking=True)), train.image_size,
+                                  settings.crop_scale, (3 / 4, 4 / 3), settings.flip_p,
+                                  None if aspect is None else aspect.to(device, non_blocking=True))
             x = normalize(x, mean, std)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-        loss = F.cross_entropy(model(x), labels[idx])
+        loss = F.cross_entropy(model(x), labels[idx.to(device)])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -1,6 +1,7 @@
 """Fine-tuning and held-out pretext accuracy see an image folder as pretraining does: crops drawn in each
 original image's pixel space and, for testing, the centre square of the original — never a squashed
-record. Sets without aspect ratios (in-memory datasets) are cropped exactly as before.
+record. Sets without aspect ratios (in-memory datasets) are cropped exactly as before. A file-backed folder is
+read batch by batch, never whole, with the same result as the same images held in RAM.
 
 The folder's images are coordinate ramps (red = x / W, green = y / H; blue tells the shape apart), so
 the region of its original that a view shows can be read off the view's own pixels.
@@ -17,9 +18,13 @@ from PIL import Image
 from torch import Tensor, nn
 
 from selfsup.config import config_from_dict
+from selfsup.data import load as load_mod
 from selfsup.data.cache import load_image_folder
+from selfsup.data.imageset import ImageSet
 from selfsup.eval.evaluate import evaluate_run
-from selfsup.eval.finetune import FinetuneSettings, _batches, classifier_accuracy, train_classifier
+from selfsup.eval.finetune import (Classifier, FinetuneSettings, _batches, _channels_last, _optimizer_groups,
+                                   classifier_accuracy, train_classifier)
+from selfsup.schedules import warmup_cosine
 from selfsup.eval.pretext import held_out_pretext_accuracy, pretext_accuracy
 from selfsup.views import Augment, ViewRecipe, make_views, normalize, to_float
 from selfsup.views.ops import resized_crop_flip
@@ -161,6 +166,68 @@ def test_without_aspect_ratios_finetune_crops_are_what_they_always_were(digits):
     assert torch.equal(torch.cat(spy.inputs[False]), normalize(to_float(test.images), mean, std))
 
 
+def _train_classifier_holding_the_set(encoder, num_features, train, mean, std, settings, seed=0) -> Classifier:
+    """``train_classifier`` as it was before it read one batch at a time: every record held in one tensor
+    (``train.images``) and indexed per step."""
+    torch.manual_seed(seed)
+    model = Classifier(encoder, num_features, train.num_classes)
+    if _channels_last(train):
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(_optimizer_groups(model, settings), lr=settings.lr)
+    steps, batch = settings.steps_for(len(train)), min(settings.batch_size, len(train))
+    warmup = int(settings.warmup_fraction * steps)
+    images, labels, aspect = train.images, train.labels, train.aspect
+    model.train()
+    for step, idx in enumerate(_batches(len(train), batch, steps, torch.Generator().manual_seed(seed))):
+        for g in optimizer.param_groups:
+            g["lr"] = warmup_cosine(step, steps, warmup, settings.lr) * g["lr_scale"]
+        with torch.no_grad():
+            x = resized_crop_flip(to_float(images[idx]), train.image_size, settings.crop_scale, (3 / 4, 4 / 3),
+                                  settings.flip_p, None if aspect is None else aspect[idx])
+            x = normalize(x, mean, std)
+            if _channels_last(train):
+                x = x.contiguous(memory_format=torch.channels_last)
+        loss = torch.nn.functional.cross_entropy(model(x), labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def _small_cnn(channels: int) -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(channels, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def _assert_same_weights(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_finetune_reads_batches_with_the_result_of_holding_the_set(digits):
+    """An in-memory set: the same crops, order and random draws as indexing the whole set, so the trained
+    weights are bit-identical (5 steps of 16 over 40 images cross two epoch boundaries)."""
+    train = digits[0].subset(torch.arange(40))
+    settings = FinetuneSettings(min_steps=5, max_steps=5, batch_size=16)
+    got = train_classifier(_small_cnn(1), 4, train, [0.3], [0.2], settings)
+    want = _train_classifier_holding_the_set(_small_cnn(1), 4, train, [0.3], [0.2], settings)
+    _assert_same_weights(got, want)
+
+
+def test_finetune_on_a_file_backed_folder_never_loads_it_whole(folder, tmp_path, monkeypatch):
+    """A folder read from its cache file batch by batch (``ImageSet.images``, which would read it all, is
+    never touched) trains the weights that holding all its records in RAM did, aspect ratios included."""
+    images = load_image_folder(folder, 16, cache_dir=str(tmp_path / "cache"), progress=False)
+    assert images.mapped and images.aspect is not None
+    in_ram = images.to_memory()
+    settings = FinetuneSettings(min_steps=4, max_steps=4, batch_size=8)
+    want = _train_classifier_holding_the_set(_small_cnn(3), 4, in_ram, *PLAIN, settings)
+    monkeypatch.setattr(ImageSet, "images", property(lambda self: pytest.fail("read the whole set")))
+    got = train_classifier(_small_cnn(3), 4, images, *PLAIN, settings)
+    _assert_same_weights(got, want)
+
+
 # ------------------------------------------------------------------------------------ pretext accuracy
 
 
@@ -212,3 +279,20 @@ def test_finetune_and_pretext_accuracy_run_on_the_folder(rotation_run):
     assert 0 <= result["accuracy"] <= 1 and 0 <= result["baselines"]["from_scratch"] <= 1
     acc = held_out_pretext_accuracy(rotation_run)
     assert acc is not None and 0 <= acc <= 1
+
+
+def test_finetune_evaluation_of_a_file_backed_folder_reads_it_batch_by_batch(rotation_run, monkeypatch):
+    """``evaluate --protocol finetune`` on a folder over the memory budget: the pretrained and from-scratch
+    fine-tunes (probe-initialised head), their test accuracy and the raw-pixel and random-encoder probes all
+    read the cache file batch by batch; nothing loads a whole set (``.images``, ``.to_memory()``)."""
+    monkeypatch.setattr(load_mod, "memory_budget", lambda cfg: 0)  # left on disk, as a folder too big for RAM
+    monkeypatch.setattr(ImageSet, "images", property(lambda self: pytest.fail("read the whole set")))
+    monkeypatch.setattr(ImageSet, "to_memory", lambda self: pytest.fail("loaded the set into RAM"))
+    read_from = []
+    batch = ImageSet.batch
+    monkeypatch.setattr(ImageSet, "batch", lambda self, idx: read_from.append(self.mapped) or batch(self, idx))
+    (result,) = evaluate_run(rotation_run, ["finetune"], finetune_settings=FinetuneSettings(
+        min_steps=3, max_steps=3, batch_size=8, head_init="linear_probe"), write=False)
+    assert read_from and all(read_from)
+    assert len(result["from_scratch_recipes"]) == 2
+    assert {"from_scratch", "raw_pixels", "random_encoder"} <= result["baselines"].keys()
