@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfsup.train.batches import epoch_order, rank_batches
+from selfsup.data.imageset import ImageSet
+from selfsup.train.batches import epoch_batches, epoch_order, rank_batches
 
 
 @pytest.mark.parametrize("n, global_batch, world", [(100, 20, 1), (100, 20, 2), (103, 24, 4), (64, 64, 2),
@@ -32,3 +33,18 @@ def test_a_resumed_epoch_reads_the_rest_of_the_same_order():
     full = list(rank_batches(order, 0, 5, 10, 1, 2))
     resumed = list(rank_batches(order, 3, 5, 10, 1, 2))
     assert all(torch.equal(a, b) for a, b in zip(full[3:], resumed))
+
+
+@pytest.mark.parametrize("held", ["resident", "in_memory"])
+def test_every_way_of_holding_a_folder_keeps_its_aspect_ratios(held):
+    """A folder small enough to sit on the GPU (``resident``) still has its crops drawn in the original images'
+    pixel space: the aspect ratios come with every batch, as they do when records are read from RAM or disk."""
+    images = torch.randint(0, 255, (12, 3, 8, 8), dtype=torch.uint8)
+    aspect = torch.linspace(0.5, 3.0, 12)
+    train = ImageSet(images, aspect=aspect)
+    order = epoch_order(12, seed=0, epoch=1)
+    resident = images if held == "resident" else None  # what resident_images holds on a GPU
+    batches = list(epoch_batches(train, resident, order, 0, 3, 4, 0, 1, torch.device("cpu")))
+    assert len(batches) == 3
+    for _, idx, x, got in batches:
+        assert torch.equal(x, images[idx]) and torch.equal(got, aspect[idx])
