@@ -2,7 +2,9 @@
 
 Protocols: ``knn`` (weighted kNN, k = 20, T = 0.07) and ``linear`` (logistic regression on
 standardised features). Both baselines are measured in the same call on the same split, so a
-table never compares against a number from elsewhere. ``finetune`` (asked for by name) trains the
+table never compares against a number from elsewhere. Raw pixels are the evaluation view area-averaged
+to at most 32×32 (``monitor.features.RAW_PIXELS_MAX_SIDE``; Fashion-MNIST and CIFAR unchanged), so the
+baseline of a large folder of big images fits in memory. ``finetune`` (asked for by name) trains the
 encoder end to end with a linear head, beside the same architecture trained from scratch on the
 same labels with the same recipe (:mod:`selfsup.eval.finetune`).
 

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.data.imageset import ImageSet
@@ -72,7 +73,21 @@ def eval_images(images: ImageSet, idx: Tensor | Sequence[int]) -> Tensor:
     return center_view(x, aspect, images.image_size).mul_(255).round_().clamp_(0, 255).to(torch.uint8)
 
 
+RAW_PIXELS_MAX_SIDE = 32
+"""The raw-pixel baseline sees at most 32×32 (CIFAR's side; Fashion-MNIST's 28 px unchanged): its features are
+float32 and held whole for kNN and the linear probe, so at full size a folder of 100,000 images at 224 px would
+need 60 GB (3,072 values an RGB image: 1.2 GB)."""
+
+
 def pixel_features(images: ImageSet, mean: Sequence[float], std: Sequence[float], batch_size: int = 4096) -> Tensor:
-    """Raw-pixel baseline: the normalised evaluation view, flattened (N, C·size²)."""
-    chunks = [normalize(x, mean, std).flatten(1) for x in eval_batches(images, "cpu", batch_size)]
-    return torch.cat(chunks) if chunks else torch.zeros(0, images.channels * images.image_size**2)
+    """Raw-pixel baseline: the normalised evaluation view, area-averaged down to at most
+    :data:`RAW_PIXELS_MAX_SIDE` a side, flattened (N, C·side²)."""
+    side = min(images.image_size, RAW_PIXELS_MAX_SIDE)
+
+    def flat(x: Tensor) -> Tensor:
+        if x.shape[-1] != side:
+            x = F.interpolate(x, size=(side, side), mode="area")
+        return normalize(x, mean, std).flatten(1)
+
+    chunks = [flat(x) for x in eval_batches(images, "cpu", batch_size)]
+    return torch.cat(chunks) if chunks else torch.zeros(0, images.channels * side**2)
