@@ -36,14 +36,6 @@ PLAIN = ([0.0] * 3, [1.0] * 3)
 """Mean and std that leave views in [0, 1], so their ramps read as fractions of the original."""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _ramp(width: int, height: int, blue: int) -> Image.Image:
     x = (np.arange(width) + 0.5) / width * 255
     y = (np.arange(height) + 0.5) / height * 255
