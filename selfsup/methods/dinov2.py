@@ -46,7 +46,8 @@ from selfsup.losses.distillation import koleo_loss, multicrop_cross_entropy
 from selfsup.losses.ibot import ibot_patch_loss_masked
 from selfsup.methods.base import MethodSpec, Progress
 from selfsup.methods.dino import DINOHead
-from selfsup.methods.ibot import check_heads, check_masking, check_temperatures, student_outputs, teacher_tokens
+from selfsup.methods.masked_distillation import (check_heads, check_masking, check_temperatures, student_outputs,
+                                                  teacher_tokens)
 from selfsup.methods.registry import register
 from selfsup.nn.ema import check_momentum, frozen_copy
 from selfsup.nn.masking import blockwise_masks

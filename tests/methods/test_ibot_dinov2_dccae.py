@@ -17,7 +17,8 @@ from selfsup.methods import ibot as ibot_module
 from selfsup.methods.base import make_progress, run_after_step
 from selfsup.methods.dccae import DCCAE
 from selfsup.methods.dinov2 import DINOv2
-from selfsup.methods.ibot import IBOT, student_outputs
+from selfsup.methods.ibot import IBOT
+from selfsup.methods.masked_distillation import student_outputs
 from selfsup.nn.backbones import build_backbone
 from selfsup.nn.masking import blockwise_masks
 from selfsup.views import make_views
