@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -343,12 +344,32 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's floats: ``1e-5`` and ``5E3`` are numbers, as a user writing a learning rate means,
+    not the strings PyYAML's YAML 1.1 rules make of them (those need a dot: ``1.0e-5``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def load_yaml_text(text: str) -> Any:
+    """Parse YAML text as configs are read (:class:`_Loader`)."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``"optim.lr=0.1"`` → ``("optim.lr", 0.1)``; the value is parsed as YAML."""
     if "=" not in text:
         raise ConfigError([f"--set expects KEY=VALUE, got {text!r}"])
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    return key.strip(), load_yaml_text(raw)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -356,7 +377,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError([f"config file not found: {path}"])
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml_text(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path} is not valid YAML: {exc}"]) from None
     if data is None:
