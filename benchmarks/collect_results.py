@@ -118,8 +118,10 @@ def markdown(rows: list[dict[str, Any]], refs: list[dict[str, Any]], finetunes: 
     lines += ["", "Fine-tune 1%: the whole encoder and a linear head on 600 labelled images (stratified, seed 0), "
               "300 steps (`selfsup.eval.finetune`); † from `selfsup evaluate` on the same run, same recipe "
               "(table below); – not measured. images/s and minutes: as measured in that folder's run (its README "
-              "says when the machine was shared). ‡ a smaller budget than the recipe's, named in that folder's README "
-              "(the rows' budget: " + "; ".join(sorted({f"{r['method']}: {r['budget']}" for r in rows if r["short_budget"]})) + ")."]
+              "says when the machine was shared)." + (
+                  " ‡ a smaller budget than the recipe's, named in that folder's README (the rows' budget: "
+                  + "; ".join(sorted({f"{r['method']}: {r['budget']}" for r in rows if r["short_budget"]})) + ")."
+                  if any(r["short_budget"] for r in rows) else "")]
     lines += ["", "Reference rows (no pretraining), evaluated the same way:", "",
               "| reference | kNN | linear | fine-tune 1% (from scratch) | eff. rank | folder |", "|---|---|---|---|---|---|"]
     for r in refs:
