@@ -130,6 +130,11 @@ class ImageSet:
             return self._pixels
         return self.batch(torch.arange(len(self)))
 
+    def aspect_at(self, idx: Tensor | Sequence[int]) -> Tensor | None:
+        """Aspect ratios (B,) of the images at positions ``idx``, or None for a set without them (whose records
+        are the images themselves): what every reader passes beside :meth:`batch` to the crops."""
+        return None if self.aspect is None else self.aspect[torch.as_tensor(idx, dtype=torch.long)]
+
     def batch(self, idx: Tensor | Sequence[int]) -> Tensor:
         """Records of the images at positions ``idx`` (B,), in that order: uint8 (B, C, S, S) in RAM.
 
@@ -168,7 +173,7 @@ class ImageSet:
         """The images at ``index``: an index view of a file-backed set, a copy of an in-memory one."""
         index = torch.as_tensor(index, dtype=torch.long)
         labels = None if self.labels is None else self.labels[index]
-        aspect = None if self.aspect is None else self.aspect[index]
+        aspect = self.aspect_at(index)
         paths = None if self.paths is None else [self.paths[i] for i in index.tolist()]
         if self.mapped:
             return self._view(index, labels, aspect, paths, self._convert)

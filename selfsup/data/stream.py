@@ -47,7 +47,7 @@ def prefetch_batches(images: ImageSet, batches: Iterable[Tensor], depth: int = 2
                 x = images.batch(idx)
                 if pin_memory:
                     x = x.pin_memory()
-                aspect = None if images.aspect is None else images.aspect[idx]
+                aspect = images.aspect_at(idx)
                 if not put((idx, x, aspect)):
                     return
             put(_DONE)

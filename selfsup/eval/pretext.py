@@ -42,8 +42,7 @@ def pretext_accuracy(method: nn.Module, images: ImageSet, recipe: ViewRecipe, me
         for start in range(0, len(images), batch_size):
             idx = torch.arange(start, min(start + batch_size, len(images)))
             batch = images.batch(idx).to(device, non_blocking=True)
-            aspect = None if images.aspect is None else images.aspect[idx].to(device)
-            _, logs = method.training_step(make_views(batch, recipe, mean, std, aspect), done)
+            _, logs = method.training_step(make_views(batch, recipe, mean, std, images.aspect_at(idx)), done)
             if "pretext_acc" not in logs:
                 return None
             correct += float(logs["pretext_acc"]) * batch.shape[0]

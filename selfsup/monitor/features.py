@@ -58,15 +58,15 @@ def eval_batches(images: ImageSet, device: torch.device | str = "cpu", batch_siz
     """Float (B, C, image_size, image_size) evaluation views in [0, 1], in order, on ``device``."""
     for start in range(0, len(images), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(images)))
-        aspect = None if images.aspect is None else images.aspect[idx].to(device)
-        yield center_view(images.batch(idx).to(device, non_blocking=True), aspect, images.image_size)
+        # the crop moves the aspect ratios to the images' device itself
+        yield center_view(images.batch(idx).to(device, non_blocking=True), images.aspect_at(idx), images.image_size)
 
 
 def eval_images(images: ImageSet, idx: Tensor | Sequence[int]) -> Tensor:
     """uint8 (B, C, image_size, image_size): the evaluation views of the images at ``idx``, for drawing
     (a file-backed folder's records are whole images squashed to S×S; this is what the encoder sees)."""
     idx = torch.as_tensor(idx, dtype=torch.long)
-    aspect = None if images.aspect is None else images.aspect[idx]
+    aspect = images.aspect_at(idx)
     x = images.batch(idx)
     if aspect is None and x.shape[-1] == images.image_size:
         return x

@@ -46,15 +46,12 @@ def epoch_batches(train: ImageSet, resident: Tensor | None, order: Tensor, first
     """(step in the epoch, indices (B,), uint8 images (B, C, S, S) on ``device``, aspect (B,) on ``device`` or
     None) for steps ``first`` … ``steps``−1 of this rank."""
     indices = rank_batches(order, first, steps, global_batch, rank, world)
-    def aspect_of(idx: Tensor) -> Tensor | None:  # an image folder's aspect ratios, however its records are held
-        return None if train.aspect is None else train.aspect[idx]
-
-    if resident is not None:
-        reader = ((idx, resident[idx.to(device)], aspect_of(idx)) for idx in indices)
+    if resident is not None:  # an image folder's aspect ratios come along however its records are held
+        reader = ((idx, resident[idx.to(device)], train.aspect_at(idx)) for idx in indices)
     elif train.mapped:
         reader = prefetch_batches(train, indices, depth=2, pin_memory=device.type == "cuda")
     else:
-        reader = ((idx, train.batch(idx), aspect_of(idx)) for idx in indices)
+        reader = ((idx, train.batch(idx), train.aspect_at(idx)) for idx in indices)
     for i, (idx, x, aspect) in enumerate(reader, start=first):
         aspect = None if aspect is None else aspect.to(device, non_blocking=True)
         yield i, idx, x.to(device, non_blocking=True), aspect
