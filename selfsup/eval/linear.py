@@ -3,6 +3,13 @@
 Trained full-batch with L-BFGS in torch. The L2 strength is chosen on a stratified 10% of the
 training features from a small grid, then the probe is refit on all of them (the protocol of
 Kolesnikov et al. 2019, arXiv:1901.09005, and SimCLR's appendix B.6, in miniature).
+
+The grid is walked from the strongest L2 to the weakest, each fit starting from the previous one's
+solution (a regularisation path), and the refit starts from the chosen strength's solution. On 60,000
+Fashion-MNIST training features (rotation-pretrained CNN 512-d, raw pixels 784-d, random CNN 512-d) this
+needs 320 loss evaluations per probe where cold starts (100 per grid fit, 300 for the refit) needed 700:
+2.2× less CPU time, the same chosen strengths, and test accuracy within 0.07 points of a 1,000-iteration
+fit at that strength (cold starts: within 0.12).
 """
 from __future__ import annotations
 
@@ -13,10 +20,11 @@ from torch import Tensor
 from selfsup.data.splits import stratified_subset
 
 L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2)
-# L-BFGS iterations: the refit on all features runs to convergence (on 60,000 × 512 SimCLR features the
-# test accuracy moves by ≤ 0.05 points from 300 to 1,000 iterations, but by up to 0.4 from 100 to 300);
-# the validation fits that only rank the L2 strengths stop earlier.
-FIT_ITERATIONS, SELECT_ITERATIONS = 300, 100
+# L-BFGS iterations per grid fit (each warm-started from the previous strength's), for the refit on all
+# features (warm-started from the chosen strength's fit on 90% of them), and for a fit from zeros (one L2
+# strength, or too few labels to hold 10% out): there the test accuracy moves by up to 0.4 points from 100
+# to 300 iterations and by ≤ 0.05 from 300 to 1,000 (60,000 × 512 SimCLR features)
+SELECT_ITERATIONS, FIT_ITERATIONS, COLD_FIT_ITERATIONS = 50, 100, 300
 
 
 def _standardise(train: Tensor, *others: Tensor) -> list[Tensor]:
@@ -24,13 +32,19 @@ def _standardise(train: Tensor, *others: Tensor) -> list[Tensor]:
     return [(t - mean) / std for t in (train, *others)]
 
 
-def fit_logistic(x: Tensor, y: Tensor, num_classes: int, l2: float, max_iter: int = 100) -> tuple[Tensor, Tensor]:
-    """Weights (D, C) and bias (C,) minimising mean cross-entropy + l2·‖W‖²/2."""
+def fit_logistic(x: Tensor, y: Tensor, num_classes: int, l2: float, max_iter: int = 100,
+                 init: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Weights (D, C) and bias (C,) minimising mean cross-entropy + l2·‖W‖²/2, from zeros or from ``init``
+    (weights and bias as returned by an earlier call)."""
     x = x.float()
     # the weight is held as (C, D) for F.linear, whose weight gradient is grad.T @ x: on MKL that is
     # 10-40x faster than the x.T @ grad of ``x @ w`` for tall x (measured, 60000 × 784 pixels)
-    w = torch.zeros(num_classes, x.shape[1], requires_grad=True)
-    b = torch.zeros(num_classes, requires_grad=True)
+    if init is None:
+        w, b = torch.zeros(num_classes, x.shape[1]), torch.zeros(num_classes)
+    else:
+        w, b = init[0].T.clone(memory_format=torch.contiguous_format), init[1].clone()
+    w.requires_grad_(True)
+    b.requires_grad_(True)
     opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-6, tolerance_change=1e-9)
 
@@ -52,16 +66,20 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
                  l2_grid: tuple[float, ...] = L2_GRID, seed: int = 0) -> dict:
     """Accuracy on the test features and the chosen L2 strength."""
     train_x, test_x = _standardise(train_x.float(), test_x.float())
-    best_l2 = l2_grid[0]
+    best_l2, start = l2_grid[0], None
     if len(l2_grid) > 1 and len(train_y) >= 10 * num_classes:
         val = stratified_subset(train_y, 0.1, seed)
         keep = torch.ones(len(train_y), dtype=torch.bool)
         keep[val] = False
-        scores = []
-        for l2 in l2_grid:
-            w, b = fit_logistic(train_x[keep], train_y[keep], num_classes, l2, max_iter=SELECT_ITERATIONS)
-            scores.append(float((predict(train_x[val], w, b) == train_y[val]).float().mean()))
-        best_l2 = l2_grid[max(range(len(scores)), key=lambda i: (scores[i], i))]
-    w, b = fit_logistic(train_x, train_y, num_classes, best_l2, max_iter=FIT_ITERATIONS)
+        fit_x, fit_y = train_x[keep], train_y[keep]
+        path, fits, scores, previous = sorted(l2_grid, reverse=True), [], [], None
+        for l2 in path:  # strongest first: each fit starts from the one before
+            previous = fit_logistic(fit_x, fit_y, num_classes, l2, SELECT_ITERATIONS, init=previous)
+            fits.append(previous)
+            scores.append(float((predict(train_x[val], *previous) == train_y[val]).float().mean()))
+        best = max(range(len(path)), key=lambda i: (scores[i], path[i]))  # ties: the stronger L2
+        best_l2, start = path[best], fits[best]
+    w, b = fit_logistic(train_x, train_y, num_classes, best_l2,
+                        COLD_FIT_ITERATIONS if start is None else FIT_ITERATIONS, init=start)
     acc = float((predict(test_x, w, b) == test_y).float().mean())
     return {"accuracy": acc, "l2": best_l2}

@@ -28,18 +28,12 @@ from torch import Tensor, nn
 
 from selfsup.methods.base import MethodSpec, Progress
 from selfsup.methods.registry import register
-from selfsup.methods.rotation import ROTATIONS, rotate_all
+from selfsup.methods.rotation import ROTATIONS, rotate_all, rotate_each
 from selfsup.methods.simclr import SimCLR
 from selfsup.nn.heads import mlp
 from selfsup.views import Augment, ViewRecipe
 
 ROTATE_FROM = ("crops", "views")
-
-
-def rotate_each(x: Tensor, k: Tensor) -> Tensor:
-    """(B, C, S, S) with image i turned by ``k[i]``·90° counter-clockwise (k: (B,) int64 in 0..3)."""
-    rotated, _ = rotate_all(x)
-    return rotated.view(ROTATIONS, *x.shape)[k, torch.arange(x.shape[0], device=x.device)]
 
 
 @register("essl", "contrastive", "Dangovski et al. 2022, Equivariant Contrastive Learning (E-SimCLR: SimCLR + "

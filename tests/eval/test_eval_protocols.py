@@ -276,6 +276,45 @@ def test_fit_logistic_matches_scikit_learn() -> None:
     np.testing.assert_allclose(ours.numpy(), ref.predict_proba(x.numpy()), atol=1e-3)
 
 
+def test_fit_logistic_from_a_warm_start_reaches_the_same_optimum() -> None:
+    from selfsup.eval.linear import fit_logistic
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(400, 8, generator=g)
+    y = (x[:, :4] + 0.5 * torch.randn(400, 4, generator=g)).argmax(dim=1)
+    cold = fit_logistic(x, y, 4, 1e-3, max_iter=500)
+    strong = fit_logistic(x, y, 4, 1e-1, max_iter=500)
+    init = (strong[0].clone(), strong[1].clone())
+    warm = fit_logistic(x, y, 4, 1e-3, max_iter=500, init=init)
+    torch.testing.assert_close(warm, cold, atol=2e-3, rtol=0)
+    assert torch.equal(init[0], strong[0]) and torch.equal(init[1], strong[1])  # the start is not written to
+
+
+@pytest.mark.parametrize("n_train", [600, 1400])  # an interior strength (1e-4); a three-way tie (→ 1e-3)
+def test_linear_probe_path_picks_the_strength_a_converged_grid_picks(n_train) -> None:
+    """The warm-started path (50 iterations per strength) ranks the L2 grid like fits run to convergence
+    from zeros, and its refit reaches the converged fit's test accuracy (scikit-learn's 8×8 digits)."""
+    from sklearn.datasets import load_digits
+
+    from selfsup.data.splits import stratified_subset
+    from selfsup.eval.linear import L2_GRID, _standardise, fit_logistic, linear_probe, predict
+
+    digits = load_digits()
+    perm = torch.randperm(len(digits.target), generator=torch.Generator().manual_seed(0))
+    x, y = torch.tensor(digits.data, dtype=torch.float32)[perm], torch.tensor(digits.target)[perm]
+    tr, te = slice(0, n_train), slice(1400, None)
+    result = linear_probe(x[tr], y[tr], x[te], y[te], 10)
+    xs, xt = _standardise(x[tr], x[te])
+    val = stratified_subset(y[tr], 0.1, 0)
+    keep = torch.ones(n_train, dtype=torch.bool)
+    keep[val] = False
+    fits = {l2: fit_logistic(xs[keep], y[tr][keep], 10, l2, 1000) for l2 in L2_GRID}
+    scores = {l2: float((predict(xs[val], *fit) == y[tr][val]).float().mean()) for l2, fit in fits.items()}
+    assert result["l2"] == max(L2_GRID, key=lambda l2: (scores[l2], l2)) == {600: 1e-4, 1400: 1e-3}[n_train]
+    converged = fit_logistic(xs, y[tr], 10, result["l2"], 1000)
+    assert result["accuracy"] == pytest.approx(float((predict(xt, *converged) == y[te]).float().mean()), abs=0.003)
+
+
 def test_unknown_protocol_names_the_choices(run_dir) -> None:
     with pytest.raises(ConfigError, match="knn, linear, finetune"):
         evaluate_run(run_dir, ["knn", "probe"])

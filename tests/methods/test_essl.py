@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from conftest import TINY_BACKBONES
 from selfsup.losses.contrastive import nt_xent
 from selfsup.methods.base import Progress
-from selfsup.methods.essl import ESSL, rotate_each
+from selfsup.methods.essl import ESSL
+from selfsup.methods.rotation import rotate_each
 from selfsup.nn.backbones import build_backbone
 from selfsup.views import Augment, ViewRecipe, make_views, resolve_sizes
 

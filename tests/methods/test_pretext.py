@@ -18,7 +18,7 @@ from selfsup.methods.colorization import Colorization, merge_chroma, split_chrom
 from selfsup.methods.jigsaw import Jigsaw
 from selfsup.methods.pirl import PIRL
 from selfsup.methods.relative_position import NEIGHBOURS, RelativePosition, drop_colours, neighbour_offset, patch_pairs
-from selfsup.methods.rotation import rotate_all, unrotate
+from selfsup.methods.rotation import rotate_all, rotate_some, unrotate
 from selfsup.nn.backbones import build_backbone
 from selfsup.views import Augment, ViewRecipe, resolve_sizes
 from selfsup.views.tiles import (assemble_tiles, check_grid, cut_tiles, min_hamming, permutation_set, shuffle_tiles,
@@ -43,6 +43,35 @@ def test_rotation_labels_undo_the_rotation():
     torch.testing.assert_close(unrotate(rotated, labels), x.repeat(4, 1, 1, 1), rtol=0, atol=0)
     for k in (1, 2, 3):  # every other label would give a different image: the label is identifiable
         assert not torch.equal(unrotate(rotated[4 * k : 4 * k + 1], torch.tensor([0])), x[:1])
+
+
+def test_some_rotations_per_image_are_distinct_and_undo_to_the_image():
+    torch.manual_seed(0)
+    x = images(6)
+    for r in (1, 2, 3):
+        rotated, labels = rotate_some(x, r)
+        assert rotated.shape == (6 * r, 1, 18, 18) and labels.shape == (6 * r,)
+        torch.testing.assert_close(unrotate(rotated, labels), x.repeat(r, 1, 1, 1), rtol=0, atol=0)
+        per_image = labels.view(r, 6).T  # row i: the rotations drawn for image i
+        assert all(len(set(row.tolist())) == r for row in per_image)
+    rotated, labels = rotate_some(x, 4)  # all four: the paper's batch
+    assert torch.equal(rotated, rotate_all(x)[0]) and torch.equal(labels, rotate_all(x)[1])
+    seen = torch.stack([rotate_some(x, 1)[1] for _ in range(200)])  # each of the four is drawn for every image
+    assert all(set(seen[:, i].tolist()) == {0, 1, 2, 3} for i in range(6))
+
+
+def test_rotation_with_fewer_rotations_per_image_classifies_r_copies_and_refuses_bad_counts():
+    from selfsup.methods.rotation import RotationPrediction
+
+    torch.manual_seed(0)
+    method = RotationPrediction(backbone(), head_hidden=8, rotations_per_image=2)
+    seen = []
+    method.classifier.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    loss, logs = method.training_step([torch.rand(5, 1, 18, 18)], Progress(0, 1, 0, 1))
+    assert seen == [(10, 4)] and loss.isfinite() and 0 <= float(logs["pretext_acc"]) <= 1
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match="rotations_per_image must be 1–4"):
+            RotationPrediction(backbone(), rotations_per_image=bad)
 
 
 def test_tiles_reassemble_and_sit_at_their_offsets():
