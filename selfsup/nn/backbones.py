@@ -55,15 +55,21 @@ class SmallResNet(nn.Module):
     A 3×3 stem conv (stride ``stem_stride``: 1 keeps full resolution, 2 halves it and makes the
     network about 2.5× cheaper on 28×28 inputs), then one stage per further width, each halving the
     resolution, global average pooling. The default (32, 64, 128, 256) has 1.2 M parameters.
+
+    ``pooled_stages`` = n > 1 concatenates the global average pools of the last n stages (the stem counts
+    as one), so ``num_features`` is the sum of their widths: the embedding keeps mid-level features
+    beside the last stage's (as pretext-task papers probe the best layer, not only the last).
     """
 
     def __init__(self, in_chans: int = 1, widths: tuple[int, ...] = (32, 64, 128, 256), blocks: int = 1,
-                 stem_stride: int = 1):
+                 stem_stride: int = 1, pooled_stages: int = 1):
         super().__init__()
         if stem_stride not in (1, 2):
             raise ValueError(f"small_resnet: stem_stride must be 1 or 2, got {stem_stride!r}")
         if len(widths) < 1 or any(int(w) < 1 for w in widths):
             raise ValueError(f"small_resnet: widths must be a non-empty list of positive integers, got {widths!r}")
+        if not 1 <= pooled_stages <= len(widths):
+            raise ValueError(f"small_resnet: pooled_stages must be 1–{len(widths)} (one per width), got {pooled_stages!r}")
         self.stem = nn.Sequential(nn.Conv2d(in_chans, widths[0], 3, stem_stride, 1, bias=False), nn.BatchNorm2d(widths[0]),
                                   nn.ReLU(inplace=True))
         layers: list[nn.Module] = []
@@ -73,16 +79,25 @@ class SmallResNet(nn.Module):
                 layers.append(BasicBlock(cin, w, 2 if j == 0 else 1))
                 cin = w
         self.stages = nn.Sequential(*layers)
-        self.num_features = cin
+        self.blocks, self.pooled_stages = blocks, pooled_stages
+        self.num_features = sum(int(w) for w in widths[len(widths) - pooled_stages:])
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.stages(self.stem(x)).mean(dim=(2, 3))
+        x = self.stem(x)
+        if self.pooled_stages == 1:
+            return self.stages(x).mean(dim=(2, 3))
+        pools = [x.mean(dim=(2, 3))]
+        for i, block in enumerate(self.stages):
+            x = block(x)
+            if (i + 1) % self.blocks == 0:  # the end of a stage
+                pools.append(x.mean(dim=(2, 3)))
+        return torch.cat(pools[len(pools) - self.pooled_stages:], dim=1)
 
 
 @register_backbone("small_resnet")
 def small_resnet(in_chans: int, image_size: int, widths: tuple[int, ...] = (32, 64, 128, 256), blocks: int = 1,
-                 stem_stride: int = 1):
-    return SmallResNet(in_chans, tuple(widths), blocks, stem_stride)
+                 stem_stride: int = 1, pooled_stages: int = 1):
+    return SmallResNet(in_chans, tuple(widths), blocks, stem_stride, pooled_stages)
 
 
 @register_backbone("resnet18")

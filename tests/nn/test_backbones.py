@@ -25,8 +25,26 @@ def test_stem_stride_two_halves_the_stem_resolution():
     assert sum(p.numel() for p in full.parameters()) == sum(p.numel() for p in half.parameters())
 
 
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_pooled_stages_concatenate_the_last_stages_pools(blocks):
+    torch.manual_seed(0)
+    one = build_backbone("small_resnet", 1, 28, widths=[8, 16, 32], blocks=blocks, stem_stride=2)
+    two = build_backbone("small_resnet", 1, 28, widths=[8, 16, 32], blocks=blocks, stem_stride=2, pooled_stages=2)
+    three = build_backbone("small_resnet", 1, 28, widths=[8, 16, 32], blocks=blocks, stem_stride=2, pooled_stages=3)
+    two.load_state_dict(one.state_dict())  # same weights and keys: only the embedding differs
+    three.load_state_dict(one.state_dict())
+    x = torch.randn(3, 1, 28, 28)
+    assert (two.num_features, three.num_features) == (48, 56)
+    stem = one.stem(x)
+    middle = one.stages[:blocks](stem)  # the end of the 16-wide stage
+    expected = torch.cat([middle.mean(dim=(2, 3)), one(x)], dim=1)
+    torch.testing.assert_close(two(x), expected)
+    torch.testing.assert_close(three(x), torch.cat([stem.mean(dim=(2, 3)), expected], dim=1))
+
+
 @pytest.mark.parametrize("kwargs, message", [({"stem_stride": 3}, "stem_stride must be 1 or 2"),
-                                             ({"widths": []}, "widths must be a non-empty list")])
+                                             ({"widths": []}, "widths must be a non-empty list"),
+                                             ({"widths": [8, 16], "pooled_stages": 3}, "pooled_stages must be 1–2")])
 def test_small_resnet_rejects_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         build_backbone("small_resnet", 1, 28, **kwargs)
