@@ -5,13 +5,12 @@ training features from a small grid, then the probe is refit on all of them (the
 Kolesnikov et al. 2019, arXiv:1901.09005, and SimCLR's appendix B.6, in miniature).
 
 The grid is walked from the strongest L2 to the weakest, each fit starting from the previous one's
-solution (a regularisation path), and the refit starts from the chosen strength's solution. On the
-demo's 60,000 Fashion-MNIST training features (E-SSL CNN 512-d, raw pixels 784-d, random CNN 512-d; 2
-threads) that takes 102 s where cold starts (100 iterations per grid fit, 300 for the refit) took 124 s,
-choosing the same strengths for the encoder and raw pixels (1e-4 instead of 1e-5 for the random CNN) and
-scoring within 0.07 points of them. Shorter grid fits
-(50 iterations) halve the time again but rank an under-converged weak L2 first (chose 1e-5 where fits
-run to 1,000 iterations rank 1e-4 best; −0.12 points).
+solution (a regularisation path), and the refit starts from the chosen strength's solution. On the demo's
+60,000 Fashion-MNIST training features (E-SSL CNN 512-d, raw pixels 784-d, random CNN 512-d; 2 threads)
+that takes 102 s where cold starts (100 iterations per grid fit, 300 for the refit) took 124 s, choosing
+the same strengths for the encoder and raw pixels (1e-4 instead of 1e-5 for the random CNN) and scoring
+within 0.07 points of them. Shorter grid fits (50 iterations) halve the time again but rank an under-
+converged weak L2 first (chose 1e-5 where fits run to 1,000 iterations rank 1e-4 best; −0.12 points).
 """
 from __future__ import annotations
 
