@@ -58,7 +58,8 @@ class SmallResNet(nn.Module):
 
     ``pooled_stages`` = n > 1 concatenates the global average pools of the last n stages (the stem counts
     as one), so ``num_features`` is the sum of their widths: the embedding keeps mid-level features
-    beside the last stage's (as pretext-task papers probe the best layer, not only the last).
+    beside the last stage's (as pretext-task papers probe the best layer, not only the last). On the
+    Fashion-MNIST rotation recipe, 2 stages tied 1 on the linear probe and lost 0.6 kNN (benchmarks/recipe_screen/).
     """
 
     def __init__(self, in_chans: int = 1, widths: tuple[int, ...] = (32, 64, 128, 256), blocks: int = 1,
