@@ -53,8 +53,9 @@ def rotate_some(x: Tensor, per_image: int) -> tuple[Tensor, Tensor]:
     """
     if per_image == ROTATIONS:
         return rotate_all(x)
-    k = torch.rand(x.shape[0], ROTATIONS, device=x.device).argsort(dim=1)[:, :per_image]  # (B, r), distinct per row
-    return torch.cat([rotate_each(x, k[:, j]) for j in range(per_image)]), k.T.reshape(-1)
+    k = torch.rand(x.shape[0], ROTATIONS, device=x.device).argsort(dim=1)[:, :per_image].T  # (r, B), distinct per image
+    rotated = rotate_all(x)[0].view(ROTATIONS, *x.shape)  # the four rotations once, picked per block below
+    return rotated[k, torch.arange(x.shape[0], device=x.device)].flatten(0, 1), k.reshape(-1)
 
 
 def unrotate(x: Tensor, labels: Tensor) -> Tensor:
