@@ -12,7 +12,11 @@ setup: $(VENV)/.installed dataset
 
 # Exact versions from constraints.txt (torch/torchvision: this machine's pip caps them at these releases, which
 # lie on its disk); the package itself declares ranges (pyproject.toml).
+# PyTorch 2.14.1 on x86_64 is a CUDA build: the environment takes about 6 GB, so say so before pip runs out of disk.
 $(VENV)/.installed: pyproject.toml constraints.txt
+	@free_kb=$$(df -Pk . | awk 'NR == 2 {print $$4}'); [ "$$free_kb" -ge 6500000 ] || { \
+	  echo "set-up needs about 6.5 GB free on this disk for the Python environment (PyTorch alone is ~5.6 GB);" \
+	       "$$((free_kb / 1000000)) GB free here. Free some space and run make again." >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch torchvision
