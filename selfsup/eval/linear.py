@@ -4,8 +4,9 @@ Trained full-batch with L-BFGS in torch. The L2 strength is chosen on a stratifi
 training features from a small grid, then the probe is refit on all of them (the protocol of
 Kolesnikov et al. 2019, arXiv:1901.09005, and SimCLR's appendix B.6, in miniature).
 
-The grid is walked from the strongest L2 to the weakest, each fit starting from the previous one's
-solution (a regularisation path), and the refit starts from the chosen strength's solution. On the demo's
+The grid (half-decade steps, 1e-5 to 1e-2) is walked from the strongest L2 to the weakest, each fit starting
+from the previous one's solution (a regularisation path), stopping once two strengths in a row score below
+the best so far, and the refit starts from the chosen strength's solution. With the decade grid, on the demo's
 60,000 Fashion-MNIST training features (E-SSL CNN 512-d, raw pixels 784-d, random CNN 512-d; 2 threads)
 that takes 102 s where cold starts (100 iterations per grid fit, 300 for the refit) took 124 s, choosing
 the same strengths for the encoder and raw pixels (1e-4 instead of 1e-5 for the random CNN) and scoring
@@ -20,12 +21,18 @@ from torch import Tensor
 
 from selfsup.data.splits import stratified_subset
 
-L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2)
+# Half-decade steps: on the default recipe's 2,048-d features (E-SSL, 3 epochs, 5,000 held-out images) fits run
+# to 1,000 iterations scored 89.62% at 1e-3 and 90.02% at 3e-3, a gap the decade grid could not see.
+L2_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+# the path stops once this many strengths in a row score below the best so far (the weak end is the slowest to fit)
+PATIENCE = 2
 # L-BFGS iterations per grid fit (each warm-started from the previous strength's), for the refit on all
 # features (warm-started from the chosen strength's fit on 90% of them), and for a fit from zeros (one L2
 # strength, or too few labels to hold 10% out): from zeros the test accuracy moves by up to 0.4 points from
-# 100 to 300 iterations and by ≤ 0.05 from 300 to 1,000 (60,000 × 512 SimCLR features)
-SELECT_ITERATIONS, FIT_ITERATIONS, COLD_FIT_ITERATIONS = 100, 200, 300
+# 100 to 300 iterations and by ≤ 0.05 from 300 to 1,000 (60,000 × 512 SimCLR features). The warm refit is
+# that close after 50: E-SSL 2,048-d features 90.04% at 50, 89.98% at 200; raw pixels 84.50% at 50 and 200,
+# 84.51% at 1,000 (Fashion-MNIST; objective within 0.4% of the 1,000-iteration fit's)
+SELECT_ITERATIONS, FIT_ITERATIONS, COLD_FIT_ITERATIONS = 100, 50, 300
 
 
 def _standardise(train: Tensor, *others: Tensor) -> list[Tensor]:
@@ -63,6 +70,12 @@ def predict(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
     return (x.float() @ w + b).argmax(dim=1)
 
 
+def path_has_peaked(scores: list[float], patience: int = PATIENCE) -> bool:
+    """Whether the last ``patience`` scores of the path all fall below its best so far. A tie does not count:
+    on a small held-out 10% ties are common and say nothing about the weaker strengths still to come."""
+    return len(scores) > patience and all(score < max(scores) for score in scores[-patience:])
+
+
 def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, num_classes: int,
                  l2_grid: tuple[float, ...] = L2_GRID, seed: int = 0) -> dict:
     """Accuracy on the test features and the chosen L2 strength."""
@@ -78,7 +91,9 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
             previous = fit_logistic(fit_x, fit_y, num_classes, l2, SELECT_ITERATIONS, init=previous)
             fits.append(previous)
             scores.append(float((predict(train_x[val], *previous) == train_y[val]).float().mean()))
-        best = max(range(len(path)), key=lambda i: (scores[i], path[i]))  # ties: the stronger L2
+            if path_has_peaked(scores):
+                break
+        best = max(range(len(scores)), key=lambda i: (scores[i], path[i]))  # ties: the stronger L2
         best_l2, start = path[best], fits[best]
     w, b = fit_logistic(train_x, train_y, num_classes, best_l2,
                         COLD_FIT_ITERATIONS if start is None else FIT_ITERATIONS, init=start)

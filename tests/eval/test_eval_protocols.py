@@ -315,6 +315,33 @@ def test_linear_probe_path_picks_the_strength_a_converged_grid_picks(n_train) ->
     assert result["accuracy"] == pytest.approx(float((predict(xt, *converged) == y[te]).float().mean()), abs=0.003)
 
 
+@pytest.mark.parametrize("scores, peaked", [([0.9, 0.8, 0.8], True), ([0.9, 0.8], False), ([0.8, 0.9, 0.85], False),
+                                            ([0.8, 0.9, 0.85, 0.85], True), ([0.9, 0.9, 0.9, 0.9], False),
+                                            ([0.9, 0.8, 0.9, 0.8], False), ([0.9, 0.85, 0.91, 0.9, 0.7], True)])
+def test_the_path_stops_after_patience_strengths_below_its_best(scores, peaked) -> None:
+    from selfsup.eval.linear import PATIENCE, path_has_peaked
+
+    assert PATIENCE == 2 and path_has_peaked(scores) is peaked
+
+
+def test_linear_probe_walks_a_prefix_of_the_grid_and_refits_its_choice(monkeypatch) -> None:
+    """Strongest first, stopping where ``path_has_peaked`` says (here after the first fit has two weaker ones
+    scoring below it), then one refit at the chosen strength."""
+    from sklearn.datasets import load_digits
+
+    from selfsup.eval import linear
+
+    digits = load_digits()
+    x, y = torch.tensor(digits.data, dtype=torch.float32), torch.tensor(digits.target)
+    calls: list[float] = []
+    fit = linear.fit_logistic
+    monkeypatch.setattr(linear, "fit_logistic", lambda *a, **k: calls.append(a[3]) or fit(*a, **k))
+    monkeypatch.setattr(linear, "path_has_peaked", lambda scores: len(scores) == 3)
+    result = linear.linear_probe(x[:1400], y[:1400], x[1400:], y[1400:], 10)
+    *path, refit = calls
+    assert path == sorted(linear.L2_GRID, reverse=True)[:3] and refit == result["l2"] and result["l2"] in path
+
+
 def test_unknown_protocol_names_the_choices(run_dir) -> None:
     with pytest.raises(ConfigError, match="knn, linear, finetune"):
         evaluate_run(run_dir, ["knn", "probe"])

@@ -42,9 +42,27 @@ def test_pooled_stages_concatenate_the_last_stages_pools(blocks):
     torch.testing.assert_close(three(x), torch.cat([stem.mean(dim=(2, 3)), expected], dim=1))
 
 
+def test_pool_grid_keeps_each_cell_of_the_last_map():
+    torch.manual_seed(0)
+    pooled = build_backbone("small_resnet", 1, 28, widths=[8, 16, 32], stem_stride=2)
+    grid = build_backbone("small_resnet", 1, 28, widths=[8, 16, 32], stem_stride=2, pool_grid=2)
+    grid.load_state_dict(pooled.state_dict())  # same weights and keys: only the embedding differs
+    x = torch.randn(3, 1, 28, 28)
+    last = pooled.stages(pooled.stem(x))
+    assert last.shape[-2:] == (4, 4) and grid.num_features == 32 * 4
+    cells = last.unflatten(2, (2, 2)).unflatten(4, (2, 2)).mean(dim=(3, 5))  # (B, C, 2, 2): 2×2 blocks averaged
+    torch.testing.assert_close(grid(x), cells.flatten(1))  # channel-major, as a flattened map
+    # the grid's cells average to the global pool
+    torch.testing.assert_close(grid(x).unflatten(1, (32, 4)).mean(2), pooled(x))
+    both = build_backbone("small_resnet", 1, 28, widths=[8, 16, 32], stem_stride=2, pool_grid=2, pooled_stages=2)
+    assert both.num_features == (16 + 32) * 4 and both(x).shape == (3, 192)
+
+
 @pytest.mark.parametrize("kwargs, message", [({"stem_stride": 3}, "stem_stride must be 1 or 2"),
                                              ({"widths": []}, "widths must be a non-empty list"),
-                                             ({"widths": [8, 16], "pooled_stages": 3}, "pooled_stages must be 1–2")])
+                                             ({"widths": [8, 16], "pooled_stages": 3}, "pooled_stages must be 1–2"),
+                                             ({"pool_grid": 0}, "pool_grid must be an integer 1–8"),
+                                             ({"pool_grid": 1.5}, "pool_grid must be an integer 1–8")])
 def test_small_resnet_rejects_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         build_backbone("small_resnet", 1, 28, **kwargs)
