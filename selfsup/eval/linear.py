@@ -31,8 +31,10 @@ PATIENCE = 2
 # strength, or too few labels to hold 10% out): from zeros the test accuracy moves by up to 0.4 points from
 # 100 to 300 iterations and by ≤ 0.05 from 300 to 1,000 (60,000 × 512 SimCLR features). The warm refit is
 # that close after 50: E-SSL 2,048-d features 90.04% at 50, 89.98% at 200; raw pixels 84.50% at 50 and 200,
-# 84.51% at 1,000 (Fashion-MNIST; objective within 0.4% of the 1,000-iteration fit's)
-SELECT_ITERATIONS, FIT_ITERATIONS, COLD_FIT_ITERATIONS = 100, 50, 300
+# 84.51% at 1,000 (Fashion-MNIST; objective within 0.4% of the 1,000-iteration fit's). Warm grid fits of 50
+# iterations instead of 100 choose the same strengths (3e-3 on E-SSL 2,048-d and on raw-pixel features, 5,000
+# held-out training images) in 16% and 33% less time (2 threads)
+SELECT_ITERATIONS, WARM_SELECT_ITERATIONS, FIT_ITERATIONS, COLD_FIT_ITERATIONS = 100, 50, 50, 300
 
 
 def _standardise(train: Tensor, *others: Tensor) -> list[Tensor]:
@@ -88,7 +90,8 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
         fit_x, fit_y = train_x[keep], train_y[keep]
         path, fits, scores, previous = sorted(l2_grid, reverse=True), [], [], None
         for l2 in path:  # strongest first: each fit starts from the one before
-            previous = fit_logistic(fit_x, fit_y, num_classes, l2, SELECT_ITERATIONS, init=previous)
+            iterations = SELECT_ITERATIONS if previous is None else WARM_SELECT_ITERATIONS
+            previous = fit_logistic(fit_x, fit_y, num_classes, l2, iterations, init=previous)
             fits.append(previous)
             scores.append(float((predict(train_x[val], *previous) == train_y[val]).float().mean()))
             if path_has_peaked(scores):
