@@ -292,7 +292,8 @@ def test_fit_logistic_from_a_warm_start_reaches_the_same_optimum() -> None:
 
 @pytest.mark.parametrize("n_train", [600, 1400])  # an interior strength (1e-4); a three-way tie (→ 1e-3)
 def test_linear_probe_path_picks_the_strength_a_converged_grid_picks(n_train) -> None:
-    """The warm-started path (SELECT_ITERATIONS per strength) ranks the L2 grid like fits run to convergence
+    """The warm-started path (SELECT_ITERATIONS from zeros, then WARM_SELECT_ITERATIONS per strength, stopping
+    PATIENCE strengths past its best) ranks the L2 grid like fits run to convergence
     from zeros, and its refit reaches the converged fit's test accuracy (scikit-learn's 8×8 digits)."""
     from sklearn.datasets import load_digits
 
