@@ -58,6 +58,18 @@ def test_pool_grid_keeps_each_cell_of_the_last_map():
     assert both.num_features == (16 + 32) * 4 and both(x).shape == (3, 192)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pool_grid_the_size_of_the_map_is_the_map_flattened(channels_last):
+    torch.manual_seed(0)  # the default recipe's case: a 2×2 last map at 28 px, taken without pooling
+    net = build_backbone("small_resnet", 1, 28, widths=[8, 16, 32, 64], stem_stride=2, pool_grid=2)
+    x = torch.randn(3, 1, 28, 28)
+    if channels_last:
+        net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    last = net.stages(net.stem(x))
+    assert last.shape[-2:] == (2, 2)
+    torch.testing.assert_close(net(x), torch.nn.functional.adaptive_avg_pool2d(last, 2).flatten(1))
+
+
 @pytest.mark.parametrize("kwargs, message", [({"stem_stride": 3}, "stem_stride must be 1 or 2"),
                                              ({"widths": []}, "widths must be a non-empty list"),
                                              ({"widths": [8, 16], "pooled_stages": 3}, "pooled_stages must be 1–2"),

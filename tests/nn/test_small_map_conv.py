@@ -19,9 +19,9 @@ CASES = [((1, 1), 3, 1, 1), ((1, 2), 3, 1, 1), ((2, 2), 3, 1, 1), ((4, 4), 3, 2,
 def test_matches_conv2d_values_and_gradients(size, k, stride, padding, bias, channels_last):
     torch.manual_seed(0)
     x = torch.randn(3, 5, *size, dtype=torch.float64)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
     w = torch.randn(7, 5, k, k, dtype=torch.float64)
+    if channels_last:  # as a model converted with .to(memory_format=channels_last) holds both
+        x, w = (t.contiguous(memory_format=torch.channels_last) for t in (x, w))
     b = torch.randn(7, dtype=torch.float64) if bias else None
     ref_in = [t.clone().requires_grad_() for t in (x, w)] + ([b.clone().requires_grad_()] if bias else [None])
     new_in = [t.clone().requires_grad_() for t in (x, w)] + ([b.clone().requires_grad_()] if bias else [None])
