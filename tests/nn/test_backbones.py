@@ -269,3 +269,20 @@ def test_library_backbones_never_touch_the_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
     build_backbone("timm:vit_tiny_patch16_224", 3, 32, depth=1)
     build_backbone("torchvision:mobilenet_v3_small", 3, 32)
+
+
+@pytest.mark.parametrize("pool_grid", [1, 2])
+def test_pooling_sends_the_gradient_back_in_the_maps_memory_format(pool_grid):
+    # a contiguous gradient into a channels-last map sends ReLU's and BatchNorm's backward down slow kernels
+    torch.manual_seed(0)
+    net = build_backbone("small_resnet", 1, 28, widths=[8, 16, 32, 64], stem_stride=2, pool_grid=pool_grid)
+    net = net.to(memory_format=torch.channels_last)
+    x = torch.randn(3, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    seen = []
+    net.stages[-1].register_forward_hook(lambda m, i, out: None if out.register_hook(seen.append) else None)
+    out = net(x)
+    last = net.stages(net.stem(x))
+    expected = last.mean(dim=(2, 3)) if pool_grid == 1 else last.flatten(1)
+    torch.testing.assert_close(out, expected)
+    out.square().sum().backward()
+    assert seen[0].is_contiguous(memory_format=torch.channels_last)
