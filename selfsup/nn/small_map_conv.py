@@ -18,8 +18,10 @@ is made. Where every window covers the whole input (3×3 same-padded on 2×2, th
 recipe) the per-position products are one GEMM against the dense (positions·cout, positions·cin) matrix the
 taps make. Whole SimCLR steps (small CNN, batch 256, one process alternating the versions step by step, median
 CPU-time ratio; AMD EPYC with AVX-512 BF16): without the transposed copy 1.05× (bf16) and 1.05× (E-SSL, fp32
-with the kernels limited to AVX2); the dense GEMM on top 1.05× (bf16, 1 and 2 threads) and 1.00× (AVX2 fp32). :class:`SmallMapConv2d` has ``nn.Conv2d``'s parameters and state dict and falls through to
-it for every other shape; ``benchmarks/bench_step.py`` measures the whole training step.
+with the kernels limited to AVX2); the dense GEMM on top 1.05× (bf16, 1 and 2 threads) and 1.00× (AVX2 fp32).
+
+:class:`SmallMapConv2d` has ``nn.Conv2d``'s parameters and state dict and falls through to it for every other
+shape; ``benchmarks/bench_step.py`` measures the whole training step.
 
 Strided convolutions in bf16 on CPU (:func:`gemm_wgrad_conv`): oneDNN's bf16 backward-weights kernel
 for stride-2 convolutions (``jit_bf16``, not its brgemm kernels) is 15–30× slower than the same product
