@@ -17,7 +17,6 @@ the best), and 50-iteration warm grid fits choose what 100-iteration ones choose
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from selfsup.data.splits import stratified_subset
@@ -43,13 +42,52 @@ def _standardise(train: Tensor, *others: Tensor) -> list[Tensor]:
     return [(t - mean) / std for t in (train, *others)]
 
 
+# The objective's two products, (N, D) × (D, C) and (D, N) × (N, C), with C = 10 classes are skinny GEMMs that MKL runs
+# far below its peak. Padding C with zero columns to a multiple of CLASS_PAD, taking the first product as a batched
+# GEMM over blocks of ROW_BLOCK rows and the second as x.T @ p, made one evaluation of the objective 1.7× faster than
+# autograd through ``F.linear`` (60,000 × 2,048 features: 105 vs 180 ms; 784-d: 1.3×; 2 threads, the same on
+# AVX-512 and AVX2-limited MKL; benchmarks/probe/README.md). Results differ from autograd's by rounding only.
+CLASS_PAD, ROW_BLOCK = 16, 1000
+
+
+def _times(x: Tensor, m: Tensor) -> Tensor:
+    """x (N, D) @ m (D, P), the rows in blocks of ROW_BLOCK through one batched GEMM (x contiguous)."""
+    n, d = x.shape
+    out = x.new_empty(n, m.shape[1])
+    whole = n - n % ROW_BLOCK
+    if whole:
+        blocks = whole // ROW_BLOCK
+        torch.bmm(x[:whole].view(blocks, ROW_BLOCK, d), m.expand(blocks, d, m.shape[1]),
+                  out=out[:whole].view(blocks, ROW_BLOCK, m.shape[1]))
+    if whole < n:
+        torch.mm(x[whole:], m, out=out[whole:])
+    return out
+
+
+@torch.no_grad()
+def logistic_objective(x: Tensor, y: Tensor, w: Tensor, b: Tensor, l2: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean cross-entropy + l2·‖W‖²/2, its gradient for ``w`` (C, D), for ``b`` (C,)), written out: the gradient
+    of the mean cross-entropy over the logits is (softmax − one-hot)/N. ``x`` (N, D) contiguous."""
+    n, (c, d) = x.shape[0], w.shape
+    padded = -(-c // CLASS_PAD) * CLASS_PAD
+    wp = w.new_zeros(padded, d)
+    wp[:c] = w
+    z = _times(x, wp.T)[:, :c] + b
+    lse = z.logsumexp(dim=1)
+    loss = (lse - z.gather(1, y[:, None]).squeeze(1)).mean() + 0.5 * l2 * (w * w).sum()
+    p = x.new_zeros(n, padded)
+    p[:, :c] = (z - lse[:, None]).exp_()
+    p[torch.arange(n), y] -= 1
+    p /= n
+    grad_w = ((x.T @ p)[:, :c].T + l2 * w).contiguous()  # L-BFGS flattens gradients with view()
+    return loss, grad_w, p[:, :c].sum(0)
+
+
 def fit_logistic(x: Tensor, y: Tensor, num_classes: int, l2: float, max_iter: int = 100,
                  init: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Weights (D, C) and bias (C,) minimising mean cross-entropy + l2·‖W‖²/2, from zeros or from ``init``
     (weights and bias as returned by an earlier call)."""
-    x = x.float()
-    # the weight is held as (C, D) for F.linear, whose weight gradient is grad.T @ x: on MKL that is
-    # 10-40x faster than the x.T @ grad of ``x @ w`` for tall x (measured, 60000 × 784 pixels)
+    x = x.float().contiguous()
     if init is None:
         w, b = torch.zeros(num_classes, x.shape[1]), torch.zeros(num_classes)
     else:
@@ -60,9 +98,7 @@ def fit_logistic(x: Tensor, y: Tensor, num_classes: int, l2: float, max_iter: in
                             tolerance_grad=1e-6, tolerance_change=1e-9)
 
     def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(F.linear(x, w, b), y) + 0.5 * l2 * (w * w).sum()
-        loss.backward()
+        loss, w.grad, b.grad = logistic_objective(x, y, w.detach(), b.detach(), l2)
         return loss
 
     opt.step(closure)

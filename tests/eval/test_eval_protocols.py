@@ -276,6 +276,25 @@ def test_fit_logistic_matches_scikit_learn() -> None:
     np.testing.assert_allclose(ours.numpy(), ref.predict_proba(x.numpy()), atol=1e-3)
 
 
+@pytest.mark.parametrize("n, classes", [(2000, 3), (2345, 10), (700, 17)])  # whole blocks / a remainder / only a
+def test_logistic_objective_matches_autograd(n, classes) -> None:       # remainder; classes padded to 16 and 32
+    """The probe's written-out objective (padded classes, row-blocked batched GEMM) against autograd through
+    ``F.cross_entropy`` in float64: loss and both gradients."""
+    from selfsup.eval.linear import logistic_objective
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(n, 24, generator=g, dtype=torch.float64)
+    y = torch.randint(0, classes, (n,), generator=g)
+    w = torch.randn(classes, 24, generator=g, dtype=torch.float64).requires_grad_(True)
+    b = torch.randn(classes, generator=g, dtype=torch.float64).requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(x @ w.T + b, y) + 0.5 * 3e-3 * (w * w).sum()
+    ref.backward()
+    loss, grad_w, grad_b = logistic_objective(x, y, w.detach(), b.detach(), 3e-3)
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad_w, w.grad, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(grad_b, b.grad, rtol=1e-10, atol=1e-14)
+
+
 def test_fit_logistic_from_a_warm_start_reaches_the_same_optimum() -> None:
     from selfsup.eval.linear import fit_logistic
 
