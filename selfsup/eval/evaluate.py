@@ -53,13 +53,19 @@ def _check_compatible(images: ImageSet, meta: dict[str, Any]) -> None:
                         f"{images.channels}; use data with the same channels")
 
 
+def protocol_result(protocol: str, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
+                    num_classes: int, seed: int = 0) -> dict[str, float]:
+    """``{"accuracy": …}``; the linear probe adds the L2 strength its path chose (``"l2"``)."""
+    if protocol == "knn":
+        return {"accuracy": knn_accuracy(train_x, train_y, test_x, test_y, num_classes)}
+    if protocol == "linear":
+        return linear_probe(train_x, train_y, test_x, test_y, num_classes, seed=seed)
+    raise ConfigError([f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}"])
+
+
 def evaluate_features(protocol: str, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
                       num_classes: int, seed: int = 0) -> float:
-    if protocol == "knn":
-        return knn_accuracy(train_x, train_y, test_x, test_y, num_classes)
-    if protocol == "linear":
-        return linear_probe(train_x, train_y, test_x, test_y, num_classes, seed=seed)["accuracy"]
-    raise ConfigError([f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}"])
+    return protocol_result(protocol, train_x, train_y, test_x, test_y, num_classes, seed)["accuracy"]
 
 
 def evaluate_run(run_dir: str | Path, protocols: Sequence[str] = PROTOCOLS, data: str | None = None,
@@ -122,19 +128,22 @@ def evaluate_run(run_dir: str | Path, protocols: Sequence[str] = PROTOCOLS, data
         "raw_pixels": lambda s: pixel_features(s, mean, std),
     }
     features: dict[str, list[Tensor]] = {}
-    accuracies: dict[tuple[str, str], float] = {}
+    outcomes: dict[tuple[str, str], dict[str, float]] = {}
 
     def feature_pair(name: str) -> list[Tensor]:
         if name not in features:
             features[name] = [extractors[name](s) for s in (train, test)]
         return features[name]
 
-    def accuracy(protocol: str, name: str) -> float:
-        if (protocol, name) not in accuracies:
+    def outcome(protocol: str, name: str) -> dict[str, float]:
+        if (protocol, name) not in outcomes:
             tr, te = feature_pair(name)
-            accuracies[protocol, name] = evaluate_features(protocol, tr, train.labels, te, test.labels,
-                                                           train.num_classes, seed)
-        return accuracies[protocol, name]
+            outcomes[protocol, name] = protocol_result(protocol, tr, train.labels, te, test.labels,
+                                                       train.num_classes, seed)
+        return outcomes[protocol, name]
+
+    def accuracy(protocol: str, name: str) -> float:
+        return outcome(protocol, name)["accuracy"]
 
     ranks: dict[str, dict[str, Any]] = {}
 
@@ -159,6 +168,8 @@ def evaluate_run(run_dir: str | Path, protocols: Sequence[str] = PROTOCOLS, data
             result = {"protocol": protocol, "accuracy": accuracy(protocol, "selfsup"),
                       "baselines": {name: accuracy(protocol, name) for name in names[1:]},
                       "test_embeddings": {name: test_embeddings(name) for name in names}, **common}
+            if protocol == "linear":  # the L2 strength each probe's path chose on its held-out 10%
+                result["l2"] = {name: outcome(protocol, name)["l2"] for name in names}
         results.append(result)
         if write:
             write_eval_result(run_dir, protocol, labels, result, seed, split)

@@ -61,6 +61,9 @@ def test_frozen_results_describe_the_test_embeddings_of_each_feature_set(run_dir
     assert emb["selfsup"]["effective_rank"] == pytest.approx(effective_rank(test_features), rel=1e-5)
     for figures in emb.values():
         assert 1.0 <= figures["effective_rank"] <= figures["dim"]
+    # the linear result names the L2 strength each probe chose (from the probe's grid), kNN has none
+    from selfsup.eval.linear import L2_GRID
+    assert set(linear["l2"]) == set(emb) and all(v in L2_GRID for v in linear["l2"].values()) and "l2" not in knn
 
 
 def test_without_baselines_the_encoder_is_measured_alone(run_dir: Path) -> None:
