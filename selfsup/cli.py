@@ -62,8 +62,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     main_process = distributed.is_main()
     try:
         summary = pretrain(cfg, out, overwrite=args.overwrite)
-    finally:
+    except BaseException:
         distributed.shutdown()
+        raise
+    distributed.shutdown(barrier=True)
     if not main_process:
         return 0
     knn = summary.get("knn")

@@ -48,8 +48,14 @@ def init_from_env(device: str = "auto") -> bool:
     return True
 
 
-def shutdown() -> None:
+def shutdown(barrier: bool = False) -> None:
+    """Leave the process group. ``barrier=True`` (after a run that ended normally) first waits for every process,
+    so none tears its connections down while another is still finishing (rank 0 writes the encoder last):
+    a rank that exited early was seen to abort in gloo's teardown now and then (SIGABRT, "terminate called
+    without an active exception"). Not after an error: the other processes may be stuck in a collective."""
     if is_distributed():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 
