@@ -40,6 +40,8 @@ def test_gradcheck_float64():
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w: small_map_conv(x, w, stride=2, padding=1), (x, w))
+    x2 = torch.randn(2, 3, 2, 2, dtype=torch.float64, requires_grad=True)  # the dense single-GEMM path
+    assert torch.autograd.gradcheck(lambda x, w: small_map_conv(x, w, stride=1, padding=1), (x2, w))
 
 
 @pytest.mark.parametrize("size, stride", [((2, 2), 1), ((4, 4), 2), ((3, 3), 2), ((1, 1), 1)])
