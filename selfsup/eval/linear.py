@@ -45,8 +45,8 @@ def _standardise(train: Tensor, *others: Tensor) -> list[Tensor]:
 # The objective's two products, (N, D) × (D, C) and (D, N) × (N, C), with C = 10 classes are skinny GEMMs that MKL runs
 # far below its peak. Padding C with zero columns to a multiple of CLASS_PAD, taking the first product as a batched
 # GEMM over blocks of ROW_BLOCK rows and the second as x.T @ p, made one evaluation of the objective 1.7× faster than
-# autograd through ``F.linear`` (60,000 × 2,048 features: 105 vs 180 ms; 784-d: 1.3×; 2 threads, the same on
-# AVX-512 and AVX2-limited MKL; benchmarks/probe/README.md). Results differ from autograd's by rounding only.
+# autograd through ``F.linear`` (54,000 × 2,048 features: 125 vs 212 ms; 784-d: 1.5×; 2 threads, AVX2-limited MKL,
+# and alike natively; benchmarks/probe/README.md). Results differ from autograd's by rounding only.
 CLASS_PAD, ROW_BLOCK = 16, 1000
 
 
