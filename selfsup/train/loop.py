@@ -265,9 +265,10 @@ def _progress_bar(enabled: bool, total: int, initial: int, epoch: int, epochs: i
 
 
 def _print_summary(s: dict[str, Any], epochs: int) -> None:
-    knn = "n/a" if s["knn"] is None else f"{100 * s['knn']:.2f}%"
+    # no kNN field on an epoch the monitor skipped (train.knn_every) or where there are no labels
+    knn = "" if s["knn"] is None else f"  knn {100 * s['knn']:.2f}%"
     rank = f"  rank {s['rank']:.1f}" if "rank" in s else ""
     spread = f"  spread {s['spread']:.3f} (healthy {s['spread_healthy']:.3f})" if "spread" in s else ""
-    print(f"epoch {s['epoch']}/{epochs}  loss {s['loss']:.4f}  {s['images_per_s']:.0f} img/s  "
-          f"knn {knn}{spread}{rank}  {s['epoch_time_s']:.1f}s", flush=True)
+    print(f"epoch {s['epoch']}/{epochs}  loss {s['loss']:.4f}  {s['images_per_s']:.0f} img/s"
+          f"{knn}{spread}{rank}  {s['epoch_time_s']:.1f}s", flush=True)
 
