@@ -92,17 +92,15 @@ def fit_logistic(x: Tensor, y: Tensor, num_classes: int, l2: float, max_iter: in
         w, b = torch.zeros(num_classes, x.shape[1]), torch.zeros(num_classes)
     else:
         w, b = init[0].T.clone(memory_format=torch.contiguous_format), init[1].clone()
-    w.requires_grad_(True)
-    b.requires_grad_(True)
     opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-6, tolerance_change=1e-9)
 
-    def closure():
-        loss, w.grad, b.grad = logistic_objective(x, y, w.detach(), b.detach(), l2)
+    def closure():  # the gradients are written out, not taken by autograd
+        loss, w.grad, b.grad = logistic_objective(x, y, w, b, l2)
         return loss
 
     opt.step(closure)
-    return w.detach().T.contiguous(), b.detach()
+    return w.T.contiguous(), b
 
 
 def predict(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
