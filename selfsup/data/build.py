@@ -28,7 +28,7 @@ from typing import BinaryIO, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from selfsup.data.decode import Decoded, Unreadable, decode_image
+from selfsup.data.decode import DECODER_VERSION, Decoded, Unreadable, decode_image
 from selfsup.data.folder import FolderListing
 from selfsup.data.imageset import DataError
 from selfsup.data.manifest import SHARD, Manifest
@@ -154,7 +154,8 @@ def build_cache(target: Path, listing: FolderListing, settings: dict, previous: 
         manifest = Manifest(str(listing.root), settings, channels, count, classes, labels is not None, listing.dirs,
                             cols, listing.problems,
                             {"seconds": round(time.perf_counter() - t0, 3), "decoded": len(todo), "reused": len(reuse),
-                             "workers": workers, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+                             "workers": workers, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                             "decoder": DECODER_VERSION})
         manifest.write(tmp)
         _fsync_dir(tmp)
         _publish(tmp, target)
@@ -177,14 +178,16 @@ def _no_space(target: Path, need: int, free: int | None) -> str:
 
 def _reusable(target: Path, listing: FolderListing, previous: Manifest | None) -> tuple[np.ndarray | None, dict]:
     """The old records and, for each file unchanged since (same path, size and mtime), its old position in
-    the manifest (a file that was unreadable then is not decoded again either)."""
+    the manifest (a file that was unreadable then is not decoded again either, unless an older decoder failed
+    on it: :meth:`~selfsup.data.manifest.Manifest.retryable`)."""
     if previous is None:
         return None, {}
     old = {p: j for j, p in enumerate(previous.files["path"])}
+    retry = previous.retryable()
     reuse = {}
     for i, (p, s, m) in enumerate(zip(listing.files, listing.sizes, listing.mtimes)):
         j = old.get(p)
-        if j is not None and previous.files["size"][j] == s and previous.files["mtime_ns"][j] == m:
+        if j is not None and j not in retry and previous.files["size"][j] == s and previous.files["mtime_ns"][j] == m:
             reuse[i] = j
     records = np.memmap(target / previous.shard, dtype=np.uint8, mode="r", shape=previous.record_shape) \
         if reuse and previous.count else None

@@ -21,7 +21,8 @@ format and settings, the shard's size (a truncated shard is rebuilt with a warni
 folder — ``fast`` (default): a stat per directory, which sees files added, removed or renamed;
 ``full`` (``data.cache_check=full``, ``selfsup prepare --verify``): a stat per file, which also sees
 files rewritten in place. A changed folder updates the cache: unchanged images are copied from
-the old records, only new or modified files are decoded.
+the old records, only new or modified files are decoded. Files an older decoder skipped with a decode error
+are retried once by a newer one (``selfsup.data.decode.DECODER_VERSION``).
 """
 from __future__ import annotations
 
@@ -151,8 +152,8 @@ def prepare_folder(folder: str | Path, opts: CacheOptions) -> CacheReport:
         if state.problem:
             log.warning("the cache of %s at %s cannot be used (%s); rebuilding it", base, target, state.problem)
         elif state.changes:
-            log.warning("%s changed since its cache was built (%s); updating the cache (unchanged images are "
-                        "copied, only new or modified files are decoded)", base, state.changes)
+            log.warning("updating the cache of %s (%s): unchanged images are copied, only new, modified or retried "
+                        "files are decoded", base, state.changes)
         if locked:  # without the lock a leftover may be another process's build in progress
             remove_leftovers(root, target.name)
         listing = state.listing or list_folder(absolute)
@@ -226,10 +227,12 @@ def _validate(target: Path, folder: str, settings: dict, check: str) -> _State:
     if have != m.shard_bytes:
         return _State(problem=f"the shard {m.shard} has {max(have, 0):,} bytes, not {m.shard_bytes:,}: truncated "
                               "or damaged")
-    if check == "fast" and not directory_changes(Path(folder), m.dirs):
+    retried = len(m.retryable())
+    if check == "fast" and not retried and not directory_changes(Path(folder), m.dirs):
         return _State(manifest=m)
     listing = list_folder(folder)
     changes = file_changes(m.listing(), listing)
+    changes.retried = retried
     if changes:
         return _State(manifest=m, changes=changes, listing=listing)
     if listing.dirs != m.dirs:

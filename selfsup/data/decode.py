@@ -38,6 +38,11 @@ PIXEL_CAP = 2**28
 decode whole, so this bounds one worker's memory to ~1 GiB (RGBA)."""
 JPEG_PIXEL_CAP = 2**30
 """1.07 gigapixels (e.g. 32768²): JPEGs decode at ≤ 1/8 scale via ``draft``, so ~17 MP (50 MB) in memory."""
+DECODER_VERSION = 2
+"""Raised whenever the decoder learns to read files an earlier one could not (2: 16-bit images larger than 3× the
+record, which PIL's box reduce refused). A cache built by an older decoder retries the files it skipped with a
+``decode error`` (:meth:`selfsup.data.manifest.Manifest.retryable`); other skips (empty, truncated, not an image)
+stand."""
 RESIZE_GAP = 3.0
 """``Image.resize(reducing_gap=3)``: box-reduce by an integer factor first, then bicubic for the rest;
 PIL documents 3.0 as indistinguishable from a full bicubic resize, at a fraction of the time."""
@@ -69,12 +74,14 @@ class Decoded:
         return self.pixels.shape[2] == 1
 
 
-def to_8bit(img: Image.Image) -> tuple[np.ndarray, bool]:
-    """(H, W, C) uint8 and whether the image is grayscale; C = 1 for grayscale, else 3."""
+def to_8bit(img: Image.Image, sixteen_bit: bool = False) -> tuple[np.ndarray, bool]:
+    """(H, W, C) uint8 and whether the image is grayscale; C = 1 for grayscale, else 3. ``sixteen_bit``: an
+    integer image (mode ``I``) that was 16-bit when read, so its full scale is 65,535 even where it is dark."""
     mode = img.mode
     if mode in _SIXTEEN_BIT:
         a = np.asarray(img, dtype=np.float32)
-        lo, hi = (0.0, 65535.0) if mode.startswith("I;16") or a.max() > 255 else (0.0, 255.0)
+        wide = sixteen_bit or mode.startswith("I;16") or a.max() > 255
+        lo, hi = (0.0, 65535.0) if wide else (0.0, 255.0)
         if mode == "F":
             lo, hi = float(a.min()), float(a.max()) if a.max() > a.min() else float(a.min()) + 1
         a = np.clip((a - lo) / (hi - lo) * 255.0, 0, 255).round().astype(np.uint8)
@@ -179,11 +186,14 @@ def _decode(path: str | Path, size: int, max_aspect: float, large: bool = False)
             img = img.convert("L")  # bicubic needs gray levels; nearest-neighbour bilevel would alias
         elif img.mode == "PA":
             img = img.convert("RGBA")
+        sixteen_bit = img.mode.startswith("I;16")
+        if sixteen_bit:  # PIL's box reduce (resize's reducing_gap) has no 16-bit kernel: "image has wrong mode"
+            img = img.convert("I")
         img = img.resize((size, size), Image.BICUBIC, box=box, reducing_gap=RESIZE_GAP)
         turn = _ORIENTATION.get(orientation)
         if turn is not None:  # a camera's EXIF orientation, applied to the small record (cheap)
             img = img.transpose(turn)
-        pixels, _ = to_8bit(img)
+        pixels, _ = to_8bit(img, sixteen_bit)
     kept = content_box(width, height, max_aspect)
     aspect = (kept[2] - kept[0]) / (kept[3] - kept[1])
     if orientation in (5, 6, 7, 8):  # turned a quarter: the picture as shown is H×W

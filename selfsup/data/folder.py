@@ -99,13 +99,16 @@ class FolderChanges:
     modified: int = 0
     dirs: int = 0
     """Directories whose modification time changed (the fast check sees only these)."""
+    retried: int = 0
+    """Files an older decoder could not read, to try again with this one (``DECODER_VERSION``)."""
 
     def __bool__(self) -> bool:
-        return bool(self.added or self.removed or self.modified or self.dirs)
+        return bool(self.added or self.removed or self.modified or self.dirs or self.retried)
 
     def __str__(self) -> str:
         parts = [f"{n} {what}" for n, what in ((self.added, "added"), (self.removed, "removed"),
-                                                (self.modified, "modified")) if n]
+                                                (self.modified, "modified"),
+                                                (self.retried, "unreadable to an older selfsup, retried")) if n]
         if self.dirs and not parts:
             parts.append(f"{self.dirs} director{'y' if self.dirs == 1 else 'ies'} changed")
         return ", ".join(parts) or "no changes"

@@ -12,7 +12,8 @@ header: a batch is one fancy index on a ``numpy.memmap`` and the OS page cache d
                "index": [...],   # record number, or -1 when skipped
                "skip": [...]},   # null, or why the file was skipped ("truncated: ...")
      "problems": {"rel/path": "broken link or not a regular file", ...},
-     "build": {"seconds": ..., "decoded": ..., "reused": ..., "workers": ..., "created": "..."}}
+     "build": {"seconds": ..., "decoded": ..., "reused": ..., "workers": ..., "created": "...",
+               "decoder": DECODER_VERSION}}
 
 Files are columns (one list per field, in sorted path order) so a million-file manifest stays a
 few lists that ``json`` parses quickly. Stored files fill records 0..N-1 in path order.
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from selfsup.data.decode import DECODER_VERSION
 from selfsup.data.folder import FolderListing
 
 FORMAT_VERSION = 1
@@ -71,6 +73,13 @@ class Manifest:
         out = {p: r for p, r in zip(self.files["path"], self.files["skip"]) if r is not None}
         out.update(self.problems)
         return out
+
+    def retryable(self) -> set[int]:
+        """Positions (in ``files``) of the files an older decoder skipped with a decode error, which this one
+        may read (none when the cache was built by this decoder; caches from before the version count as 1)."""
+        if int(self.build.get("decoder", 1)) >= DECODER_VERSION:
+            return set()
+        return {i for i, r in enumerate(self.files["skip"]) if r is not None and r.startswith("decode error")}
 
     def stored(self) -> list[int]:
         """Positions (in ``files``) of the stored images, in record order."""

@@ -25,6 +25,7 @@ from selfsup.data import build as build_mod
 from selfsup.data import cache as cache_mod
 from selfsup.data import decode as decode_mod
 from selfsup.data.cache import CacheOptions, cache_path, load_image_folder, prepare_folder
+from selfsup.data import decode as decode_mod
 from selfsup.data.decode import MAX_ASPECT, decode_image
 from selfsup.data.manifest import MANIFEST, SHARD
 
@@ -117,6 +118,49 @@ def test_mixed_modes_sizes_and_nesting(tmp_path):
     assert aspect[str(root / "b/sub/photo3000.jpg")] == pytest.approx(1.5)
     assert aspect[str(root / "b/transparent_tall.png")] == pytest.approx(0.5)
     assert aspect[str(root / "a/cmyk.jpg")] == pytest.approx(1.2)
+
+
+@pytest.mark.parametrize("full_scale", [65535, 4000])
+def test_large_sixteen_bit_image_is_reduced_and_rescaled(tmp_path, full_scale):
+    """A 16-bit greyscale PNG many times the record's size goes through PIL's box reduce, which has no 16-bit
+    kernel ("image has wrong mode" until the image was widened to 32-bit first); its values keep the 16-bit
+    scale, so a dark one (max 4,000 of 65,535) stays dark, and the record matches the same picture saved in 8 bits."""
+    ramp = np.linspace(0, 1, 640, dtype=np.float64)[None, :].repeat(480, 0)
+    Image.fromarray(np.round(ramp * full_scale).astype(np.uint16)).save(tmp_path / "sixteen.png")
+    Image.fromarray(np.round(ramp * full_scale / 65535 * 255).astype(np.uint8)).save(tmp_path / "eight.png")
+    sixteen, eight = decode_image(tmp_path / "sixteen.png", 43), decode_image(tmp_path / "eight.png", 43)
+    assert sixteen.gray and sixteen.pixels.shape == (43, 43, 1) and (sixteen.width, sixteen.height) == (640, 480)
+    assert np.abs(sixteen.pixels.astype(int) - eight.pixels.astype(int)).max() <= 1
+    top = full_scale / 65535 * 255  # the ramp's brightest column, in 8 bits (the record's last pixel averages a few)
+    assert 0.95 * top <= sixteen.pixels.max() <= top + 1
+
+
+def test_files_an_older_decoder_could_not_read_are_retried_once(tmp_path, monkeypatch, caplog):
+    """A cache built by an older decoder (DECODER_VERSION 1) that skipped a file with a decode error is updated on
+    its next use: that file alone is decoded again; empty or unidentifiable files stay skipped and are not retried."""
+    root = tmp_path / "f"
+    root.mkdir()
+    for k in range(3):  # a folder mostly readable (more than half unreadable is refused)
+        _noise(40, 30, seed=k).save(root / f"rgb{k}.png")
+    Image.fromarray((np.arange(640 * 480) % 65536).astype(np.uint16).reshape(480, 640)).save(root / "sixteen.png")
+    (root / "empty.png").write_bytes(b"")
+    real = build_mod._attempt
+    monkeypatch.setattr(build_mod, "DECODER_VERSION", 1)
+    monkeypatch.setattr(build_mod, "_attempt", lambda path, size: "decode error: ValueError: image has wrong mode"
+                        if path.endswith("sixteen.png") else real(path, size))
+    assert len(_load(root, tmp_path, workers=1)) == 3
+    monkeypatch.undo()
+    with caplog.at_level("WARNING", logger="selfsup"):
+        images = _load(root, tmp_path, workers=1)
+    assert len(images) == 4 and images.skipped == 1
+    assert "1 unreadable to an older selfsup, retried" in caplog.text
+    manifest = json.loads(next((tmp_path / "cache").glob("f-*/manifest.json")).read_text())
+    assert manifest["build"]["decoded"] == 1 and manifest["build"]["reused"] == 4
+    assert manifest["build"]["decoder"] == decode_mod.DECODER_VERSION
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="selfsup"):
+        assert len(_load(root, tmp_path, workers=1)) == 4
+    assert "updating" not in caplog.text  # the empty file is not retried: the cache is used as it is
 
 
 def test_exif_orientation_is_applied(tmp_path):
