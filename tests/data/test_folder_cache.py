@@ -25,7 +25,6 @@ from selfsup.data import build as build_mod
 from selfsup.data import cache as cache_mod
 from selfsup.data import decode as decode_mod
 from selfsup.data.cache import CacheOptions, cache_path, load_image_folder, prepare_folder
-from selfsup.data import decode as decode_mod
 from selfsup.data.decode import MAX_ASPECT, decode_image
 from selfsup.data.manifest import MANIFEST, SHARD
 
@@ -118,6 +117,32 @@ def test_mixed_modes_sizes_and_nesting(tmp_path):
     assert aspect[str(root / "b/sub/photo3000.jpg")] == pytest.approx(1.5)
     assert aspect[str(root / "b/transparent_tall.png")] == pytest.approx(0.5)
     assert aspect[str(root / "a/cmyk.jpg")] == pytest.approx(1.2)
+
+
+def test_more_photo_formats_are_listed_and_decoded(tmp_path):
+    """.jfif (a browser's JPEG), .jpe, .mpo (a camera's multi-picture JPEG), .dib, .tga, .pnm, .apng, and .avif and
+    .jp2 where this PIL was built with them, each decoded like the same picture saved as PNG."""
+    from PIL import features
+
+    root = tmp_path / "f"
+    root.mkdir()
+    photo = _photo(90, 60)
+    photo.save(root / "reference.png")
+    saves = {"browser.jfif": "JPEG", "short.jpe": "JPEG", "camera.mpo": "MPO", "bitmap.dib": "BMP", "targa.tga": "TGA",
+             "any.pnm": "PPM", "animated.apng": "PNG"}
+    if features.check("avif"):
+        saves["modern.avif"] = "AVIF"
+    if features.check("jpg_2000"):
+        saves["satellite.jp2"] = "JPEG2000"
+    for name, fmt in saves.items():
+        photo.save(root / name, format=fmt, **({"quality": 95} if fmt in ("JPEG", "MPO", "AVIF") else {}))
+    images = _load(root, tmp_path, size=32)
+    assert images.skipped == 0 and len(images) == len(saves) + 1
+    at = lambda name: images.paths.index(str(root / name))
+    reference = images.batch([at("reference.png")])[0].float()
+    for name in saves:
+        record = images.batch([at(name)])[0].float()
+        assert (record - reference).abs().mean() < 0.03 * 255, name  # lossy codecs differ a little (3% of the range)
 
 
 @pytest.mark.parametrize("full_scale", [65535, 4000])
