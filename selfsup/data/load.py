@@ -37,7 +37,7 @@ def split_labelled(full: ImageSet, test_fraction: float = 0.2, seed: int = 0) ->
     """A deterministic train/test split; stratified when labels exist."""
     n = len(full)
     if full.labels is not None:
-        test = stratified_subset(full.labels, test_fraction, seed) if n >= 10 else torch.arange(0)
+        test = stratified_subset(full.labels, test_fraction, seed, held_out=True) if n >= 10 else torch.arange(0)
     else:
         test = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: int(n * test_fraction)].sort().values
     keep = torch.ones(n, dtype=torch.bool)

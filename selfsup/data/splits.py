@@ -39,24 +39,28 @@ def parse_fraction(text: str | float) -> float | int:
     return value
 
 
-def stratified_subset(labels: torch.Tensor, amount: float | int, seed: int) -> torch.Tensor:
+def stratified_subset(labels: torch.Tensor, amount: float | int, seed: int, held_out: bool = False,
+                      classes: list[str] | None = None) -> torch.Tensor:
     """Indices of a class-balanced subset: a fraction of each class (float) or k per class (int).
 
     Each class keeps ``round(fraction × its size)`` images; a class left with none is an error,
-    since a probe could then never predict it.
+    since a probe could then never predict it. ``held_out``: the subset is set aside from the rest (a test
+    split, the probe's validation images), so a class too small to give one (fewer than 3 images at 20%) gives
+    none and keeps all its images on the other side: imbalanced folders with tiny classes split without error.
+    ``classes``: the class names, for the errors.
     """
     g = torch.Generator().manual_seed(seed)
+    name = lambda c: repr(classes[c]) if classes and 0 <= c < len(classes) else str(c)
     chosen = []
-    classes = labels.unique().tolist()
-    for c in classes:
+    for c in labels.unique().tolist():
         idx = (labels == c).nonzero().flatten()
         k = amount if isinstance(amount, int) else int(round(float(amount) * len(idx)))
-        if k < 1:
+        if k < 1 and not held_out:
             raise DataError(
-                f"label fraction {amount} leaves class {c} with no example ({len(idx)} images in that class); "
+                f"label fraction {amount} leaves class {name(c)} with no example ({len(idx)} images in that class); "
                 "use a larger fraction or a few-shot count such as '1-shot'"
             )
         if k > len(idx):
-            raise DataError(f"{k}-shot asks for more images than class {c} has ({len(idx)})")
+            raise DataError(f"{k}-shot asks for more images than class {name(c)} has ({len(idx)})")
         chosen.append(idx[torch.randperm(len(idx), generator=g)[:k]])
     return torch.cat(chosen).sort().values

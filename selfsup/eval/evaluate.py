@@ -116,7 +116,7 @@ def evaluate_run(run_dir: str | Path, protocols: Sequence[str] = PROTOCOLS, data
     amount = parse_fraction(labels) if labels else None
     # an int is a shot count: 1-shot must subsample even though 1 == 1.0
     if amount is not None and (isinstance(amount, int) or amount != 1.0):
-        train = train.subset(stratified_subset(train.labels, amount, seed))
+        train = train.subset(stratified_subset(train.labels, amount, seed, classes=train.classes))
     mean, std = run.meta["mean"], run.meta["std"]
     random_encoder = None
     if baselines:

@@ -119,7 +119,7 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
     train_x, test_x = _standardise(train_x.float(), test_x.float())
     best_l2, start = l2_grid[0], None
     if len(l2_grid) > 1 and len(train_y) >= 10 * num_classes:
-        val = stratified_subset(train_y, 0.1, seed)
+        val = stratified_subset(train_y, 0.1, seed, held_out=True)
         keep = torch.ones(len(train_y), dtype=torch.bool)
         keep[val] = False
         fit_x, fit_y = train_x[keep], train_y[keep]

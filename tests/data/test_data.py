@@ -67,6 +67,19 @@ def test_stratified_subset_fractions_and_shots():
         parse_fraction("150%")
 
 
+def test_held_out_subset_lets_tiny_classes_give_none():
+    """A test split or the probe's validation images (``held_out``): a class with 1 or 2 images gives none at 20%
+    and keeps them all for training, instead of failing the whole split; where every class gives one, the
+    indices are the plain subset's, so existing splits do not move. Errors name the class."""
+    labels = torch.tensor([0] * 60 + [1] * 1 + [2] * 2 + [3] * 7)
+    idx = stratified_subset(labels, 0.2, seed=0, held_out=True)
+    assert torch.bincount(labels[idx], minlength=4).tolist() == [12, 0, 0, 1]
+    big = torch.arange(10).repeat_interleave(37)
+    assert torch.equal(stratified_subset(big, 0.2, seed=3, held_out=True), stratified_subset(big, 0.2, seed=3))
+    with pytest.raises(DataError, match="leaves class 'solo' with no example"):
+        stratified_subset(labels, 0.2, seed=0, classes=["many", "solo", "pair", "some"])
+
+
 @settings(max_examples=FUZZ_CASES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kind=st.sampled_from(["png", "jpeg"]), seed=st.integers(0, 3),
        mutations=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=8),

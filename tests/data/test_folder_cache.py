@@ -487,3 +487,25 @@ def test_prepare_command_builds_reuses_and_verifies(tmp_path, capsys):
     assert out.startswith("updated (1 modified): ") and "decoded 1 file(s), 5 unchanged" in out
     assert main(["prepare", str(tmp_path / "nowhere"), "--no-progress"]) == 2
     assert "image folder not found" in capsys.readouterr().err
+
+
+def test_labelled_folder_with_tiny_classes_splits_and_probes(tmp_path):
+    """An imbalanced labelled folder (classes of 1, 2 and 60 images): the 80/20 split keeps the tiny classes whole
+    on the training side (they used to stop even pretraining with a label-fraction error), and the linear probe,
+    which holds 10% of the training features out to choose its L2 strength, fits all three classes."""
+    from selfsup.config import DataConfig
+    from selfsup.data import load_dataset
+    from selfsup.eval.linear import linear_probe
+
+    root = tmp_path / "f"
+    for name, n in (("many", 60), ("pair", 2), ("solo", 1)):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            _noise(20, 16, seed=len(name) * 100 + i).save(root / name / f"{i}.png")
+    train, test = load_dataset(DataConfig(name=str(root), image_size=16, cache_dir=str(tmp_path / "cache")))
+    assert train.classes == ["many", "pair", "solo"]
+    assert torch.bincount(train.labels, minlength=3).tolist() == [48, 2, 1]
+    assert torch.bincount(test.labels, minlength=3).tolist() == [12, 0, 0]
+    features = torch.randn(len(train), 8)
+    result = linear_probe(features, train.labels, torch.randn(len(test), 8), test.labels, 3)
+    assert 0 <= result["accuracy"] <= 1

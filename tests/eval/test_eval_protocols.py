@@ -234,10 +234,10 @@ def test_finetune_from_the_command_line(run_dir, capsys) -> None:
 
 
 def test_a_label_fraction_that_empties_a_class_is_an_error(run_dir, capsys) -> None:
-    with pytest.raises(DataError, match="leaves class 0 with no example"):
+    with pytest.raises(DataError, match="leaves class '0' with no example"):
         evaluate_run(run_dir, ["finetune"], labels="0.1%", finetune_settings=FAST, write=False)
     assert main(["evaluate", str(run_dir), "--protocol", "knn", "--labels", "0.1%"]) == 2
-    assert "leaves class 0 with no example" in capsys.readouterr().err
+    assert "leaves class '0' with no example" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------- label fractions
