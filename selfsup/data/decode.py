@@ -14,6 +14,10 @@ an integer factor (``reducing_gap``), so a 50-megapixel photo costs little more 
 PIL's decompression-bomb limit is raised only for files above it, only while such a file is
 decoded, and only up to :data:`JPEG_PIXEL_CAP` / :data:`PIXEL_CAP` (what one reduced decode can
 hold in memory). Files that cannot be used raise :class:`Unreadable` with a short reason.
+
+HEIC/HEIF (phones' default photo format) is read through pillow-heif where it is installed (``pip install
+'selfsup[heif]'``, which ``make setup`` does); it hands PIL the picture already upright and 8-bit. Without it each
+such file is skipped with a reason that says so.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import os
 import threading
 import warnings
 from contextlib import contextmanager
+from functools import lru_cache
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -141,11 +146,27 @@ def _classify(exc: BaseException) -> Unreadable:
     return Unreadable(f"decode error: {type(exc).__name__}: {text}")
 
 
+HEIF_SUFFIXES = (".heic", ".heif")
+
+
+@lru_cache(maxsize=None)
+def heif_readable() -> bool:
+    """Whether PIL can open HEIC/HEIF files: pillow-heif installed (its opener registered on the first call)."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return False
+    register_heif_opener()
+    return True
+
+
 def decode_image(path: str | Path, size: int, max_aspect: float = MAX_ASPECT) -> Decoded:
     """``path`` as an S×S record (``size`` = S) with its aspect ratio; raises :class:`Unreadable`."""
     try:
         if os.stat(path).st_size == 0:
             raise Unreadable("empty file: zero bytes")
+        if str(path).lower().endswith(HEIF_SUFFIXES) and not heif_readable():
+            raise Unreadable("HEIC/HEIF needs pillow-heif, which is not installed: pip install 'selfsup[heif]'")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)

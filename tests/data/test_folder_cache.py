@@ -509,3 +509,29 @@ def test_labelled_folder_with_tiny_classes_splits_and_probes(tmp_path):
     features = torch.randn(len(train), 8)
     result = linear_probe(features, train.labels, torch.randn(len(test), 8), test.labels, 3)
     assert 0 <= result["accuracy"] <= 1
+
+
+def test_heic_photos_are_read_upright_or_skipped_with_the_fix(tmp_path, monkeypatch):
+    """HEIC (a phone's photos), through pillow-heif: decoded like the PNG of the same picture, and one saved with
+    EXIF orientation 6 comes out upright with the upright aspect (pillow-heif applies the turn itself; the decoder
+    must not turn it again). Without pillow-heif each HEIC file is skipped with a reason naming the package."""
+    pytest.importorskip("pillow_heif")
+    assert decode_mod.heif_readable()
+    root = tmp_path / "f"
+    root.mkdir()
+    photo = _photo(120, 80)
+    photo.save(root / "reference.png")
+    photo.save(root / "phone.heic", quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo.transpose(Image.Transpose.ROTATE_90).save(root / "turned.heic", quality=95, exif=exif.tobytes())
+    heic, reference = decode_image(root / "phone.heic", 32), decode_image(root / "reference.png", 32)
+    assert heic.aspect == pytest.approx(1.5) and np.abs(heic.pixels.astype(int) - reference.pixels).mean() < 8
+    turned = decode_image(root / "turned.heic", 32)
+    assert turned.aspect == pytest.approx(1.5), "turned once, upright, not twice"
+    assert np.abs(turned.pixels.astype(int) - reference.pixels).mean() < 8
+    images = _load(root, tmp_path, size=24)
+    assert len(images) == 3 and images.skipped == 0
+    monkeypatch.setattr(decode_mod, "heif_readable", lambda: False)
+    with pytest.raises(decode_mod.Unreadable, match="pillow-heif"):
+        decode_image(root / "phone.heic", 32)
