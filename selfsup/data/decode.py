@@ -15,9 +15,10 @@ PIL's decompression-bomb limit is raised only for files above it, only while suc
 decoded, and only up to :data:`JPEG_PIXEL_CAP` / :data:`PIXEL_CAP` (what one reduced decode can
 hold in memory). Files that cannot be used raise :class:`Unreadable` with a short reason.
 
-HEIC/HEIF (phones' default photo format) is read through pillow-heif where it is installed (``pip install
-'selfsup[heif]'``, which ``make setup`` does); it hands PIL the picture already upright and 8-bit. Without it each
-such file is skipped with a reason that says so.
+HEIC/HEIF (phones' default photo format) is read through pi-heif where it is installed (``pip install
+'selfsup[heif]'``, which ``make setup`` does): pillow-heif's decoder-only build, libheif and libde265 (LGPL) without
+the GPL x265 encoder, which reading does not need. It hands PIL the picture already upright and 8-bit. Without it
+each such file is skipped with a reason that says so.
 """
 from __future__ import annotations
 
@@ -151,9 +152,9 @@ HEIF_SUFFIXES = (".heic", ".heif")
 
 @lru_cache(maxsize=None)
 def heif_readable() -> bool:
-    """Whether PIL can open HEIC/HEIF files: pillow-heif installed (its opener registered on the first call)."""
+    """Whether PIL can open HEIC/HEIF files: pi-heif installed (its opener registered on the first call)."""
     try:
-        from pillow_heif import register_heif_opener
+        from pi_heif import register_heif_opener
     except ImportError:
         return False
     register_heif_opener()
@@ -166,7 +167,7 @@ def decode_image(path: str | Path, size: int, max_aspect: float = MAX_ASPECT) ->
         if os.stat(path).st_size == 0:
             raise Unreadable("empty file: zero bytes")
         if str(path).lower().endswith(HEIF_SUFFIXES) and not heif_readable():
-            raise Unreadable("HEIC/HEIF needs pillow-heif, which is not installed: pip install 'selfsup[heif]'")
+            raise Unreadable("HEIC/HEIF needs pi-heif, which is not installed: pip install 'selfsup[heif]'")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -17,7 +17,7 @@ from pathlib import Path
 IMAGE_SUFFIXES = {".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".bmp", ".dib", ".gif", ".tif", ".tiff",
                   ".webp", ".avif", ".heic", ".heif", ".jp2", ".j2k", ".ppm", ".pgm", ".pbm", ".pnm", ".tga"}
 """Photo and bitmap formats PIL reads (``.jfif``: JPEGs as some browsers save them; ``.mpo``: cameras' multi-picture
-JPEGs, first picture; ``.heic``/``.heif``: phones' photos, with pillow-heif; ``.avif``/``.jp2``: where PIL was built
+JPEGs, first picture; ``.heic``/``.heif``: phones' photos, with pi-heif; ``.avif``/``.jp2``: where PIL was built
 with them; a file PIL cannot read is skipped with the reason). Other files are not listed at all."""
 RACY_NS = 2 * 10**9
 """A directory modified less than 2 s before it was listed may change again within the same timestamp tick

@@ -7,6 +7,7 @@ import io
 from collections import namedtuple
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -512,26 +513,23 @@ def test_labelled_folder_with_tiny_classes_splits_and_probes(tmp_path):
 
 
 def test_heic_photos_are_read_upright_or_skipped_with_the_fix(tmp_path, monkeypatch):
-    """HEIC (a phone's photos), through pillow-heif: decoded like the PNG of the same picture, and one saved with
-    EXIF orientation 6 comes out upright with the upright aspect (pillow-heif applies the turn itself; the decoder
-    must not turn it again). Without pillow-heif each HEIC file is skipped with a reason naming the package."""
-    pytest.importorskip("pillow_heif")
+    """HEIC (a phone's photos), through pi-heif: decoded like the PNG of the same picture, and one stored turned
+    with EXIF orientation 6 comes out upright with the upright aspect (pi-heif applies the turn itself; the decoder
+    must not turn it again). Without pi-heif each HEIC file is skipped with a reason naming the package.
+    The fixtures in tests/data/heic/ (120×80, one of scikit-learn's sample photos) were written once with
+    pillow-heif's encoder: ``reference.png``; ``phone.heic``; ``turned.heic``, the photo turned a quarter
+    anticlockwise and saved with orientation 6."""
+    pytest.importorskip("pi_heif")
     assert decode_mod.heif_readable()
     root = tmp_path / "f"
-    root.mkdir()
-    photo = _photo(120, 80)
-    photo.save(root / "reference.png")
-    photo.save(root / "phone.heic", quality=95)
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    photo.transpose(Image.Transpose.ROTATE_90).save(root / "turned.heic", quality=95, exif=exif.tobytes())
-    heic, reference = decode_image(root / "phone.heic", 32), decode_image(root / "reference.png", 32)
-    assert heic.aspect == pytest.approx(1.5) and np.abs(heic.pixels.astype(int) - reference.pixels).mean() < 8
-    turned = decode_image(root / "turned.heic", 32)
-    assert turned.aspect == pytest.approx(1.5), "turned once, upright, not twice"
-    assert np.abs(turned.pixels.astype(int) - reference.pixels).mean() < 8
+    shutil.copytree(Path(__file__).parent / "heic", root)
+    reference = decode_image(root / "reference.png", 32)
+    for name in ("phone.heic", "turned.heic"):
+        heic = decode_image(root / name, 32)
+        assert heic.aspect == pytest.approx(1.5), f"{name}: upright, turned once"
+        assert np.abs(heic.pixels.astype(int) - reference.pixels).mean() < 8, name
     images = _load(root, tmp_path, size=24)
     assert len(images) == 3 and images.skipped == 0
     monkeypatch.setattr(decode_mod, "heif_readable", lambda: False)
-    with pytest.raises(decode_mod.Unreadable, match="pillow-heif"):
+    with pytest.raises(decode_mod.Unreadable, match="pi-heif"):
         decode_image(root / "phone.heic", 32)
