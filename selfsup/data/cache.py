@@ -21,8 +21,9 @@ format and settings, the shard's size (a truncated shard is rebuilt with a warni
 folder — ``fast`` (default): a stat per directory, which sees files added, removed or renamed;
 ``full`` (``data.cache_check=full``, ``selfsup prepare --verify``): a stat per file, which also sees
 files rewritten in place. A changed folder updates the cache: unchanged images are copied from
-the old records, only new or modified files are decoded. Files an older decoder skipped with a decode error
-are retried once by a newer one (``selfsup.data.decode.DECODER_VERSION``).
+the old records, only new or modified files are decoded. Skipped files that this process may now read are
+retried once: an older decoder's decode errors (``selfsup.data.decode.DECODER_VERSION``), HEIC files skipped before
+pi-heif was installed.
 """
 from __future__ import annotations
 

@@ -47,8 +47,8 @@ JPEG_PIXEL_CAP = 2**30
 DECODER_VERSION = 2
 """Raised whenever the decoder learns to read files an earlier one could not (2: 16-bit images larger than 3× the
 record, which PIL's box reduce refused). A cache built by an older decoder retries the files it skipped with a
-``decode error`` (:meth:`selfsup.data.manifest.Manifest.retryable`); other skips (empty, truncated, not an image)
-stand."""
+``decode error``, and any cache the HEIC files it skipped for want of pi-heif once pi-heif is there
+(:meth:`selfsup.data.manifest.Manifest.retryable`); other skips (empty, truncated, not an image) stand."""
 RESIZE_GAP = 3.0
 """``Image.resize(reducing_gap=3)``: box-reduce by an integer factor first, then bicubic for the rest;
 PIL documents 3.0 as indistinguishable from a full bicubic resize, at a fraction of the time."""
@@ -148,6 +148,7 @@ def _classify(exc: BaseException) -> Unreadable:
 
 
 HEIF_SUFFIXES = (".heic", ".heif")
+HEIF_MISSING = "HEIC/HEIF needs pi-heif, which is not installed"
 
 
 @lru_cache(maxsize=None)
@@ -167,7 +168,7 @@ def decode_image(path: str | Path, size: int, max_aspect: float = MAX_ASPECT) ->
         if os.stat(path).st_size == 0:
             raise Unreadable("empty file: zero bytes")
         if str(path).lower().endswith(HEIF_SUFFIXES) and not heif_readable():
-            raise Unreadable("HEIC/HEIF needs pi-heif, which is not installed: pip install 'selfsup[heif]'")
+            raise Unreadable(f"{HEIF_MISSING}: pip install 'selfsup[heif]'")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)

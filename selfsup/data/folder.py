@@ -104,7 +104,7 @@ class FolderChanges:
     dirs: int = 0
     """Directories whose modification time changed (the fast check sees only these)."""
     retried: int = 0
-    """Files an older decoder could not read, to try again with this one (``DECODER_VERSION``)."""
+    """Skipped files this process may now read (an older decoder's decode errors, HEIC before pi-heif)."""
 
     def __bool__(self) -> bool:
         return bool(self.added or self.removed or self.modified or self.dirs or self.retried)
@@ -112,7 +112,7 @@ class FolderChanges:
     def __str__(self) -> str:
         parts = [f"{n} {what}" for n, what in ((self.added, "added"), (self.removed, "removed"),
                                                 (self.modified, "modified"),
-                                                (self.retried, "unreadable to an older selfsup, retried")) if n]
+                                                (self.retried, "unreadable before, retried")) if n]
         if self.dirs and not parts:
             parts.append(f"{self.dirs} director{'y' if self.dirs == 1 else 'ies'} changed")
         return ", ".join(parts) or "no changes"

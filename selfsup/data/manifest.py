@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from selfsup.data.decode import DECODER_VERSION
+from selfsup.data.decode import DECODER_VERSION, HEIF_MISSING, heif_readable
 from selfsup.data.folder import FolderListing
 
 FORMAT_VERSION = 1
@@ -75,11 +75,12 @@ class Manifest:
         return out
 
     def retryable(self) -> set[int]:
-        """Positions (in ``files``) of the files an older decoder skipped with a decode error, which this one
-        may read (none when the cache was built by this decoder; caches from before the version count as 1)."""
-        if int(self.build.get("decoder", 1)) >= DECODER_VERSION:
-            return set()
-        return {i for i, r in enumerate(self.files["skip"]) if r is not None and r.startswith("decode error")}
+        """Positions (in ``files``) of skipped files this process may now read: those an older decoder failed on
+        with a decode error (caches from before the version count as 1), and HEIC files skipped for want of
+        pi-heif where it is now installed."""
+        older = int(self.build.get("decoder", 1)) < DECODER_VERSION
+        return {i for i, r in enumerate(self.files["skip"]) if r is not None and (
+            (older and r.startswith("decode error")) or (r.startswith(HEIF_MISSING) and heif_readable()))}
 
     def stored(self) -> list[int]:
         """Positions (in ``files``) of the stored images, in record order."""
