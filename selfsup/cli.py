@@ -58,7 +58,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     out = args.out or f"runs/{cfg.method.name}"
     from selfsup import distributed
 
-    distributed.init_from_env(cfg.train.device)
+    worker = distributed.init_from_env(cfg.train.device) and distributed.launched_by_torchrun()
     main_process = distributed.is_main()
     try:
         summary = pretrain(cfg, out, overwrite=args.overwrite)
@@ -66,11 +66,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         distributed.shutdown()
         raise
     distributed.shutdown(barrier=True)
-    if not main_process:
-        return 0
-    knn = summary.get("knn")
-    print(f"done: {out}  final loss {summary.get('loss', float('nan')):.4f}"
-          + (f"  online kNN {100 * knn:.2f}%" if knn is not None else ""))
+    if main_process:
+        knn = summary.get("knn")
+        print(f"done: {out}  final loss {summary.get('loss', float('nan')):.4f}"
+              + (f"  online kNN {100 * knn:.2f}%" if knn is not None else ""))
+    if worker:
+        distributed.leave_worker()
     return 0
 
 

@@ -6,7 +6,10 @@ exactly the single-process gradient once DDP averages over ranks.
 """
 from __future__ import annotations
 
+import logging
 import os
+import sys
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -57,6 +60,17 @@ def shutdown(barrier: bool = False) -> None:
         if barrier:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def leave_worker() -> NoReturn:
+    """End a torchrun worker whose run finished normally (its files written, the process group left) at once,
+    without the interpreter's teardown: the one place a rank was still seen to abort, now and then, after all
+    its work was done ("terminate called without an active exception" with no Python frame, gloo's C++ threads
+    being torn down at exit), which made torchrun report a finished run as failed. Output is flushed first."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class _GatherWithGrad(torch.autograd.Function):
