@@ -19,7 +19,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
-BENCH_FOLDERS = ["vicreg", "essl", "simclr", "contrastive_clustering", "distillation_redundancy", "pretext", "masked", "masked/three_epochs",
+BENCH_FOLDERS = ["vicreg/quiet_rerun", "vicreg", "essl", "simclr", "contrastive_clustering", "distillation_redundancy", "pretext", "masked", "masked/three_epochs",
                  "cca", "self_distillation_masked"]
 """Folders holding one ``results.json`` of ``selfsup bench`` each; a method in two of them is taken from the first."""
 
