@@ -30,7 +30,7 @@ def test_collects_every_folder_into_one_table(tmp_path: Path) -> None:
         {"method": "mocov2", "family": "contrastive", "knn": 0.82, "linear": 0.87},
         {"method": "simclr", "family": "contrastive", "knn": 0.1, "linear": 0.1}]  # already taken from "simclr"
     for folder, results in tables.items():
-        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)  # nested folders (vicreg/quiet_rerun) after their parent
         (tmp_path / folder / "results.json").write_text(json.dumps(results))
     (tmp_path / "finetune").mkdir()
     (tmp_path / "finetune" / "byol_1pct.json").write_text(json.dumps(
