@@ -20,9 +20,15 @@ from selfsup.distributed import gather as gather_ranks
 
 
 def _off_diagonal(m: Tensor) -> Tensor:
-    """The D·(D − 1) off-diagonal entries of a square (D, D) matrix, flattened."""
+    """The D·(D − 1) off-diagonal entries of a square (D, D) matrix, flattened, in row-major order.
+
+    Without its first entry (the first diagonal one), the flat matrix is D − 1 rows of D + 1 entries, each ending
+    with the next diagonal entry: dropping that column leaves exactly the off-diagonal entries, with no boolean
+    mask: at D = 2,048 the masked selection took ~107 ms forward and backward against 13–16 ms (2 CPU threads);
+    VICReg's whole step became 1.43× faster natively (bf16) and 1.31× in AVX2-limited fp32, Barlow Twins' 1.09×
+    and 1.14× (``benchmarks/step/README.md``)."""
     d = m.shape[0]
-    return m[~torch.eye(d, dtype=torch.bool, device=m.device)]
+    return m.flatten()[1:].view(d - 1, d + 1)[:, :-1].flatten()
 
 
 def _check_batch(z1: Tensor, z2: Tensor, name: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfsup.losses.redundancy import (barlow_twins_loss, covariance_loss, cross_correlation, invariance_loss,
+from selfsup.losses.redundancy import (_off_diagonal, barlow_twins_loss, covariance_loss, cross_correlation, invariance_loss,
                                        variance_loss, vicreg_loss, whiten, wmse_loss)
 from selfsup.methods import METHODS
 from selfsup.nn.backbones import build_backbone
@@ -21,6 +21,16 @@ def hadamard_columns(n: int) -> torch.Tensor:
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
     return h[:, 1:]
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 8])
+def test_off_diagonal_is_every_entry_off_the_diagonal_in_row_major_order_and_passes_gradients(d):
+    m = torch.randn(d, d, **f64, requires_grad=True)
+    expected = [m[i, j] for i in range(d) for j in range(d) if i != j]
+    got = _off_diagonal(m)
+    assert got.shape == (d * (d - 1),) and all(torch.equal(a, b) for a, b in zip(got, expected))
+    got.pow(2).sum().backward()
+    torch.testing.assert_close(m.grad, 2 * m.detach() * (1 - torch.eye(d, **f64)))
 
 
 # --- Barlow Twins -------------------------------------------------------------------------------
