@@ -65,8 +65,9 @@ def shutdown(barrier: bool = False) -> None:
 def leave_worker() -> NoReturn:
     """End a torchrun worker whose run finished normally (its files written, the process group left) at once,
     without the interpreter's teardown: the one place a rank was still seen to abort, now and then, after all
-    its work was done ("terminate called without an active exception" with no Python frame, gloo's C++ threads
-    being torn down at exit), which made torchrun report a finished run as failed. Output is flushed first."""
+    its work was done ("terminate called without an active exception" with no Python frame: most likely gloo's
+    C++ threads being torn down at exit; not reproduced on demand), which made torchrun report a finished run as
+    failed. Output is flushed first."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfsup.losses.redundancy import (_off_diagonal, barlow_twins_loss, covariance_loss, cross_correlation, invariance_loss,
-                                       variance_loss, vicreg_loss, whiten, wmse_loss)
+from selfsup.losses.redundancy import (_off_diagonal, barlow_twins_loss, covariance_loss, cross_correlation,
+                                       invariance_loss, variance_loss, vicreg_loss, whiten, wmse_loss)
 from selfsup.methods import METHODS
 from selfsup.nn.backbones import build_backbone
 from selfsup.views import ViewRecipe
