@@ -58,7 +58,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     out = args.out or f"runs/{cfg.method.name}"
     from selfsup import distributed
 
-    worker = distributed.init_from_env(cfg.train.device) and distributed.launched_by_torchrun()
+    distributed.init_from_env(cfg.train.device)
     main_process = distributed.is_main()
     try:
         summary = pretrain(cfg, out, overwrite=args.overwrite)
@@ -70,7 +70,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         knn = summary.get("knn")
         print(f"done: {out}  final loss {summary.get('loss', float('nan')):.4f}"
               + (f"  online kNN {100 * knn:.2f}%" if knn is not None else ""))
-    if worker:
+    if distributed.launched_by_torchrun():
         distributed.leave_worker()
     return 0
 

@@ -1,6 +1,6 @@
 """One recipe's training step under two versions of the code, side by side (``cost.py`` compares recipes within one).
 
-Each round runs ``cost.py --one`` (the real set-up and :func:`selfsup.train.loop.train_step` on Fashion-MNIST
+Each round runs ``cost.py --one`` (:func:`cost.measure`: the real set-up and :func:`selfsup.train.loop.train_step` on Fashion-MNIST
 batches) once per tree and mode in its own subprocess, the tree first on ``PYTHONPATH``, alternating, so machine
 noise hits both. Printed per mode: median images/s per tree and the median over rounds of the paired ratio of CPU
 time per step (base / new: > 1 means the new tree is faster). Make the base tree with ``git worktree add``:
@@ -11,14 +11,11 @@ time per step (base / new: > 1 means the new tree is faster). Make the base tree
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-from cost import MODES
+from cost import measure
 
 
 def main() -> None:
@@ -29,20 +26,15 @@ def main() -> None:
     p.add_argument("--modes", default="native,avx2-fp32")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=3)
     a = p.parse_args()
     trees = {"base": Path(a.base).resolve(), "new": Path(a.new).resolve()}
     results: dict[tuple[str, str], list[dict]] = {}
     for rnd in range(a.rounds):
         for mode in a.modes.split(","):
-            env, precision = MODES[mode]
             for name, tree in trees.items():
-                cmd = [sys.executable, str(tree / "benchmarks/recipe_screen/cost.py"), "--row", f"r={a.config}",
-                       "--one", precision, "--threads", str(a.threads)]
-                out = subprocess.run(cmd, env={**os.environ, **env, "PYTHONPATH": str(tree)}, cwd=tree,
-                                     capture_output=True, text=True)
-                if out.returncode:
-                    sys.exit(f"{name} ({mode}) failed:\n{out.stderr[-3000:]}")
-                r = json.loads(out.stdout.strip().splitlines()[-1])
+                r = measure(f"r={a.config}", mode, a.steps, a.warmup, a.threads, tree=tree, label=name)
                 results.setdefault((mode, name), []).append(r)
                 print(f"round {rnd} {mode:<10} {name:<5} {r['images_per_s']:7.0f} img/s", file=sys.stderr, flush=True)
     for mode in a.modes.split(","):

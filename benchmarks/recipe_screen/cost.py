@@ -92,6 +92,24 @@ def run_one(config: str, overrides: dict, precision: str, steps: int, warmup: in
             "batch": batch, "precision": str(run.amp_dtype or "fp32"), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
+def measure(row_text: str, mode: str, steps: int, warmup: int, threads: int, tree: Path | None = None,
+            label: str = "") -> dict:
+    """One (row, mode) measurement in its own subprocess. With ``tree`` (a checkout): that checkout's ``cost.py``
+    on its own code, run from its root, so another version of the code is measured beside this one (``code_ab.py``)."""
+    env_extra, precision = MODES[mode]
+    env = {**os.environ, **env_extra}
+    if tree is None:
+        script = __file__
+    else:
+        script, env["PYTHONPATH"] = str(tree / "benchmarks" / "recipe_screen" / "cost.py"), str(tree)
+    cmd = [sys.executable, script, "--row", row_text, "--one", precision, "--steps", str(steps), "--warmup", str(warmup),
+           "--threads", str(threads)]
+    out = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"{label or row_text} ({mode}) failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--row", action="append", required=True, help="NAME=CONFIG[:KEY=VALUE…]; the first is the reference")
@@ -111,14 +129,9 @@ def main() -> None:
     results: dict[tuple[str, str], list[dict]] = {}
     for rnd in range(a.rounds):
         for mode in a.modes.split(","):
-            env_extra, precision = MODES[mode]
             for row_text, (name, _, _) in zip(a.row, rows):
-                cmd = [sys.executable, __file__, "--row", row_text, "--one", precision, "--steps", str(a.steps),
-                       "--warmup", str(a.warmup), "--threads", str(a.threads)]
-                out = subprocess.run(cmd, env={**os.environ, **env_extra}, capture_output=True, text=True)
-                if out.returncode:
-                    sys.exit(f"{name} ({mode}) failed:\n{out.stderr[-3000:]}")
-                r = {"name": name, "mode": mode, "round": rnd, **json.loads(out.stdout.strip().splitlines()[-1])}
+                r = {"name": name, "mode": mode, "round": rnd,
+                     **measure(row_text, mode, a.steps, a.warmup, a.threads, label=name)}
                 results.setdefault((name, mode), []).append(r)
                 print(json.dumps(r), file=sys.stderr, flush=True)
                 if a.out:
