@@ -131,6 +131,18 @@ class SmallResNet(nn.Module):
                 pools.append(self._pool(x))
         return torch.cat(pools[len(pools) - self.pooled_stages:], dim=1)
 
+    def forward_maps(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """(pooled features as :meth:`forward` gives them, [the stem's map, then each stage's], shallow to deep):
+        the maps dense protocols and dense methods read (:mod:`selfsup.nn.feature_maps`), from one pass."""
+        x = self.stem(x)
+        maps = [x]
+        for i, block in enumerate(self.stages):
+            x = block(x)
+            if (i + 1) % self.blocks == 0:
+                maps.append(x)
+        pooled = [self._pool(m) for m in maps[len(maps) - self.pooled_stages:]]
+        return (pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)), maps
+
 
 @register_backbone("small_resnet")
 def small_resnet(in_chans: int, image_size: int, widths: tuple[int, ...] = (32, 64, 128, 256), blocks: int = 1,

@@ -171,3 +171,23 @@ class ViT(VisionTransformer):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.pool_tokens(self.encode(self.patch_tokens(x)))
+
+    def forward_maps(self, x: Tensor, blocks: int = 1) -> tuple[Tensor, list[Tensor]]:
+        """(pooled features as :meth:`forward` gives them, the patch tokens of the last ``blocks`` blocks, each
+        through the final norm and reshaped to a (B, D, h, w) map, earlier blocks first): DINOv2's linear
+        segmentation protocol reads the last block's (or the last four) this way (``get_intermediate_layers``
+        with ``norm=True``, ``reshape=True``)."""
+        if not 1 <= blocks <= len(self.blocks):
+            raise ValueError(f"ViT: blocks must be 1–{len(self.blocks)} (its depth), got {blocks}")
+        grid = self.patch_grid(x)
+        h = self.norm_pre(torch.cat([self.prefix_tokens(x.shape[0]), self.patch_tokens(x)], dim=1))
+        outs = []
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if i >= len(self.blocks) - blocks:
+                outs.append(self.norm(h))
+        n = self.num_prefix_tokens
+        last = outs[-1]
+        pooled = self.pool_tokens(last if self.reg_token is None else torch.cat([last[:, :1], last[:, n:]], dim=1))
+        maps = [o[:, n:].transpose(1, 2).reshape(x.shape[0], self.embed_dim, *grid) for o in outs]
+        return pooled, maps
