@@ -75,6 +75,9 @@ class MethodSpec:
     needs_indices: bool = False
     """``training_step`` also gets ``indices=`` (B,): the batch's positions in the training set (per-sample
     memories: PIRL, DeepCluster-v2)."""
+    needs_view_boxes: bool = False
+    """``training_step`` also gets ``boxes=``: per view (B, 4), where the view lies in its image
+    (:func:`selfsup.views.make_views` with ``with_boxes``), for methods that match locations across views (VICRegL)."""
     stochastic_step: bool = False
     """``training_step`` draws randomness of its own (masks): parity tests compare its loss, not its step."""
     test_params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))

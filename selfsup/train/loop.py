@@ -155,12 +155,15 @@ def train_step(run: Run, x: Tensor, idx: Tensor, progress: Progress, aspect: Ten
     lr = warmup_cosine(progress.step, run.total_steps, run.warmup_steps, run.base_lr, run.base_lr * cfg.optim.min_lr_ratio)
     wd_end = cfg.optim.weight_decay if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end
     set_optim_values(run.optimizer, lr, run.base_lr, cosine_schedule(progress.fraction, cfg.optim.weight_decay, wd_end))
+    # a method with ``needs_indices`` (a per-sample memory) also gets the batch's positions in the training set,
+    # one with ``needs_view_boxes`` where each view lies in its image
+    extra = {"indices": idx} if run.spec.needs_indices else {}
     with torch.no_grad():
-        views = make_views(x, run.recipe, run.data.mean, run.data.std, aspect)
+        views = make_views(x, run.recipe, run.data.mean, run.data.std, aspect, with_boxes=run.spec.needs_view_boxes)
+    if run.spec.needs_view_boxes:
+        views, extra["boxes"] = views
     if run.channels_last:
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-    # a method with ``needs_indices`` (a per-sample memory) also gets the batch's positions in the training set
-    extra = {"indices": idx} if run.spec.needs_indices else {}
     with torch.autocast(run.device.type, dtype=run.amp_dtype) if run.amp_dtype else nullcontext():
         loss, logs = run.stepper(views, progress, **extra)
     loss = loss.float()

@@ -87,14 +87,18 @@ def _crop_resample(x: Tensor, size: int, cx: Tensor, cy: Tensor, w: Tensor, h: T
 
 
 def resized_crop_flip(x: Tensor, size: int, scale: tuple[float, float], ratio: tuple[float, float],
-                      flip_p: float, aspect: Tensor | None = None) -> Tensor:
+                      flip_p: float, aspect: Tensor | None = None, return_box: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Random resized crop to ``size``×``size`` and horizontal flip, as one affine resampling.
 
-    ``aspect`` (B,): original width / height of squashed images (see :func:`sample_crop_boxes`)."""
+    ``aspect`` (B,): original width / height of squashed images (see :func:`sample_crop_boxes`).
+    ``return_box``: also return the crops as (B, 4) (centre x, centre y, width, height) fractions of the image,
+    the width negative where the view is mirrored: view pixel (u, v) ∈ [0, 1]² shows image point
+    (cx + (u − ½)·w, cy + (v − ½)·h)."""
     b = x.shape[0]
     cx, cy, w, h = sample_crop_boxes(b, scale, ratio, x.device, aspect=aspect)
     flip = torch.where(torch.rand(b, device=x.device) < flip_p, -1.0, 1.0)
-    return _crop_resample(x, size, cx, cy, w * flip, h, affine_grid=aspect is None)
+    out = _crop_resample(x, size, cx, cy, w * flip, h, affine_grid=aspect is None)
+    return (out, torch.stack([cx, cy, w * flip, h], dim=1)) if return_box else out
 
 
 def center_crop(x: Tensor, size: int, aspect: Tensor | None = None) -> Tensor:

@@ -154,13 +154,15 @@ def check_augment(a: Augment, name: str) -> list[str]:
     return p
 
 
-def augment(x: Tensor, a: Augment, aspect: Tensor | None = None) -> Tensor:
-    """One random view of a float batch in [0, 1]; ``aspect`` (B,) as in :func:`make_views`."""
-    x = ops.resized_crop_flip(x, a.size, a.scale, a.ratio, a.flip_p, aspect)
+def augment(x: Tensor, a: Augment, aspect: Tensor | None = None, return_box: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """One random view of a float batch in [0, 1]; ``aspect`` (B,) as in :func:`make_views`; ``return_box``: also
+    the crop, as :func:`~selfsup.views.ops.resized_crop_flip` gives it."""
+    x, box = ops.resized_crop_flip(x, a.size, a.scale, a.ratio, a.flip_p, aspect, return_box=True)
     x = ops.color_jitter(x, a.jitter_p, a.brightness, a.contrast, a.saturation, a.hue)
     x = ops.random_grayscale(x, a.gray_p)
     x = ops.gaussian_blur(x, a.blur_p, a.blur_sigma)
-    return ops.solarize(x, a.solarize_p)
+    x = ops.solarize(x, a.solarize_p)
+    return (x, box) if return_box else x
 
 
 def to_float(batch: Tensor) -> Tensor:
@@ -182,17 +184,28 @@ def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
 
 
 def make_views(batch: Tensor, recipe: ViewRecipe, mean: Sequence[float], std: Sequence[float],
-               aspect: Tensor | None = None) -> list[Tensor]:
+               aspect: Tensor | None = None, with_boxes: bool = False) -> list[Tensor] | tuple[list[Tensor], list[Tensor]]:
     """uint8 (B, C, H, W) on the training device → normalised views: globals, then local crops.
 
     ``aspect`` (B,): each image's original width / height when the batch holds whole images squashed to
     squares (``ImageSet.aspect`` of an image-folder cache); crops are then drawn in the original pixel
     space, as torchvision's RandomResizedCrop on the original image. ``None``: square images.
+
+    ``with_boxes``: also return where each view lies in its image (methods that match locations across views,
+    VICRegL): per view (B, 4) (centre x, centre y, width, height) in units of the image's height, x scaled by
+    the aspect ratio so that distances are those of the original pixels; the width is negative where the view is
+    mirrored (view point (u, v) ∈ [0, 1]² is image point (cx + (u − ½)·w, cy + (v − ½)·h)).
     """
     x = to_float(batch)
-    views = [augment(x, a, aspect) for a in recipe.globals_]
-    views += [augment(x, recipe.local, aspect) for _ in range(recipe.local_crops)]
-    return [normalize(v, mean, std) for v in views]
+    pairs = [augment(x, a, aspect, return_box=True) for a in recipe.globals_]
+    pairs += [augment(x, recipe.local, aspect, return_box=True) for _ in range(recipe.local_crops)]
+    views = [normalize(v, mean, std) for v, _ in pairs]
+    if not with_boxes:
+        return views
+    scale = torch.ones(1, 4, device=x.device)
+    if aspect is not None:
+        scale = torch.stack([aspect, torch.ones_like(aspect), aspect, torch.ones_like(aspect)], 1).to(x.device, x.dtype)
+    return views, [box * scale for _, box in pairs]
 
 
 def center_view(batch: Tensor, aspect: Tensor | None, size: int) -> Tensor:
