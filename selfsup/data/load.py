@@ -18,7 +18,7 @@ from selfsup.data.sample_photos import sample_photo_crops
 from selfsup.data.splits import holdout_split, stratified_subset
 
 log = logging.getLogger(__name__)
-NAMED = ("fashion-mnist", "digits", "cifar10", "cifar100", "sample-photos")
+NAMED = ("fashion-mnist", "digits", "cifar10", "cifar100", "sample-photos", "fashion-mnist-scenes")
 DEFAULT_FOLDER_SIZE = 64
 SAMPLE_PHOTO_CROPS, SAMPLE_PHOTO_SIZE = 10000, 32
 
@@ -60,6 +60,11 @@ def load_dataset(cfg: DataConfig, place: bool = True) -> tuple[ImageSet, ImageSe
     elif name == "sample-photos":  # RGB crops of scikit-learn's two bundled photos (colour without a download)
         full = sample_photo_crops(SAMPLE_PHOTO_CROPS, cfg.image_size or SAMPLE_PHOTO_SIZE, seed=0)
         train, test = split_labelled(full)
+    elif name == "fashion-mnist-scenes":  # the dense benchmark's images; labels: each scene's dominant object
+        from selfsup.data.annotations import load_dense
+
+        dense_train, dense_test = load_dense(cfg)
+        train, test = dense_train.images, dense_test.images
     elif name in ("cifar10", "cifar100"):
         if not cfg.root:
             raise DataError(f"{name}: pass --data-root DIR (or --data DIR) with the unpacked python-version batches; "
