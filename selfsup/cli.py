@@ -17,7 +17,8 @@ from selfsup.config import ConfigError, load_config, parse_override
 # (flag, dotted config key, type, help) — flags override the YAML recipe.
 PRETRAIN_FLAGS: list[tuple[str, str, type, str]] = [
     ("--method", "method.name", str, "registered method name (see `selfsup methods`)"),
-    ("--data", "data.name", str, "fashion-mnist, digits, cifar10, cifar100, or a path (image folder / CIFAR batches)"),
+    ("--data", "data.name", str, "fashion-mnist, fashion-mnist-scenes, digits, cifar10, cifar100, or a path (image "
+                                 "folder, CIFAR batches, a VOC-style folder or COCO file: its training images)"),
     ("--data-root", "data.root", str, "folder holding a named dataset's files"),
     ("--backbone", "backbone.name", str, "small_resnet (default), resnet18, resnet50, vit_tiny, vit_small, "
                                             "or any torchvision:NAME / timm:NAME model (built without weights)"),
@@ -113,12 +114,31 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 raise ConfigError([f"--finetune-steps must be ≥ 1, got {args.finetune_steps}"])
             settings = dataclasses.replace(settings, min_steps=args.finetune_steps, max_steps=args.finetune_steps)
     results = evaluate_run(args.run_dir, protocols, data=args.data, data_root=args.data_root, labels=args.labels,
-                           device=args.device, seed=args.seed, finetune_settings=settings, split=args.split)
+                           device=args.device, seed=args.seed, finetune_settings=settings, split=args.split,
+                           dense_settings=_dense_settings(args))
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     else:
         print(format_table(results))
     return 0
+
+
+def _dense_settings(args: argparse.Namespace):
+    """The dense protocols' recipe with the flags that change it, or None for the default."""
+    if args.dense_steps is None and args.levels is None:
+        return None
+    from selfsup.eval.dense import DenseSettings
+
+    changes = {}
+    if args.dense_steps is not None:
+        if args.dense_steps < 1:
+            raise ConfigError([f"--dense-steps must be ≥ 1, got {args.dense_steps}"])
+        changes.update(min_steps=args.dense_steps, max_steps=args.dense_steps)
+    if args.levels is not None:
+        if args.levels < 1:
+            raise ConfigError([f"--levels must be ≥ 1, got {args.levels}"])
+        changes["levels"] = args.levels
+    return DenseSettings(**changes)
 
 
 def _set_threads(threads: int | None) -> None:
@@ -278,9 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="evaluate a run's encoder on frozen features, beside baselines")
     e.add_argument("run_dir")
     e.add_argument("--protocol", default="knn,linear",
-                   help="knn, linear, finetune (end to end, beside from-scratch), or a comma-separated list")
-    e.add_argument("--labels", help="label fraction ('1%%', '10%%') or few-shot count ('5-shot')")
-    e.add_argument("--data", help="evaluate on another dataset (transfer)")
+                   help="knn, linear, finetune (end to end, beside from-scratch); dense: segmentation (frozen, "
+                        "linear head), segmentation_finetune, detection (frozen backbone, FCOS), detection_finetune; "
+                        "or a comma-separated list")
+    e.add_argument("--labels", help="label fraction ('1%%', '10%%') or few-shot count ('5-shot'; dense protocols: "
+                                    "N images showing each class)")
+    e.add_argument("--data", help="evaluate on another dataset (transfer); dense protocols: fashion-mnist-scenes, a "
+                                  "VOC-style folder, a COCO JSON file or a folder of COCO files")
     e.add_argument("--split", choices=["test", "val"], default="test",
                    help="test: the dataset's test split; val: the images the run held out of pretraining "
                         "(data.val_size), fitting on every other labelled training image (for choosing settings)")
@@ -296,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--finetune-layer-decay", type=float, default=1.0, metavar="DECAY",
                    help="layer-wise learning-rate decay for a ViT (e.g. 0.75 as MAE; 1 = off). With a changed "
                         "recipe, from scratch gets the better of it and the default recipe")
+    e.add_argument("--dense-steps", type=int, metavar="N",
+                   help="dense protocols: training steps (default: scaled to the label count, 300-1200)")
+    e.add_argument("--levels", type=int, metavar="N",
+                   help="segmentation: feature levels the linear head reads (1: the last map, default; 4: the last "
+                        "four concatenated, DINOv2's multi-scale variant)")
     e.set_defaults(func=cmd_evaluate)
 
     em = sub.add_parser("embed", help="embeddings of a folder of images, with their paths (.npz or .parquet)")
@@ -380,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from selfsup.data import DataError
     from selfsup.nn.backbones import BackboneError
+    from selfsup.nn.feature_maps import NoFeatureMap
     from selfsup.train.checkpoint import CheckpointError
     from selfsup.train.loop import TrainingError
 
@@ -387,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s: %(message)s")
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, TrainingError, BackboneError) as exc:
+    except (ConfigError, DataError, CheckpointError, TrainingError, BackboneError, NoFeatureMap) as exc:
         return _error(str(exc))
     except KeyboardInterrupt:
         return _error("interrupted; run the same command to resume from the last checkpoint")

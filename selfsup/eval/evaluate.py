@@ -29,6 +29,10 @@ from torch import Tensor
 
 from selfsup.config import ConfigError
 from selfsup.data import DataError, ImageSet, load_dataset, pretraining_holdout
+from selfsup.data.annotations import dense_config, is_dense_source, load_dense
+from selfsup.data.dense import DenseSet, check_dense, dense_label_subset
+from selfsup.eval.dense import DENSE_PROTOCOLS, DenseSettings
+from selfsup.eval.dense_eval import run_dense_protocol
 from selfsup.data.splits import parse_fraction, sample_indices, stratified_subset
 from selfsup.monitor.features import extract_features, pixel_features
 from selfsup.eval.finetune import FinetuneSettings, check_layer_decay, finetune_accuracy
@@ -36,6 +40,7 @@ from selfsup.monitor.diagnostics import effective_rank
 from selfsup.monitor.knn import knn_accuracy
 from selfsup.eval.linear import linear_probe
 from selfsup.train.build import build_encoder
+from selfsup.train.checkpoint import atomic_save
 from selfsup.train.rundir import LoadedRun, load_run
 
 PROTOCOLS = ("knn", "linear")
@@ -72,7 +77,8 @@ def evaluate_run(run_dir: str | Path, protocols: Sequence[str] = PROTOCOLS, data
                  data_root: str | None = None, labels: str | None = None, device: str = "cpu",
                  seed: int = 0, write: bool = True, finetune_settings: FinetuneSettings | None = None, *,
                  eval_limit: int | None = None, baselines: bool = True,
-                 source: str = "selfsup evaluate", split: str = "test") -> list[dict[str, Any]]:
+                 source: str = "selfsup evaluate", split: str = "test",
+                 dense_settings: DenseSettings | None = None) -> list[dict[str, Any]]:
     """One result dict per protocol; each is also written to ``RUN/eval_<protocol>[_<labels>].json``.
 
     ``labels`` is a fraction (``"1%"``) or a few-shot count (``"5-shot"``) of the training split,
@@ -89,16 +95,51 @@ def evaluate_run(run_dir: str | Path, protocols: Sequence[str] = PROTOCOLS, data
 
     A ``knn``/``linear`` result's ``test_embeddings`` holds, per feature set (``selfsup`` and each
     baseline), the dimension and effective rank of the test split's features.
+
+    The dense protocols (:data:`~selfsup.eval.dense.DENSE_PROTOCOLS`: ``segmentation``, ``detection`` and their
+    ``_finetune`` variants, :mod:`selfsup.eval.dense`) read dense annotations instead: the run's own data when it
+    has them (``fashion-mnist-scenes``) or ``data`` (a VOC-style folder, a COCO source), at the encoder's image
+    size; their result holds ``metric`` (mIoU or AP) and ``score`` instead of ``accuracy``, with
+    ``dense_settings`` as the recipe.
     """
-    unknown = [p for p in protocols if p not in ALL_PROTOCOLS]
+    unknown = [p for p in protocols if p not in ALL_PROTOCOLS + DENSE_PROTOCOLS]
     if unknown:
-        raise ConfigError([f"unknown protocol(s) {', '.join(unknown)}; choose from {', '.join(ALL_PROTOCOLS)}"])
+        raise ConfigError([f"unknown protocol(s) {', '.join(unknown)}; choose from "
+                           f"{', '.join(ALL_PROTOCOLS + DENSE_PROTOCOLS)}"])
     if split not in SPLITS:
         raise ConfigError([f"unknown split {split!r}; choose from {', '.join(SPLITS)}"])
     if split == "val" and data:
         raise ConfigError(["--split val evaluates on the images the run held out of its own pretraining data; "
                            "it cannot be combined with --data (evaluate another dataset on its test split)"])
+    dense = [p for p in protocols if p in DENSE_PROTOCOLS]
+    if dense and split == "val":
+        raise ConfigError([f"--split val is for the image-level protocols; {', '.join(dense)} score the test split"])
     run = load_run(run_dir, device)
+    common = {"method": run.cfg.method.name, "backbone": run.cfg.backbone.name,
+              "pretraining_epochs": run.cfg.train.epochs, "labels": labels or "100%", "seed": seed, "split": split,
+              "source": source}
+    done: dict[str, dict[str, Any]] = {}
+    if dense:
+        for result in _evaluate_dense(run, dense, data, data_root, labels, device, seed, eval_limit, baselines,
+                                      dense_settings, common):
+            done[result["protocol"]] = result
+            examples = result.pop("_examples")
+            if write:
+                write_eval_result(run_dir, result["protocol"], labels, result, seed, split)
+                write_examples(run_dir, result["protocol"], labels, examples, seed)
+    flat = [p for p in protocols if p not in DENSE_PROTOCOLS]
+    if flat:
+        for result in _evaluate_flat(run, run_dir, flat, data, data_root, labels, device, seed, write,
+                                     finetune_settings, eval_limit, baselines, source, split):
+            done[result["protocol"]] = result
+    return [done[p] for p in protocols]
+
+
+def _evaluate_flat(run: LoadedRun, run_dir: str | Path, protocols: Sequence[str], data: str | None,
+                   data_root: str | None, labels: str | None, device: str, seed: int, write: bool,
+                   finetune_settings: FinetuneSettings | None, eval_limit: int | None, baselines: bool, source: str,
+                   split: str) -> list[dict[str, Any]]:
+    """The image-level protocols (knn, linear, finetune) of :func:`evaluate_run`."""
     if "finetune" in protocols and finetune_settings:
         check_layer_decay(run.encoder, finetune_settings)  # before any feature extraction or training
     data_cfg = run.cfg.data.labelled()
@@ -176,6 +217,47 @@ def evaluate_run(run_dir: str | Path, protocols: Sequence[str] = PROTOCOLS, data
     return results
 
 
+def _evaluate_dense(run: LoadedRun, protocols: Sequence[str], data: str | None, data_root: str | None,
+                    labels: str | None, device: str, seed: int, eval_limit: int | None, baselines: bool,
+                    settings: DenseSettings | None, common: dict[str, Any]) -> list[dict[str, Any]]:
+    """The dense protocols of :func:`evaluate_run`; each result carries its report examples under ``_examples``."""
+    data_cfg = dense_config(run.cfg.data, data, data_root, run.meta["image_size"])
+    if data is None and not is_dense_source(data_cfg.name):
+        raise DataError(f"{', '.join(protocols)} need dense annotations; the run was pretrained on {data_cfg.name!r}, "
+                        "which has none: pass --data fashion-mnist-scenes, a VOC-style folder or a COCO source")
+    train, test = load_dense(data_cfg)
+    if len(test) == 0 or len(train) == 0:
+        raise DataError(f"{data_cfg.name}: the dense protocols need annotated training and test images "
+                        f"({len(train)} and {len(test)} here)")
+    channels = run.meta["in_chans"]
+    if train.images.channels != channels:
+        train, test = _with_channels(train, channels), _with_channels(test, channels)
+    if eval_limit:
+        train = train.subset(sample_indices(len(train), eval_limit, seed))
+    amount = parse_fraction(labels) if labels else None
+    if amount is not None and (isinstance(amount, int) or amount != 1.0):
+        train = train.subset(dense_label_subset(train, amount, seed))
+    results = []
+    for protocol in protocols:
+        check_dense(train, protocol)
+        result, examples = run_dense_protocol(run, protocol, train, test, seed, device, settings, baselines)
+        result.update(common, dataset=data_cfg.name, n_train=len(train), n_test=len(test), _examples=examples)
+        results.append(result)
+    return results
+
+
+def _with_channels(dense: DenseSet, channels: int) -> DenseSet:
+    return dataclasses.replace(dense, images=dense.images.with_channels(channels))
+
+
+def write_examples(run_dir: str | Path, protocol: str, labels: str | None, examples: Any, seed: int = 0) -> Path:
+    """``RUN/eval_<protocol>[_<labels>][_seed<S>]_examples.pt``: the test images, truths and predictions the
+    report draws (tensors and lists of tensors: loadable with ``weights_only``)."""
+    path = eval_result_path(run_dir, protocol, labels, seed, "test", suffix="_examples.pt")
+    atomic_save(examples, path)
+    return path
+
+
 def _heldout_split(train: ImageSet, run: LoadedRun) -> tuple[ImageSet, ImageSet]:
     """(every labelled training image the run did not hold out, the held-out ones)."""
     val = pretraining_holdout(train, run.cfg.data, run.cfg.train.seed)
@@ -191,12 +273,17 @@ def write_eval_result(run_dir: str | Path, protocol: str, labels: str | None, re
                       seed: int = 0, split: str = "test") -> Path:
     """``RUN/eval_<protocol>[_<labels>][_val][_seed<S>].json`` (``1%`` → ``1pct``; seed 0 unnamed), the files the
     report reads: another seed's or split's result sits beside seed 0's test result instead of replacing it."""
-    suffix = "" if not labels else f"_{str(labels).replace('%', 'pct')}"
-    suffix += "_val" if split == "val" else ""
-    suffix += f"_seed{seed}" if seed else ""
-    path = Path(run_dir) / f"eval_{protocol}{suffix}.json"
+    path = eval_result_path(run_dir, protocol, labels, seed, split)
     path.write_text(json.dumps(result, indent=2))
     return path
+
+
+def eval_result_path(run_dir: str | Path, protocol: str, labels: str | None, seed: int, split: str,
+                     suffix: str = ".json") -> Path:
+    name = "" if not labels else f"_{str(labels).replace('%', 'pct')}"
+    name += "_val" if split == "val" else ""
+    name += f"_seed{seed}" if seed else ""
+    return Path(run_dir) / f"eval_{protocol}{name}{suffix}"
 
 
 def _finetune(run: LoadedRun, train: ImageSet, test: ImageSet, seed: int, device: str,
@@ -229,11 +316,11 @@ def _finetune(run: LoadedRun, train: ImageSet, test: ImageSet, seed: int, device
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
-    header = ["protocol", "dataset", "labels", f"selfsup ({results[0]['method']})" if results else "selfsup",
+    header = ["protocol", "dataset", "labels", "metric", f"selfsup ({results[0]['method']})" if results else "selfsup",
               "random encoder", "raw pixels"]
     pct = lambda value: "-" if value is None else f"{100 * value:.2f}%"
-    rows = [[r["protocol"], _dataset_label(r), r["labels"], pct(r["accuracy"]), pct(r["baselines"].get("random_encoder")),
-             pct(r["baselines"].get("raw_pixels"))] for r in results]
+    rows = [[r["protocol"], _dataset_label(r), r["labels"], r.get("metric", "accuracy"), pct(r.get("score", r.get("accuracy"))),
+             pct(r["baselines"].get("random_encoder")), pct(r["baselines"].get("raw_pixels"))] for r in results]
     if any("from_scratch" in r["baselines"] for r in results):
         header.append("from scratch (fine-tuned)")
         for row, r in zip(rows, results):

@@ -23,7 +23,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -108,7 +108,7 @@ def _channels_last(images: ImageSet) -> bool:
     return images.image_size >= 8
 
 
-def _batches(n: int, batch: int, steps: int, generator: torch.Generator):
+def shuffled_batches(n: int, batch: int, steps: int, generator: torch.Generator) -> Iterator[Tensor]:
     """Indices of ``steps`` batches: shuffled epochs, concatenated, so every image is seen equally often."""
     order = torch.empty(0, dtype=torch.long)
     for _ in range(steps):
@@ -143,7 +143,7 @@ def train_classifier(encoder: nn.Module, num_features: int, train: ImageSet, mea
     # one batch of records at a time (read ahead in a thread), never the whole set: 100% of the labels of a
     # large image folder is more than fits in RAM, let alone on the GPU; reading draws no random numbers,
     # so the crops and the order are those of indexing a set held whole
-    reader = prefetch_batches(train, _batches(len(train), batch, steps, generator), pin_memory=device.type == "cuda")
+    reader = prefetch_batches(train, shuffled_batches(len(train), batch, steps, generator), pin_memory=device.type == "cuda")
     for step, (idx, records, aspect) in enumerate(reader):
         for g in optimizer.param_groups:
             g["lr"] = warmup_cosine(step, steps, warmup, settings.lr) * g["lr_scale"]

@@ -22,7 +22,7 @@ from selfsup.data import load as load_mod
 from selfsup.data.cache import load_image_folder
 from selfsup.data.imageset import ImageSet
 from selfsup.eval.evaluate import evaluate_run
-from selfsup.eval.finetune import (Classifier, FinetuneSettings, _batches, _channels_last, _optimizer_groups,
+from selfsup.eval.finetune import (Classifier, FinetuneSettings, shuffled_batches, _channels_last, _optimizer_groups,
                                    classifier_accuracy, train_classifier)
 from selfsup.schedules import warmup_cosine
 from selfsup.eval.pretext import held_out_pretext_accuracy, pretext_accuracy
@@ -149,7 +149,7 @@ def test_without_aspect_ratios_finetune_crops_are_what_they_always_were(digits):
     model = train_classifier(spy, 4, train, mean, std, FinetuneSettings(min_steps=3, max_steps=3, batch_size=16))
     torch.manual_seed(0)
     nn.Linear(4, train.num_classes)  # the head's initialisation: the draws made before the first crop
-    batches = _batches(len(train), 16, 3, torch.Generator().manual_seed(0))
+    batches = shuffled_batches(len(train), 16, 3, torch.Generator().manual_seed(0))
     assert len(spy.inputs[True]) == 3
     for idx, seen in zip(batches, spy.inputs[True]):
         before = resized_crop_flip(to_float(train.images[idx]), 8, (0.5, 1.0), (3 / 4, 4 / 3), 0.5)
@@ -170,7 +170,7 @@ def _train_classifier_holding_the_set(encoder, num_features, train, mean, std, s
     warmup = int(settings.warmup_fraction * steps)
     images, labels, aspect = train.images, train.labels, train.aspect
     model.train()
-    for step, idx in enumerate(_batches(len(train), batch, steps, torch.Generator().manual_seed(seed))):
+    for step, idx in enumerate(shuffled_batches(len(train), batch, steps, torch.Generator().manual_seed(seed))):
         for g in optimizer.param_groups:
             g["lr"] = warmup_cosine(step, steps, warmup, settings.lr) * g["lr_scale"]
         with torch.no_grad():
