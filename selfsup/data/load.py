@@ -74,7 +74,17 @@ def load_dataset(cfg: DataConfig, place: bool = True) -> tuple[ImageSet, ImageSe
         path = Path(name).expanduser()
         if not path.exists():
             raise DataError(f"unknown dataset {name!r}: not one of {', '.join(NAMED)} and no such path")
-        if path.is_dir() and is_cifar_dir(path):
+        from selfsup.data.coco import is_coco_source
+        from selfsup.data.voc import is_voc_folder
+
+        if is_voc_folder(path) or is_coco_source(path):  # annotated images: pretrain on the training split only
+            from selfsup.data.annotations import load_dense
+
+            dense_train, dense_test = load_dense(cfg)
+            train, test = (d.images.subset(torch.arange(len(d))) for d in (dense_train, dense_test))
+            for part in (train, test):  # views without labels: masks and boxes are for the dense protocols
+                part.labels, part.classes = None, []
+        elif path.is_dir() and is_cifar_dir(path):
             train, test = load_cifar(path)
         else:
             full = load_image_folder(path, cfg.image_size or DEFAULT_FOLDER_SIZE, cache_dir=cfg.cache_dir,
