@@ -295,6 +295,11 @@ def _plan(files: list[Path], parsed: dict[Path, dict], roots: tuple[Path, Path],
             seen[n] = im["id"]
             anns = sorted(by_image.get(im["id"], []), key=_annotation_order)  # boxes in id order, whatever the JSON's
             entries.append(Entry(n, s, _reader(f, im, anns, class_of, with_masks)))
+    if len(files) == 2 and roots[0] == roots[1]:
+        shared = sorted({e.file for e in entries if e.split == 0} & {e.file for e in entries if e.split == 1})
+        if shared:
+            raise DataError(f"{files[0].name} and {files[1].name} both name {len(shared)} image(s) of {roots[0]}, "
+                            f"e.g. {', '.join(shared[:3])}; a test image must not be trained on")
     info = {"split": "train/test files" if len(files) == 2 else
             f"{1 - TEST_FRACTION:.0%}/{TEST_FRACTION:.0%} of the images sorted by file name, seed {SPLIT_SEED}"}
     return Plan(entries, classes, with_masks, info=info)

@@ -158,12 +158,13 @@ def _load(src: DenseSource, opts: CacheOptions) -> tuple[DenseSet, DenseSet]:
     action = "reused"
     if state is not None:
         with _build_lock(target) as locked:
-            state = _validate(target, settings, _stat_all(src.files), identity)
+            stats = _stat_all(src.files)  # before parsing: a file edited during the build is seen as changed next time
+            state = _validate(target, settings, stats, identity)
             if state is not None:
                 if locked:
                     remove_leftovers(target.parent, target.name)
                 plan = src.plan([_cache_files(m) for m in manifests])
-                _build(target, src, plan, manifests, settings, opts, identity)
+                _build(target, src, plan, manifests, settings, opts, identity, stats)
                 action = "built" if state == "missing" else f"rebuilt ({state})"
     return _open(target, src, [images[r] for r in src.roots], action)
 
@@ -258,7 +259,7 @@ def _open(target: Path, src: DenseSource, images: list[ImageSet], action: str) -
 
 
 def _build(target: Path, src: DenseSource, plan: Plan, manifests: list[Manifest], settings: dict,
-           opts: CacheOptions, identity: list[dict]) -> None:
+           opts: CacheOptions, identity: list[dict], stats: dict) -> None:
     t0 = time.perf_counter()
     size = opts.size
     if not plan.entries:
@@ -322,7 +323,7 @@ def _build(target: Path, src: DenseSource, plan: Plan, manifests: list[Manifest]
                  rows=np.asarray(cols["rows"], dtype=np.int64), split=np.asarray(cols["split"], dtype=np.int8))
         if not plan.masks:
             (tmp / MASKS).unlink()
-        manifest = {"format": DENSE_FORMAT, "settings": settings, "files": _stat_all(src.files), "images": identity,
+        manifest = {"format": DENSE_FORMAT, "settings": settings, "files": stats, "images": identity,
                     "count": n, "size": size, "has_masks": plan.masks, "classes": list(classes),
                     "boxes": int(start[-1]), "skipped": skipped, "info": plan.info,
                     "build": {"seconds": round(time.perf_counter() - t0, 3),

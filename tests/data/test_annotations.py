@@ -22,8 +22,8 @@ from selfsup.data.load import load_dataset
 from selfsup.data.voc import VOC_CLASSES, is_voc_folder, load_voc_folder
 
 from annotated_folders import (COCO_CATEGORIES, COCO_CLASS, LABELMAP, VOC_IMAGES, VOC_TEST, VOC_TRAIN, Drawn,
-                               assert_aligned, coco_images_and_annotations, draw_image, id_array, make_rgb_generic,
-                               make_voc, save_palette, write_coco)
+                               assert_aligned, coco_annotation, coco_images_and_annotations, draw_image, id_array,
+                               make_rgb_generic, make_voc, save_palette, voc_xml, write_coco)
 
 SIZE = 24
 S = 32  # round(4/3 · 24): the stored side of image and mask records
@@ -273,6 +273,9 @@ def test_coco_folder_with_train_and_test_files_and_a_class_only_in_test(tmp_path
     assert sorted(Path(p).name for p in test.images.paths) == ["p2.png", "p6.jpg"] and len(train) == 4
     assert not train.class_presence()[:, 3].any() and test.class_presence()[:, 3].any()
     assert train.sources["split"] == "train/test files"
+    write_coco(root / "test.json", *pick(test_ids | {100}))
+    with pytest.raises(DataError, match=r"train\.json and test\.json both name 1 image\(s\) .*e\.g\. p1\.jpg"):
+        _coco(root, tmp_path)
 
 
 def test_coco_layout_finds_each_splits_image_folder_by_its_name(tmp_path):
@@ -372,8 +375,12 @@ def test_a_failed_rebuild_leaves_the_previous_cache_and_no_half_one(tmp_path, mo
     with pytest.raises(DataError, match="annotation 1 of ann.json"):
         _coco(path, tmp_path)
     assert (cache / "manifest.json").read_bytes() == before and not list(cache.parent.glob(".tmp-*"))
+    killed = cache.parent / f".tmp-{cache.name}-999999-dead"  # what a SIGKILL during a build leaves
+    (killed / "masks.u8").parent.mkdir()
+    (killed / "masks.u8").write_bytes(b"half")
     write_coco(path, images, anns)
     assert _coco(path, tmp_path)[0].sources["cache"]["action"].startswith("rebuilt")
+    assert not killed.exists(), "the next build removes what a killed one left"
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -385,6 +392,47 @@ def test_a_mask_whose_size_differs_from_its_image(tmp_path):
     with pytest.raises(DataError, match=r"SegmentationClass/b\.png: its annotation is 40×40 px but its image "
                                         r".*JPEGImages/b\.png is 50×70 px"):
         _voc(root, tmp_path)
+
+
+def test_a_coco_image_whose_stated_size_differs_from_the_file(tmp_path):
+    root = tmp_path / "coco"
+    drawn, images, anns = _coco_folder(root)
+    images[2]["width"] = 41
+    with pytest.raises(DataError, match=r"ann\.json image p3\.png: its annotation is 41×40 px but its image "
+                                        r".*images/p3\.png is 40×40 px"):
+        _coco(write_coco(root / "ann.json", images, anns), tmp_path)
+
+
+def test_a_detection_folder_of_xml_boxes_keeps_images_without_boxes(tmp_path):
+    """JPEGImages + Annotations only (no masks): boxes, no masks; an image without an XML file is kept with no
+    boxes; object names that are not VOC's become the classes in sorted order."""
+    root = tmp_path / "det"
+    names = {1: "zebra", 2: "apple", 3: "mango"}
+    drawn = [d for d in VOC_IMAGES if d.stem != "g"]
+    for d in drawn:
+        draw_image(root / "JPEGImages" / d.file, d, "L" if d.grey else "RGB")
+        if d.rects:
+            voc_xml(root / "Annotations" / f"{d.stem}.xml", d, names)
+    assert is_voc_folder(root)
+    train, test = _voc(root, tmp_path)
+    assert train.masks is None and train.has_boxes
+    assert train.classes == ["background", "apple", "zebra"], "the XML names, sorted"
+    by = {d.stem: d for d in drawn}
+    relabel = {1: 2, 2: 1}  # zebra → 2, apple → 1
+    for ds in (train, test):
+        for i, stem in enumerate(_stems(ds)):
+            d = by[stem]
+            _check_image(ds, i, Drawn(d.stem, d.file, d.size, [(relabel[c], r) for c, r in d.rects]))
+    assert "e" in _stems(train) + _stems(test), "an image without an XML file is kept, with no boxes"
+
+
+def test_recognising_a_large_coco_file_reads_only_its_head(tmp_path, monkeypatch):
+    images = [{"id": k, "file_name": f"{k:06d}.jpg", "width": 640, "height": 480} for k in range(40000)]
+    path = write_coco(tmp_path / "big.json", images, [coco_annotation(1, 0, 3, (1, 1, 5, 5))])
+    assert path.stat().st_size > 2 * coco_mod.PEEK_BYTES
+    monkeypatch.setattr(coco_mod, "_parse", lambda *a, **k: pytest.fail("parsed to recognise it"))
+    assert is_coco_source(path)
+    assert coco_mod._peek_names(path, {})[:2] == ["000000.jpg", "000001.jpg"], "names from the head, unparsed"
 
 
 @pytest.mark.parametrize("change, message", [
