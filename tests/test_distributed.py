@@ -63,12 +63,13 @@ def _views(name: str, n: int):
                            dtype=torch.uint8)
     torch.manual_seed(2)
     c = images.shape[1]
-    return make_views(images, recipe, [0.5] * c, [0.25] * c)
+    return make_views(images, recipe, [0.5] * c, [0.25] * c, with_boxes=True)  # (views, boxes)
 
 
-def _step(method, views):
+def _step(method, views, boxes):
     torch.manual_seed(3)
-    loss, _ = method.training_step(views, make_progress(method, 5, 100, 0, 10))
+    extra = {"boxes": boxes} if method.spec.needs_view_boxes else {}  # where each view lies (VICRegL)
+    loss, _ = method.training_step(views, make_progress(method, 5, 100, 0, 10), **extra)
     method.zero_grad()
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in method.named_parameters() if p.grad is not None}
@@ -80,8 +81,8 @@ def _worker(rank: int, name: str, port: int, out_dir: str, b: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        views = [v[rank * b : (rank + 1) * b] for v in _views(name, WORLD * b)]
-        loss, grads = _step(_build(name, gather=True), views)
+        views, boxes = ([t[rank * b : (rank + 1) * b] for t in ts] for ts in _views(name, WORLD * b))
+        loss, grads = _step(_build(name, gather=True), views, boxes)
         dist.all_reduce(loss)
         for g in grads.values():  # DDP: average the gradients over processes
             dist.all_reduce(g)
@@ -95,7 +96,7 @@ def _worker(rank: int, name: str, port: int, out_dir: str, b: int) -> None:
 @pytest.mark.parametrize("name", GATHER_METHODS)
 def test_two_processes_match_one(name):
     b = 8
-    single_loss, single_grads = _step(_build(name, gather=False), _views(name, WORLD * b))
+    single_loss, single_grads = _step(_build(name, gather=False), *_views(name, WORLD * b))
     with tempfile.TemporaryDirectory() as out:
         mp.spawn(_worker, args=(name, _free_port(), out, b), nprocs=WORLD, join=True)
         got = torch.load(os.path.join(out, "dist.pt"), weights_only=True)

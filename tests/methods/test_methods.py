@@ -42,10 +42,13 @@ def tiny_recipe(method):
     return recipe
 
 
-def fixed_views(method, images: torch.Tensor) -> list[torch.Tensor]:
+def fixed_views(method, images: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
+    """The views, and the extra ``training_step`` arguments the loop passes with them: ``boxes=`` for a method
+    whose ``spec.needs_view_boxes``."""
     recipe = tiny_recipe(method)
     torch.manual_seed(1)
-    return make_views(images, recipe, [0.5] * images.shape[1], [0.25] * images.shape[1])
+    views, boxes = make_views(images, recipe, [0.5] * images.shape[1], [0.25] * images.shape[1], with_boxes=True)
+    return views, ({"boxes": boxes} if method.spec.needs_view_boxes else {})
 
 
 def tiny_batch(digits, in_chans: int = 1) -> torch.Tensor:
@@ -62,8 +65,8 @@ def _in_chans(name: str) -> int:
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_loss_finite_and_gradients_reach_student_only(name, digits):
     method = tiny_method(name, _in_chans(name))
-    views = fixed_views(method, tiny_batch(digits, _in_chans(name)))
-    loss, logs = method.training_step(views, make_progress(method, 0, 100, 0, 10))
+    views, extra = fixed_views(method, tiny_batch(digits, _in_chans(name)))
+    loss, logs = method.training_step(views, make_progress(method, 0, 100, 0, 10), **extra)
     assert loss.ndim == 0 and torch.isfinite(loss), f"{name}: loss {loss}"
     loss.backward()
     teacher_ids = {id(p) for t, _ in teacher_pairs(method) for p in t.parameters()}
@@ -82,10 +85,10 @@ def test_ema_follows_formula(name, digits):
     pairs = teacher_pairs(method)
     if not pairs:
         pytest.skip(f"{name} has no EMA teacher")
-    views = fixed_views(method, tiny_batch(digits, _in_chans(name)))
+    views, extra = fixed_views(method, tiny_batch(digits, _in_chans(name)))
     opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.1)
     progress = make_progress(method, 3, 100, 0, 10)
-    loss, logs = method.training_step(views, progress)
+    loss, logs = method.training_step(views, progress, **extra)
     loss.backward()
     opt.step()
     before = [[p.detach().clone() for p in t.parameters()] for t, _ in pairs]
@@ -101,13 +104,13 @@ def test_ema_follows_formula(name, digits):
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_a_few_steps_lower_the_loss(name, digits):
     method = tiny_method(name, _in_chans(name))
-    views = fixed_views(method, tiny_batch(digits, _in_chans(name)))
+    views, extra = fixed_views(method, tiny_batch(digits, _in_chans(name)))
     opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-3, weight_decay=0)
     losses = []
     for step in range(12):
         progress = make_progress(method, step, 1000, 0, 100)
         torch.manual_seed(step)  # methods that draw masks or crops draw the same ones each run
-        loss, logs = method.training_step(views, progress)
+        loss, logs = method.training_step(views, progress, **extra)
         opt.zero_grad()
         loss.backward()
         opt.step()
