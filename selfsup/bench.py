@@ -33,6 +33,7 @@ import torch
 
 from selfsup.config import ConfigError, find_recipe, load_config
 from selfsup.data import DataError
+from selfsup.eval.dense import DENSE_PROTOCOLS, DenseSettings
 from selfsup.eval.evaluate import evaluate_run
 from selfsup.eval.finetune import FinetuneSettings
 from selfsup.eval.pretext import held_out_pretext_accuracy
@@ -93,11 +94,22 @@ class BenchSpec:
     """Measure the random-encoder, raw-pixel and from-scratch baselines beside the method."""
     source: str = "selfsup bench"
     """What the run's ``eval_*.json`` say produced them."""
+    dense: tuple[str, ...] = ()
+    """Dense protocols (``segmentation``, ``detection``, their ``_finetune`` variants) to score, at each of
+    ``dense_labels``."""
+    dense_labels: tuple[str, ...] = DENSE_LABELS
+    dense_steps: int | None = None
 
 
-def recipe_for(method: str, config_dir: str | Path) -> Path | None:
-    """The method's Fashion-MNIST recipe in ``config_dir`` (the bench compares methods at their tuned budgets)."""
-    return find_recipe(method, "fashion-mnist", [Path(config_dir)])
+DENSE_LABELS = ("1%", "10%", "100%")
+"""The label fractions of the dense protocols' columns."""
+
+
+def recipe_for(method: str, config_dir: str | Path, data: str | None = None) -> Path | None:
+    """The method's tuned recipe in ``config_dir`` (the bench compares methods at their tuned budgets): for the named
+    dataset ``data`` when it has one (``<method>_fashion_mnist_scenes.yaml``), else its Fashion-MNIST recipe."""
+    own = find_recipe(method, data, [Path(config_dir)]) if data else None
+    return own or find_recipe(method, "fashion-mnist", [Path(config_dir)])
 
 
 # ---------------------------------------------------------------- one method, in its own process
@@ -150,6 +162,18 @@ def _evaluation_figures(spec: BenchSpec, seed: int, device: str) -> dict[str, An
             continue
         for name in finetuned:
             figures[name].update({f"finetune_{frac}": _accuracy(ft, name), f"finetune_{frac}_labels": ft["n_train"]})
+    dense = DenseSettings() if not spec.dense_steps else DenseSettings(min_steps=spec.dense_steps,
+                                                                        max_steps=spec.dense_steps)
+    for protocol in spec.dense:
+        for frac in spec.dense_labels:
+            key = f"{protocol}_{frac}"
+            t0 = time.perf_counter()
+            (result,) = evaluate_run(spec.run_dir, (protocol,), labels=None if frac == "100%" else frac,
+                                     dense_settings=dense, **kwargs)
+            figures["selfsup"].update({key: result["score"], f"{key}_labels": result["n_train"],
+                                       f"{key}_minutes": (time.perf_counter() - t0) / 60})
+            if "random_encoder" in figures:  # the random-init row: a frozen random encoder, or from scratch
+                figures["random_encoder"][key] = next(iter(result["baselines"].values()), None)
     row = figures.pop("selfsup")
     if figures:
         row["baselines"] = figures  # for the reference rows; run_bench takes them out of the method's row
@@ -232,11 +256,21 @@ def run_bench(methods: Sequence[str], out_dir: str | Path, budget: Budget, data:
               data_root: str | None = None, config_dir: str | Path = "configs", finetune: Sequence[str] = (),
               finetune_steps: int | None = None, eval_limit: int | None = None, device: str | None = None,
               threads: int | None = None, seed: int | None = None, baseline: bool = True,
-              extra: dict[str, Any] | None = None) -> dict[str, Any]:
+              extra: dict[str, Any] | None = None, dense: Sequence[str] = (),
+              dense_labels: Sequence[str] = DENSE_LABELS, dense_steps: int | None = None) -> dict[str, Any]:
     """Run every method (one subprocess each), write ``results.{json,md,png}`` in ``out_dir``; returns the JSON.
     ``finetune``: label fractions to fine-tune with (a subset of ``FINETUNE_FRACTIONS``); ``baseline``:
-    measure the baselines and add the reference rows."""
+    measure the baselines and add the reference rows. ``dense``: dense protocols to score at each of
+    ``dense_labels`` (their baselines — minutes each — are measured once per backbone: for its first method, whose
+    figures the reference rows read)."""
     finetune = tuple(finetune)
+    dense, dense_labels = tuple(dense), tuple(dense_labels)
+    problems = [f"unknown dense protocol {p!r}; choose from {', '.join(DENSE_PROTOCOLS)}" for p in dense
+                if p not in DENSE_PROTOCOLS]
+    problems += [f"dense label amount {f!r} must be a percentage such as 1%, 10% or 100%" for f in dense_labels
+                 if not f.endswith("%")]
+    if problems:
+        raise ConfigError(problems)
     unknown = [f for f in finetune if f not in FINETUNE_FRACTIONS]
     if unknown:
         raise ConfigError([f"--finetune fractions must be among {', '.join(FINETUNE_FRACTIONS)}; got {', '.join(unknown)}"])
@@ -258,13 +292,16 @@ def run_bench(methods: Sequence[str], out_dir: str | Path, budget: Budget, data:
     source = f"selfsup bench ({budget.describe()}{settings_text(extra)})"
     jobs, backbones = [], []
     for m in methods:
-        recipe = recipe_for(m, config_dir)
+        recipe = recipe_for(m, config_dir, data)
         overrides = {**common, "method.name": m}
         cfg = load_config(recipe, overrides)  # config errors and unknown method params before any training
         check_method_params(cfg.method.name, cfg.method.params)
+        # with dense protocols, baselines only for the first method on each backbone (the reference rows read those)
+        first = not any(_backbone_key(b) == _backbone_key(cfg.backbone) for b in backbones)
         backbones.append(cfg.backbone)
         jobs.append(BenchSpec(m, str(recipe) if recipe else None, overrides, str(out / "runs" / m),
-                              str(out / "runs" / f"{m}.json"), finetune, finetune_steps, eval_limit, baseline, source))
+                              str(out / "runs" / f"{m}.json"), finetune, finetune_steps, eval_limit,
+                              baseline and (first or not dense), source, dense, dense_labels, dense_steps))
     rows = []
     for i, spec in enumerate(jobs, 1):
         Path(spec.run_dir).parent.mkdir(parents=True, exist_ok=True)
@@ -287,6 +324,7 @@ def run_bench(methods: Sequence[str], out_dir: str | Path, budget: Budget, data:
         print(f"      {ref['method']}: {_status(ref)}", flush=True)
     results = {"budget": dataclasses.asdict(budget), "budget_text": budget.describe(),
                "data": common.get("data.name", "each recipe's"), "finetune": list(finetune),
+               "dense": list(dense), "dense_labels": list(dense_labels), "dense_steps": dense_steps,
                "finetune_steps": finetune_steps, "eval_limit": eval_limit, "torch": torch.__version__,
                "platform": platform.platform(), "threads": threads, "settings": dict(extra or {}),
                "rows": rows + refs}

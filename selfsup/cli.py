@@ -233,6 +233,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from selfsup.bench import Budget, run_bench
     from selfsup.report.bench_table import markdown_table
 
+    from selfsup.eval.dense import DENSE_PROTOCOLS
+
+    protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
+    unknown = [p for p in protocols if p not in ("knn", "linear") + DENSE_PROTOCOLS]
+    if unknown:
+        raise ConfigError([f"--protocols: unknown {', '.join(unknown)}; choose from knn, linear (always measured), "
+                           f"{', '.join(DENSE_PROTOCOLS)} (fine-tuning on image labels: --finetune)"])
+    dense = [p for p in protocols if p in DENSE_PROTOCOLS]
+    if args.dense_steps is not None and args.dense_steps < 1:
+        raise ConfigError([f"--dense-steps must be ≥ 1, got {args.dense_steps}"])
     budget = Budget.parse(args.budget) if args.budget else Budget()
     for key in ("epochs", "limit", "batch_size"):
         if getattr(args, key) is not None:
@@ -241,7 +251,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                         config_dir=args.config_dir, finetune=[f.strip() for f in args.finetune.split(",") if f.strip()],
                         finetune_steps=args.finetune_steps, eval_limit=args.eval_limit, device=args.device,
                         threads=args.threads, seed=args.seed, baseline=not args.no_baseline,
-                        extra=dict(parse_override(item) for item in args.set or []))
+                        extra=dict(parse_override(item) for item in args.set or []), dense=dense,
+                        dense_labels=[f.strip() for f in args.dense_labels.split(",") if f.strip()],
+                        dense_steps=args.dense_steps)
     print(markdown_table(results), end="")  # what results.md holds
     return 1 if any("error" in r for r in results["rows"]) else 0
 
@@ -380,6 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--finetune", nargs="?", const="1%,10%", default="", metavar="FRACTIONS",
                     help="add fine-tuning with these label fractions (default when given alone: 1%%,10%%)")
     bn.add_argument("--finetune-steps", type=int, help="fixed number of fine-tuning steps (default: the recipe's)")
+    bn.add_argument("--protocols", default="knn,linear",
+                    help="knn,linear (always measured) and dense protocols: segmentation, segmentation_finetune, "
+                         "detection, detection_finetune (need dense data: --data fashion-mnist-scenes, a VOC folder "
+                         "or a COCO source)")
+    bn.add_argument("--dense-labels", default="1%,10%,100%", metavar="FRACTIONS",
+                    help="label fractions of the dense protocols' columns (default 1%%,10%%,100%%)")
+    bn.add_argument("--dense-steps", type=int, help="dense protocols: fixed training steps (default: scaled to the labels)")
     bn.add_argument("--eval-limit", type=int, help="labelled training images for kNN/linear/fine-tune (default all)")
     bn.add_argument("--no-baseline", action="store_true",
                     help="no random-init / raw-pixel / from-scratch baselines or reference rows")

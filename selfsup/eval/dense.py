@@ -63,12 +63,15 @@ class DenseSettings:
     detector_levels: int = 3
     """Levels the detector's FPN reads (a ViT: its last block, made into three scales)."""
     width: int = 64
-    """Channels of the FPN and of the heads."""
+    """Channels of the FPN and of the heads (a multiple of 32)."""
 
     def __post_init__(self) -> None:
         problems = [f"dense protocol setting {k} must be ≥ 1, got {getattr(self, k)}"
                     for k in ("epochs", "min_steps", "max_steps", "batch_size", "levels", "decoder_levels",
                               "detector_levels", "width") if getattr(self, k) < 1]
+        if self.width % 32:
+            problems.append(f"dense protocol width must be a multiple of 32 (FCOS's heads use GroupNorm with 32 "
+                            f"groups), got {self.width}")
         if not self.lr > 0:
             problems.append(f"dense protocol lr must be > 0, got {self.lr}")
         if problems:

@@ -26,6 +26,16 @@ COLUMNS = [("method", "method"), ("family", "family"), ("epochs", "epochs"), ("w
 PCT_COLUMNS = {"knn", "linear", "finetune_1%", "finetune_10%", "pretext_acc"}
 
 
+DENSE_NAMES = {"segmentation": "seg. mIoU linear", "segmentation_finetune": "seg. mIoU fine-tuned",
+               "detection": "det. AP frozen", "detection_finetune": "det. AP fine-tuned"}
+
+
+def dense_columns(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """(row key, header) of the dense protocols' columns: each protocol at each label fraction."""
+    return [(f"{p}_{f}", f"{DENSE_NAMES.get(p, p)} {f}") for p in results.get("dense") or ()
+            for f in results.get("dense_labels") or ()]
+
+
 def finetune_fractions(results: dict[str, Any]) -> tuple[str, ...]:
     """The fine-tuning label fractions of a results JSON (older files stored ``true`` for both)."""
     value = results.get("finetune")
@@ -38,10 +48,10 @@ def settings_text(settings: dict[str, Any] | None) -> str:
 
 
 def cell(key: str, value: Any) -> str:
-    """One table cell: a percentage for accuracies, a dash for a missing figure."""
+    """One table cell: a percentage for accuracies, mIoU and AP, a dash for a missing figure."""
     if value is None:
         return "–"
-    if key in PCT_COLUMNS:
+    if key in PCT_COLUMNS or key.split("_")[0] in ("segmentation", "detection"):
         return f"{100 * value:.1f}%"
     if isinstance(value, float):
         return f"{value:.1f}" if key != "images_per_s" else f"{value:.0f}"
@@ -54,6 +64,9 @@ def markdown_table(results: dict[str, Any]) -> str:
     fractions = finetune_fractions(results)
     cols = [(k, h) for k, h in COLUMNS if (not k.startswith("finetune_") or k[len("finetune_"):] in fractions)
             and (k != "pretext_acc" or any(r.get(k) is not None for r in results["rows"]))]
+    dense = dense_columns(results)
+    if dense:  # before the rank and warnings columns
+        cols = cols[:-2] + dense + cols[-2:]
     settings = settings_text(results.get("settings"))
     lines = [f"Budget: {results['budget_text']}; data: {results['data']}{settings}; torch {results['torch']}; "
              f"{results['platform']}" + (f"; {results['threads']} thread(s)" if results.get("threads") else ""), "",
@@ -76,6 +89,13 @@ def markdown_table(results: dict[str, Any]) -> str:
     if fractions:
         lines.append(f"Fine-tune: the whole encoder plus a linear head on a stratified {' / '.join(fractions)} of the labels "
                      "(selfsup.eval.finetune); the random-init row is training from scratch with the same recipe.")
+    if dense:
+        steps = f"{results['dense_steps']} steps each" if results.get("dense_steps") else "steps scaled to the labels"
+        lines.append("Dense (selfsup.eval.dense; mIoU and COCO AP on the test split, labels: a covering fraction of the "
+                     f"annotated training images, {steps}): seg. linear = BN + 1×1 conv on the frozen last map "
+                     "(DINOv2's protocol); fine-tuned = the encoder with a semantic-FPN decoder; det. = torchvision "
+                     "FCOS over an FPN of the last levels, frozen or fine-tuned. The random-init row: a frozen random "
+                     "encoder for the frozen columns, training from scratch for the fine-tuned ones.")
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 

@@ -20,6 +20,7 @@ from selfsup.data import DataError, load_dataset
 from selfsup.monitor.diagnostics import effective_rank
 from selfsup.monitor.features import eval_images, extract_features
 from selfsup.report import curves, embeddings
+from selfsup.report.dense import dense_pictures
 from selfsup.train.checkpoint import CheckpointError
 from selfsup.train.rundir import read_metrics
 
@@ -115,12 +116,12 @@ def _eval_results(run_dir: Path) -> str:
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
             r.get("protocol"), f"{r.get('dataset')} (held-out val)" if r.get("split") == "val" else r.get("dataset"),
             f"{r.get('labels')} (seed {r['seed']})" if r.get("seed") else r.get("labels"),
-            _fmt(r.get("accuracy"), pct=True),
+            r.get("metric", "accuracy"), _fmt(r.get("score", r.get("accuracy")), pct=True),
             _fmt(base.get("random_encoder"), pct=True), _fmt(base.get("raw_pixels"), pct=True),
             _fmt(base.get("from_scratch"), pct=True))) + "</tr>")
     if not rows:
         return '<p class="note">No evaluation yet: run <code>selfsup evaluate RUN</code>.</p>'
-    head = "".join(f"<th>{h}</th>" for h in ("protocol", "dataset", "labels", "accuracy", "random encoder",
+    head = "".join(f"<th>{h}</th>" for h in ("protocol", "dataset", "labels", "metric", "selfsup", "random encoder",
                                               "raw pixels", "from scratch"))
     note = f'<p class="note">From {html.escape(", ".join(dict.fromkeys(sources)))}.</p>'
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>{note}"
@@ -244,6 +245,11 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
         parts.append("<h2>The method's own pictures</h2>")
         for p in own:
             parts += [f'<p class="note">{html.escape(p.name)}</p>', _img(p, p.stem)]
+    dense = dense_pictures(run_dir, out)
+    if dense:
+        parts.append("<h2>Segmentation and detection on test images</h2>")
+        for p, caption in dense:
+            parts += [f'<p class="note">{html.escape(p.name)}: {html.escape(caption)}</p>', _img(p, p.stem)]
     parts += ["<h2>Evaluation</h2>", _eval_results(run_dir),
               "<h2>Config</h2>", f"<details><summary>config.yaml</summary><pre>{html.escape(cfg_text)}</pre></details>"]
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>selfsup report: {html.escape(method)}"
