@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layer-wise learning-rate decay for a ViT (e.g. 0.75 as MAE; 1 = off). With a changed "
                         "recipe, from scratch gets the better of it and the default recipe")
     e.add_argument("--dense-steps", type=int, metavar="N",
-                   help="dense protocols: training steps (default: scaled to the label count, 300-1200)")
+                   help="dense protocols: training steps (default: scaled to the label count, 300-800)")
     e.add_argument("--levels", type=int, metavar="N",
                    help="segmentation: feature levels the linear head reads (1: the last map, default; 4: the last "
                         "four concatenated, DINOv2's multi-scale variant)")

@@ -48,7 +48,7 @@ class DenseSettings:
 
     epochs: int = 20
     min_steps: int = 300
-    max_steps: int = 1200
+    max_steps: int = 800
     batch_size: int = 32
     lr: float = 1e-3
     """AdamW peak learning rate of the heads (and of the encoder when fine-tuned)."""
