@@ -77,6 +77,10 @@ class Budget:
         return f"{e} on {n}{b}"
 
 
+DENSE_LABELS = ("1%", "10%", "100%")
+"""The label fractions of the dense protocols' columns."""
+
+
 @dataclasses.dataclass
 class BenchSpec:
     """One method's job (JSON on its subprocess's command line)."""
@@ -99,10 +103,6 @@ class BenchSpec:
     ``dense_labels``."""
     dense_labels: tuple[str, ...] = DENSE_LABELS
     dense_steps: int | None = None
-
-
-DENSE_LABELS = ("1%", "10%", "100%")
-"""The label fractions of the dense protocols' columns."""
 
 
 def recipe_for(method: str, config_dir: str | Path, data: str | None = None) -> Path | None:
