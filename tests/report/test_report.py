@@ -84,7 +84,7 @@ def test_report_of_an_unfinished_run_still_has_its_curves(run_dir: Path, tmp_pat
     assert "Embedding pictures skipped" in page and "encoder.pt" in page
     assert len(_embedded_pngs(page)) == 4  # three curve figures and the method's picture
     # evaluation results are listed with their baselines
-    assert "<td>finetune</td><td>digits</td><td>1%</td><td>81.25%</td><td>37.50%</td><td>25.00%</td><td>50.00%</td>" in page
+    assert "<td>finetune</td><td>digits</td><td>1%</td><td>accuracy</td><td>81.25%</td><td>37.50%</td><td>25.00%</td><td>50.00%</td>" in page
 
 
 def test_report_rejects_what_is_not_a_run(tmp_path: Path, capsys) -> None:
