@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -141,3 +142,25 @@ def set_lr(optimizer: torch.optim.Optimizer, step: int, steps: int, settings: De
     for g in optimizer.param_groups:
         g["lr"] = lr
 
+
+
+def fit(model: nn.Module, train: DenseSet, settings: DenseSettings, seed: int, device: torch.device,
+        loss_of: Callable[[DenseViews, list[Tensor]], Tensor]) -> dict[str, Any]:
+    """Train ``model`` in place on ``train``'s views for :meth:`DenseSettings.steps_for` steps: AdamW, linear warm-up
+    and cosine; ``loss_of(views, box labels)`` is the protocol's loss. Returns the steps, seconds and final loss."""
+    torch.manual_seed(seed)
+    model.to(device).train()
+    optimizer = adamw(model, settings)
+    steps = settings.steps_for(len(train))
+    t0 = time.perf_counter()
+    losses = []
+    for step, views, labels in training_views(train, settings, steps, seed, train.images.image_size, device):
+        set_lr(optimizer, step, steps, settings)
+        loss = loss_of(views, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    tail = losses[-20:]
+    return {"steps": steps, "time_s": time.perf_counter() - t0, "final_loss": sum(tail) / max(1, len(tail))}

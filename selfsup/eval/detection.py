@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -17,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from selfsup.data.dense import DenseSet
-from selfsup.eval.dense import DenseSettings, adamw, set_lr, test_views, training_views
+from selfsup.eval.dense import DenseSettings, fit, test_views
 from selfsup.nn.dense_heads import build_fcos
 from selfsup.views.dense import unletterbox_boxes
 
@@ -33,25 +32,13 @@ def build_detector(encoder: nn.Module, in_chans: int, image_size: int, num_class
 
 def train_detector(model: nn.Module, train: DenseSet, settings: DenseSettings, seed: int,
                    device: torch.device) -> dict[str, Any]:
-    """FCOS's own losses (focal classification, GIoU regression, centreness), summed; AdamW with warm-up and
-    cosine; in place. Images whose crop kept no box train as negatives."""
-    torch.manual_seed(seed)
-    model.to(device).train()
-    optimizer = adamw(model, settings)
-    steps = settings.steps_for(len(train))
-    t0 = time.perf_counter()
-    losses = []
-    for step, views, labels in training_views(train, settings, steps, seed, train.images.image_size, device):
-        set_lr(optimizer, step, steps, settings)
+    """FCOS's own losses (focal classification, GIoU regression, centreness), summed; in place
+    (:func:`~selfsup.eval.dense.fit`). Images whose crop kept no box train as negatives."""
+    def loss_of(views, labels):
         targets = [{"boxes": b.to(device), "labels": lab.to(device)} for b, lab in zip(views.boxes, labels)]
-        parts = model(list(views.images), targets)
-        loss = sum(parts.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    model.eval()
-    return {"steps": steps, "time_s": time.perf_counter() - t0, "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:]))}
+        return sum(model(list(views.images), targets).values())
+
+    return fit(model, train, settings, seed, device, loss_of)
 
 
 def _sizes(test: DenseSet) -> Tensor:

@@ -7,7 +7,6 @@ predicted has no IoU), pixel accuracy = Σ TP / scored pixels, and mean class ac
 """
 from __future__ import annotations
 
-import time
 from typing import Any, Sequence
 
 import torch
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.data.dense import IGNORE, DenseSet
-from selfsup.eval.dense import DenseSettings, adamw, set_lr, test_views, training_views
+from selfsup.eval.dense import DenseSettings, fit, test_views
 from selfsup.monitor.features import eval_mode
 from selfsup.nn.dense_heads import LinearSegHead, MapEncoder, SemanticFPNHead, Segmenter
 from selfsup.nn.feature_maps import map_levels
@@ -35,23 +34,9 @@ def build_segmenter(encoder: nn.Module, in_chans: int, image_size: int, num_clas
 
 def train_segmenter(model: Segmenter, train: DenseSet, settings: DenseSettings, mean: Sequence[float],
                     std: Sequence[float], seed: int, device: torch.device) -> dict[str, Any]:
-    """Cross-entropy on the scored pixels (ignore index 255), AdamW with warm-up and cosine; in place."""
-    torch.manual_seed(seed)
-    model.to(device).train()
-    optimizer = adamw(model, settings)
-    steps = settings.steps_for(len(train))
-    size = train.images.image_size
-    t0 = time.perf_counter()
-    losses = []
-    for step, views, _ in training_views(train, settings, steps, seed, size, device):
-        set_lr(optimizer, step, steps, settings)
-        loss = F.cross_entropy(model(normalize(views.images, mean, std)), views.masks, ignore_index=IGNORE)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    model.eval()
-    return {"steps": steps, "time_s": time.perf_counter() - t0, "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:]))}
+    """Cross-entropy on the scored pixels (ignore index 255); in place (:func:`~selfsup.eval.dense.fit`)."""
+    return fit(model, train, settings, seed, device, lambda views, _: F.cross_entropy(
+        model(normalize(views.images, mean, std)), views.masks, ignore_index=IGNORE))
 
 
 def confusion(pred: Tensor, truth: Tensor, num_classes: int) -> Tensor:

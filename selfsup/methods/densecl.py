@@ -33,6 +33,7 @@ from selfsup.losses.contrastive import info_nce
 from selfsup.losses.dense import densecl_dense_loss, flatten_map, match_by_cosine, take_locations
 from selfsup.losses.precision import at_least_f32
 from selfsup.methods.base import MethodSpec, Progress
+from selfsup.methods.mocov2 import queue_and_split_problems, split_batchnorm
 from selfsup.methods.registry import register
 from selfsup.nn.ema import check_momentum, frozen_copy
 from selfsup.nn.feature_maps import forward_maps, map_levels
@@ -99,11 +100,8 @@ class DenseCL(nn.Module):
     def _keys(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, C, H, W) → the key encoder's :func:`encode_dense` outputs, with BN statistics from random sub-batches
         (split BN, as MoCo v2's keys)."""
-        perm = torch.randperm(x.shape[0], device=x.device)
-        parts = [encode_dense(self.key_backbone, self.key_projector, self.key_dense_projector, p)
-                 for p in x[perm].tensor_split(self.bn_splits)]
-        unperm = torch.argsort(perm)
-        return tuple(torch.cat(outs)[unperm] for outs in zip(*parts))
+        return split_batchnorm(lambda p: encode_dense(self.key_backbone, self.key_projector, self.key_dense_projector, p),
+                               x, self.bn_splits)
 
     def training_step(self, views: list[Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
         x_q, x_k = views
@@ -141,12 +139,4 @@ class DenseCL(nn.Module):
             queue.push(gather_no_grad(keys) if self.gather else keys)
 
     def check_run(self, n_train: int, batch_size: int, recipe: ViewRecipe) -> list[str]:
-        problems = []
-        if self.queue.size > n_train:
-            problems.append(f"the queues ({self.queue.size} keys) are larger than the {n_train} training images, so "
-                            f"they would hold keys of the query's own image as negatives; set method.params.queue_size "
-                            f"≤ {n_train}")
-        if batch_size // self.bn_splits < 2:
-            problems.append(f"bn_splits={self.bn_splits} leaves fewer than 2 images per BN sub-batch at batch size "
-                            f"{batch_size}; lower method.params.bn_splits")
-        return problems
+        return queue_and_split_problems(self.queue.size, self.bn_splits, n_train, batch_size)

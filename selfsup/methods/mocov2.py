@@ -22,6 +22,8 @@ distributed launcher.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -72,10 +74,8 @@ class MoCoV2(nn.Module):
     @torch.no_grad()
     def _keys(self, x: Tensor) -> Tensor:
         """(B, C, H, W) → (B, proj_dim) keys, with BN statistics from random sub-batches (split BN)."""
-        perm = torch.randperm(x.shape[0], device=x.device)
-        parts = x[perm].tensor_split(self.bn_splits)
-        keys = torch.cat([self.key_projector(self.key_backbone(p)) for p in parts])
-        return keys[torch.argsort(perm)]
+        (keys,) = split_batchnorm(lambda p: (self.key_projector(self.key_backbone(p)),), x, self.bn_splits)
+        return keys
 
     def training_step(self, views: list[Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
         x_q, x_k = views
@@ -100,12 +100,27 @@ class MoCoV2(nn.Module):
         self.queue.push(gather_no_grad(keys) if self.gather else keys)
 
     def check_run(self, n_train: int, batch_size: int, recipe: ViewRecipe) -> list[str]:
-        problems = []
-        if self.queue.size > n_train:
-            problems.append(f"the queue ({self.queue.size} keys) is larger than the {n_train} training images, so it "
-                            f"would hold keys of the query's own image as negatives; set method.params.queue_size "
-                            f"≤ {n_train}")
-        if batch_size // self.bn_splits < 2:
-            problems.append(f"bn_splits={self.bn_splits} leaves fewer than 2 images per BN sub-batch at batch size "
-                            f"{batch_size}; lower method.params.bn_splits")
-        return problems
+        return queue_and_split_problems(self.queue.size, self.bn_splits, n_train, batch_size)
+
+
+def split_batchnorm(encode: Callable[[Tensor], tuple[Tensor, ...]], x: Tensor, splits: int) -> tuple[Tensor, ...]:
+    """``encode`` applied to random sub-batches of ``x`` (B, …), its outputs put back in the batch's order: split BN,
+    the single-process stand-in for shuffling BN (module docstring). Shared with DenseCL's keys."""
+    perm = torch.randperm(x.shape[0], device=x.device)
+    parts = [encode(p) for p in x[perm].tensor_split(splits)]
+    unperm = torch.argsort(perm)
+    return tuple(torch.cat(outs)[unperm] for outs in zip(*parts))
+
+
+def queue_and_split_problems(queue_size: int, bn_splits: int, n_train: int, batch_size: int) -> list[str]:
+    """A queue larger than the data (it would hold the query's own image as a negative) and BN sub-batches of fewer
+    than two images: the checks every MoCo-style method makes before training."""
+    problems = []
+    if queue_size > n_train:
+        problems.append(f"the queue ({queue_size} keys) is larger than the {n_train} training images, so it "
+                        f"would hold keys of the query's own image as negatives; set method.params.queue_size "
+                        f"≤ {n_train}")
+    if batch_size // bn_splits < 2:
+        problems.append(f"bn_splits={bn_splits} leaves fewer than 2 images per BN sub-batch at batch size "
+                        f"{batch_size}; lower method.params.bn_splits")
+    return problems

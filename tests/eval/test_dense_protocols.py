@@ -3,7 +3,6 @@ that leave no class without an example, and every protocol end to end on small p
 stay unchanged, the run's encoder is never touched, a trained head beats the trivial prediction)."""
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch

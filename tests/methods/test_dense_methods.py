@@ -230,7 +230,7 @@ def test_constructors_refuse_impossible_settings(name, params, match):
 
 
 @pytest.mark.parametrize("name,params,n_train,match", [
-    ("densecl", {"queue_size": 4096}, 1000, "queues"),
+    ("densecl", {"queue_size": 4096}, 1000, r"the queue \(4096 keys\) is larger"),
     ("densecl", {"queue_size": 64, "bn_splits": 8}, 1000, "bn_splits"),
     ("vicregl", {"num_matches": [20, 4]}, 1000, "num_matches"),  # the reference's 20 of a 7×7 map; 16 px gives 4×4
 ])
