@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: CUDA tests, SimCLR ResNet-18 against lightly, the default recipe's images/s, a 2-GPU
 # NCCL smoke run, peak GPU memory of each; one JSON and a table. Every part has its own timeout; the
-# whole stays under 8 minutes. See benchmarks/gpu/README.md for running it through the device tool.
+# whole stays under 8 minutes; a dense part (DenseCL on the scenes, the dense protocols) since issue #30. See benchmarks/gpu/README.md for running it through the device tool.
 #
 #   bash benchmarks/gpu_check.sh [--out FILE.json] [--parts tests,vs_lightly,recipe,nccl] [--budget S]
 #   bash benchmarks/gpu_check.sh --prepare   # here, with the network: lightly + Fashion-MNIST to carry

@@ -185,3 +185,17 @@ def test_recipe_part_fails_with_the_way_out_when_fashion_mnist_is_missing(tmp_pa
     assert parts["tests"].skip_reason is None and "--no-install" in parts["vs_lightly"].cmd
     two = {p.name: p for p in gpu_check.build_parts(["nccl"], "python3", tmp_path, gpu_check.TIMEOUTS, 2)}
     assert two["nccl"].skip_reason is None and "torch.distributed.run" in two["nccl"].cmd
+
+
+def test_dense_figures_from_the_bench_results(tmp_path):
+    row = {"method": "densecl", "family": "contrastive", "images_per_s": 900.0, "segmentation_1%": 0.12,
+           "segmentation_1%_minutes": 0.5, "detection_finetune_1%": 0.08, "knn": 0.2}
+    ref = {"method": "random init", "family": "reference", "segmentation_1%": 0.05}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"rows": [row, ref]}))
+    f = gpu_check.dense_figures(path)
+    assert f == {"images_per_s": 900.0, "segmentation_1%": 0.12, "segmentation_1%_minutes": 0.5,
+                 "detection_finetune_1%": 0.08}
+    assert gpu_check.dense_figures(tmp_path / "none.json") == {"problem": "none.json was not written"}
+    path.write_text(json.dumps({"rows": [{"method": "densecl", "error": "boom"}]}))
+    assert gpu_check.dense_figures(path) == {"problem": "boom"}

@@ -37,8 +37,8 @@ FMNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10
                 "t10k-labels-idx1-ubyte.gz")
 FMNIST_SYSTEM = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_CARRIED = SCRATCH / "fashion-mnist"
-PARTS = ("tests", "vs_lightly", "recipe", "nccl")
-TIMEOUTS = {"preflight": 60, "tests": 150, "vs_lightly": 150, "recipe": 120, "nccl": 90}
+PARTS = ("tests", "vs_lightly", "recipe", "nccl", "dense")
+TIMEOUTS = {"preflight": 60, "tests": 150, "vs_lightly": 150, "recipe": 120, "nccl": 90, "dense": 150}
 BUDGET_S = 450  # 7.5 minutes: every part's time, timeouts included, stays inside the 8-minute promise
 MIN_PART_S = 20  # a part is not started with less than this left of the budget
 SPEED_GOAL = 2.0  # selfsup / lightly images/s
@@ -258,6 +258,19 @@ def recipe_figures(run_dir: Path) -> dict[str, Any]:
     return out
 
 
+def dense_figures(results_json: Path) -> dict[str, Any]:
+    """The dense part's figures from its bench results: pretraining images/s, and each dense column with its
+    minutes."""
+    if not results_json.is_file():
+        return {"problem": f"{results_json.name} was not written"}
+    rows = [r for r in json.loads(results_json.read_text())["rows"] if r.get("family") != "reference"]
+    if not rows or "error" in rows[0]:
+        return {"problem": rows[0].get("error", "no row") if rows else "no row"}
+    row = rows[0]
+    return {k: v for k, v in row.items() if k in ("images_per_s", "wall_time_s", "device")
+            or k.startswith(("segmentation", "detection"))}
+
+
 # ---------------------------------------------------------------- the parts
 
 
@@ -310,6 +323,16 @@ def build_parts(names: list[str], python: str, work: Path, timeouts: dict[str, i
                "--batch-size", "128", "--no-progress", "--overwrite", "--set", "train.log_every=2", "--out", str(run)]
         skip = None if gpus >= 2 else f"{gpus} CUDA device(s) visible; the 2-process NCCL run needs 2"
         parts.append(Part("nccl", cmd, timeouts["nccl"], lambda log, run=run: recipe_figures(run), mem, skip))
+    if "dense" in names:  # DenseCL on the scenes, then the dense protocols on CUDA (selfsup.eval.dense)
+        out = work / "dense"
+        root = fashion_mnist_root()
+        cmd = [python, "-m", "selfsup", "bench", "--methods", "densecl", "--data", "fashion-mnist-scenes", "--limit",
+               "4096", "--epochs", "1", "--set", "method.params.queue_size=2048", "--protocols",
+               "segmentation,segmentation_finetune,detection_finetune", "--dense-labels", "1%", "--dense-steps", "100",
+               "--device", "cuda", "--no-baseline", "--out", str(out), *(["--data-root", str(root)] if root else [])]
+        missing = None if root else "Fashion-MNIST not found (the scenes are made of it): see the recipe part"
+        parts.append(Part("dense", cmd, timeouts["dense"], lambda log, out=out: dense_figures(out / "results.json"),
+                          fail_reason=missing, outputs=(out / "results.json",)))
     return parts
 
 
@@ -376,6 +399,10 @@ def part_summary(r: PartResult) -> str:
                      f"(goal ≥ {f['goal_ratio']:g}×: {met})")
         else:
             text += f"; lightly: {f.get('partial', 'not measured')}"
+    elif r.name == "dense" and "images_per_s" in f:
+        text = f"densecl {f['images_per_s']:,.0f} img/s; " + ", ".join(
+            f"{k} {100 * v:.1f}%" for k, v in f.items() if k.startswith(("segmentation", "detection"))
+            and not k.endswith(("_labels", "_minutes")) and v is not None)
     elif r.name in ("recipe", "nccl") and "epoch_images_per_s" in f:
         per_epoch = ", ".join(f"{v:,.0f}" for v in f["epoch_images_per_s"])
         text = f"epochs {per_epoch} img/s"
