@@ -22,6 +22,9 @@ PRETRAIN_FLAGS: list[tuple[str, str, type, str]] = [
     ("--data-root", "data.root", str, "folder holding a named dataset's files"),
     ("--backbone", "backbone.name", str, "small_resnet (default), resnet18, resnet50, vit_tiny, vit_small, "
                                             "or any torchvision:NAME / timm:NAME model (built without weights)"),
+    ("--weights", "backbone.weights", str, "initialise the backbone from a state dict (.pt/.pth/.bin read weights-only, "
+                                           ".safetensors) in its library's keys, selfsup's, or a `selfsup export`; "
+                                           "a new run only (a resumed one continues from its checkpoint)"),
     ("--epochs", "train.epochs", int, "number of epochs"),
     ("--batch-size", "train.batch_size", int, "global batch size (split across processes)"),
     ("--lr", "optim.lr", float, "base learning rate before batch-size scaling"),
@@ -224,7 +227,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     opts = ReportOptions(map_method=args.map, map_size=args.map_size, embeddings=not args.no_embeddings,
                          device=args.device, seed=args.seed)
-    print(f"wrote {write_report(args.run_dir, args.out, opts)}")
+    path = write_report(args.run_dir, args.out, opts)
+    print(f"wrote {path}")
+    from selfsup.train.trackers import log_report
+
+    note = log_report(args.run_dir, path.parent)  # a run that logged to MLflow gets its report there too
+    if note:
+        print(note)
     return 0
 
 
@@ -362,10 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="the encoder as a plain state dict (.pt) or safetensors, in its library's keys")
     ex.add_argument("run_dir")
-    ex.add_argument("--format", choices=["pt", "safetensors", "torchvision", "timm"],
+    ex.add_argument("--format", choices=["pt", "safetensors", "torchvision", "timm", "onnx"],
                     help="pt or safetensors (default: from --out's suffix, else pt); torchvision or timm: the same "
-                         "weights, checked to load into that library's constructor (written in the JSON beside them)")
-    ex.add_argument("--out", help="output file (default RUN/export/encoder.pt, or encoder.safetensors for --format safetensors)")
+                         "weights, checked to load into that library's constructor (written in the JSON beside them); "
+                         "onnx: the encoder as an ONNX graph, images (N, C, H, W) -> features (N, D), any batch size "
+                         "(needs the extra: pip install 'selfsup[onnx]')")
+    ex.add_argument("--out", help="output file (default RUN/export/encoder.pt, or encoder.safetensors / encoder.onnx "
+                                  "for --format safetensors / onnx)")
     ex.set_defaults(func=cmd_export)
 
     rp = sub.add_parser("report", help="an HTML report of a run: curves, diagnostics, embedding map, retrieval")

@@ -23,6 +23,9 @@ AUTO = "auto"
 """A setting decided for the data at hand when the run starts (``backbone: auto``); the run directory stores
 the decision."""
 
+LOGGERS = ("tensorboard", "mlflow", "wandb")
+"""The experiment trackers ``train.loggers`` may name (``selfsup.train.trackers``)."""
+
 
 class ConfigError(ValueError):
     """A configuration the user must fix; the message lists every problem found (one problem: one line)."""
@@ -82,6 +85,33 @@ class ModelConfig:
 
 
 @dataclass
+class BackboneConfig(ModelConfig):
+    """The backbone: a name, its constructor's parameters, and optionally a weights file it starts from.
+
+    The weights are loaded when a new run builds its backbone (``selfsup.nn.weights``); a resumed run continues
+    from its checkpoint, and evaluation rebuilds the encoder from the run's ``encoder.pt``.
+    """
+
+    weights: str | None = None
+    """A state dict to initialise the backbone from: ``.pt``/``.pth``/``.bin`` (read with
+    ``torch.load(weights_only=True)``) or ``.safetensors``, in the key layout of the backbone's library
+    (torchvision/timm), of selfsup, or of ``selfsup export``. The run's resolved config stores its absolute path."""
+    weights_strict: bool = True
+    """Every backbone tensor must come from the file with its shape (the classifier a torchvision/timm file holds
+    is dropped, the input conv adapted to the data's channels); ``false`` loads what fits and lists the rest."""
+    weights_ignore: list[str] = field(default_factory=list)
+    """Key prefixes (the library's layout, e.g. ``[fc]`` or ``[layer4]``) neither taken from the file nor required
+    of it: those parts keep their fresh initialisation."""
+    weights_sha256: str | None = None
+    """The weights file's SHA-256: recorded by a new run in its resolved config; when given, the file must match."""
+
+
+WEIGHTS_KEYS = ("weights", "weights_strict", "weights_ignore", "weights_sha256")
+"""The backbone's weight options: written to a config only when ``weights`` is set (older run directories, which
+lack them, resume unchanged); refused under ``method:``."""
+
+
+@dataclass
 class OptimConfig:
     name: str = "sgd"
     """``sgd``, ``lars`` or ``adamw``."""
@@ -132,12 +162,21 @@ class TrainConfig:
     stop_on_collapse: bool = False
     """Stop the run when the collapse monitor warns (spread or effective rank low for several logged steps)."""
     progress: bool = True
+    loggers: list[str] = field(default_factory=list)
+    """Experiment trackers fed the same records as ``metrics.jsonl`` (``selfsup.train.trackers``): ``tensorboard``
+    (event files in ``RUN/tensorboard``), ``mlflow`` (``tracking_uri``), ``wandb`` (offline, in ``RUN/wandb``).
+    TensorBoard and MLflow come with the ``track`` extra (``pip install 'selfsup[track]'``)."""
+    tracking_uri: str | None = None
+    """The MLflow store: ``None`` is an SQLite file in the run directory (``RUN/mlruns/mlflow.db``, artifacts beside
+    it), else any MLflow tracking URI (``sqlite:///PATH``, ``http://HOST:PORT``)."""
+    experiment: str = "selfsup"
+    """The MLflow experiment (and W&B project) the run is logged under."""
 
 
 @dataclass
 class RunConfig:
     method: ModelConfig = field(default_factory=lambda: ModelConfig("simclr"))
-    backbone: ModelConfig = field(default_factory=lambda: ModelConfig(AUTO))
+    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(AUTO))
     """``auto``: the method's default backbone (a ViT for masked methods), else the small residual CNN."""
     data: DataConfig = field(default_factory=DataConfig)
     views: dict[str, Any] = field(default_factory=dict)
@@ -146,8 +185,16 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.backbone, BackboneConfig):  # RunConfig(backbone=ModelConfig(...)): no weights
+            self.backbone = BackboneConfig(self.backbone.name, dict(self.backbone.params))
+
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        out = _plain(dataclasses.asdict(self))
+        if out["backbone"].get("weights") is None:
+            for key in WEIGHTS_KEYS:
+                out["backbone"].pop(key, None)
+        return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -193,6 +240,12 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
             problems.append(f"{where}: expected a list of {len(args)} values, got {value!r}")
             return value
         return tuple(_coerce(v, a, f"{where}[{i}]", problems) for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{where}: expected a list, got {value!r} (write [{value}] for one item)")
+            return value
+        (arg,) = typing.get_args(tp)
+        return [_coerce(v, arg, f"{where}[{i}]", problems) for i, v in enumerate(value)]
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             problems.append(f"{where}: expected a mapping, got {value!r}")
@@ -220,12 +273,16 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
 def _from_dict(cls: type, data: Any, where: str, problems: list[str]) -> Any:
     if not isinstance(data, dict):
         problems.append(f"{where or 'config'}: expected a mapping, got {data!r}")
-        return cls() if cls is not ModelConfig else ModelConfig("?")
+        return cls("?") if issubclass(cls, ModelConfig) else cls()
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
+        if cls is ModelConfig and key in WEIGHTS_KEYS:
+            problems.append(f"'{path}': weights initialise the backbone, not the method; use backbone.{key} "
+                            "(or --weights PATH)")
+            continue
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(names)})"
@@ -236,7 +293,7 @@ def _from_dict(cls: type, data: Any, where: str, problems: list[str]) -> Any:
             kwargs[key] = _from_dict(tp, value, path, problems)
         else:
             kwargs[key] = _coerce(value, tp, path, problems)
-    if cls is ModelConfig and "name" not in kwargs:
+    if issubclass(cls, ModelConfig) and "name" not in kwargs:
         problems.append(f"{where}.name: missing")
         kwargs["name"] = "?"
     return cls(**kwargs)
@@ -290,6 +347,9 @@ def check_values(cfg: RunConfig) -> list[str]:
         p.append(f"train.checkpoint_steps must be ≥ 0, got {t.checkpoint_steps}")
     if isinstance(t.log_every, int) and t.log_every < 1:
         p.append(f"train.log_every must be ≥ 1, got {t.log_every}")
+    unknown = [n for n in t.loggers if n not in LOGGERS] if isinstance(t.loggers, list) else []
+    if unknown:
+        p.append(f"train.loggers: unknown {', '.join(map(repr, unknown))} (known: {', '.join(LOGGERS)})")
     if t.threads is not None and isinstance(t.threads, int) and t.threads < 1:
         p.append(f"train.threads must be ≥ 1, got {t.threads}")
     if o.name not in ("sgd", "lars", "adamw"):
@@ -326,15 +386,30 @@ def check_values(cfg: RunConfig) -> list[str]:
         p.append(f"data.cache_check must be fast or full, got {d.cache_check!r}")
     if isinstance(d.memory_budget_gb, float) and d.memory_budget_gb < 0:
         p.append(f"data.memory_budget_gb must be ≥ 0, got {d.memory_budget_gb}")
+    return p + _weights_problems(cfg.backbone)
+
+
+def _weights_problems(b: BackboneConfig) -> list[str]:
+    p: list[str] = []
+    if b.weights is None:
+        given = [k for k in WEIGHTS_KEYS[1:] if getattr(b, k) != getattr(BackboneConfig("?"), k)]
+        if given:
+            p.append(f"backbone.{given[0]} is set but backbone.weights is not: give the weights file too")
+    elif isinstance(b.weights, str) and not b.weights.strip():
+        p.append("backbone.weights must be a file path, got an empty string")
+    sha = b.weights_sha256
+    if isinstance(sha, str) and not re.fullmatch(r"[0-9a-fA-F]{64}", sha):
+        p.append(f"backbone.weights_sha256 must be 64 hexadecimal digits, got {sha!r}")
     return p
 
 
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """``set_dotted(d, "optim.lr", 0.1)``; ``method.X``/``backbone.X`` for anything but ``name`` go to ``params``."""
+    """``set_dotted(d, "optim.lr", 0.1)``; ``method.X``/``backbone.X`` for anything but ``name`` (and the backbone's
+    weight options, ``WEIGHTS_KEYS``) go to ``params``."""
     keys = dotted.split(".")
     if keys[0] in ("method", "backbone"):
         data[keys[0]] = _model_from_value(data.get(keys[0], {}))
-        if len(keys) == 2 and keys[1] not in ("name", "params"):
+        if len(keys) == 2 and keys[1] not in ("name", "params") + WEIGHTS_KEYS:
             keys = [keys[0], "params", keys[1]]
     node = data
     for k in keys[:-1]:

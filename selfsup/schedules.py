@@ -1,13 +1,16 @@
 """Every per-iteration schedule in one place: the learning rate (linear warm-up, then a half cosine), its
 batch-size scaling, and the method-declared :class:`Schedule` values (teacher momentum, teacher temperature)
-that the training loop evaluates once per step from :class:`~selfsup.methods.base.Progress`.
+that the training loop evaluates once per step from :class:`~selfsup.methods.base.Progress`; and the
+:class:`Horizon` they span, which grows when a finished run is continued for more epochs.
 
 Ground floor: imports nothing from selfsup, so methods, the loop and evaluation all read the same rules.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any, Callable
 
 
 def cosine_schedule(t: float, start: float, end: float) -> float:
@@ -70,3 +73,79 @@ class Schedule:
             return self.end
         t = min(step / (self.warmup_epochs * max(1, steps_per_epoch)), 1.0)
         return self.start + t * (self.end - self.start)
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """A run continued for more epochs: at ``step`` (the checkpoint it continued from) its schedules' horizon
+    grew from ``from_steps`` to ``to_steps``, entered over ``blend_steps`` steps (:class:`Horizon`)."""
+
+    step: int
+    from_steps: int
+    to_steps: int
+    blend_steps: int
+
+
+CONTINUATION_RULE = ("every schedule (lr, weight decay, the method's) becomes the schedule of a run planned for "
+                     "the new total; over the blend_steps steps after the continuation step it moves linearly from "
+                     "the value of the last step taken to the new schedule's value at the end of that window, "
+                     "then follows the new schedule")
+"""What :class:`Horizon` does at a continuation, in words, as the run directory records it."""
+
+
+@dataclass(frozen=True)
+class Horizon:
+    """The steps a run's schedules span: ``planned`` at its start, then each :class:`Continuation`.
+
+    A run continued for more epochs (``selfsup pretrain`` again with a larger ``--epochs``) follows the schedules
+    of a run planned for the new total — so its learning rate decays to its minimum again at the new end, and the
+    teacher momentum reaches 1 there — entered smoothly: from the continuation step ``c`` to ``c + W`` every value
+    moves linearly from the one it had reached (step ``c - 1``, under the old horizon) to the new schedule's value
+    at ``c + W``. Without the blend, the extended cosine would make the learning rate jump up at ``c`` (it is
+    higher at ``c / new_total`` than at the end of the old one); restarting a cosine from the reached value instead
+    would keep the learning rate of a finished run near its minimum (0 by default), so that the added epochs
+    hardly train. A run that was never continued is exactly ``at(step, planned)``.
+    """
+
+    planned: int
+    continuations: tuple[Continuation, ...] = ()
+
+    @property
+    def total_steps(self) -> int:
+        return self.continuations[-1].to_steps if self.continuations else self.planned
+
+    def value(self, at: Callable[[int, int], float], step: int) -> float:
+        """A schedule's value at ``step`` of this run; ``at(step, total_steps)`` is its value on a run planned for
+        ``total_steps`` (e.g. ``lambda s, n: cosine_schedule(s / n, 0.996, 1.0)``)."""
+        return self._value(at, step, len(self.continuations))
+
+    def _value(self, at: Callable[[int, int], float], step: int, n: int) -> float:
+        for k in range(n - 1, -1, -1):  # the latest of the first n continuations at or before ``step``
+            c = self.continuations[k]
+            if step < c.step:
+                continue
+            end = c.step + c.blend_steps
+            if step >= end or c.step == 0:
+                return at(step, c.to_steps)
+            reached, target = self._value(at, c.step - 1, k), at(end, c.to_steps)
+            return reached + (target - reached) * (step - c.step + 1) / (c.blend_steps + 1)
+        return at(step, self.planned)
+
+    def continued(self, step: int, total_steps: int, blend_steps: int) -> "Horizon":
+        """This horizon continued at ``step`` to ``total_steps``, entered over ``blend_steps`` (clipped to what is
+        left) steps."""
+        if total_steps <= self.total_steps:
+            raise ValueError(f"a continuation must add steps: {self.total_steps} → {total_steps}")
+        blend = max(0, min(blend_steps, total_steps - step))
+        return Horizon(self.planned, self.continuations + (Continuation(step, self.total_steps, total_steps, blend),))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"planned": self.planned, "continuations": [dataclasses.asdict(c) for c in self.continuations]}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None, planned: int) -> "Horizon":
+        """From :meth:`state_dict`; ``None`` (a checkpoint written before horizons were saved): ``planned``."""
+        if not state:
+            return cls(planned)
+        return cls(int(state["planned"]), tuple(Continuation(**{k: int(v) for k, v in c.items()})
+                                                for c in state.get("continuations", [])))

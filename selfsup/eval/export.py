@@ -8,7 +8,8 @@ The keys are always those of the library the encoder came from, without selfsup'
 Formats: ``pt`` (``torch.save``) and ``safetensors`` write those weights; ``torchvision`` and ``timm``
 write the same weights (``.pt``, or safetensors when ``--out`` ends in ``.safetensors``) after checking
 that they come from that library, so a run trained with a ``timm:`` backbone is never handed out as a
-torchvision model. A JSON file beside the weights records the library, the exact constructor call that
+torchvision model. ``onnx`` writes the encoder as an ONNX graph (:mod:`selfsup.eval.export_onnx`). A JSON file
+beside the weights records the library, the exact constructor call that
 ``load_state_dict(..., strict=True)`` accepts them into (classifier removed, stem as trained, input
 channels and size), and the normalisation the encoder expects (mean/std of the pretraining data).
 """
@@ -29,7 +30,7 @@ from selfsup.train.checkpoint import CheckpointError, atomic_save
 from selfsup.train.rundir import LoadedRun
 
 # format → default file suffix; torchvision/timm are checked library formats written as .pt
-FORMATS = {"pt": ".pt", "safetensors": ".safetensors", "torchvision": ".pt", "timm": ".pt"}
+FORMATS = {"pt": ".pt", "safetensors": ".safetensors", "torchvision": ".pt", "timm": ".pt", "onnx": ".onnx"}
 LIBRARY_FORMATS = ("torchvision", "timm")
 
 
@@ -109,7 +110,7 @@ def export_metadata(run: LoadedRun, file_format: str = "pt") -> dict[str, Any]:
 def resolve_format(fmt: str | None, out: str | Path | None) -> str:
     if fmt is None:
         suffix = Path(out).suffix.lower() if out else ""
-        return "safetensors" if suffix == ".safetensors" else "pt"
+        return {".safetensors": "safetensors", ".onnx": "onnx"}.get(suffix, "pt")
     if fmt not in FORMATS:
         raise ConfigError([f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}"])
     return fmt
@@ -134,6 +135,10 @@ def export_encoder(run: LoadedRun, out: str | Path, fmt: str | None = None) -> t
     """Write the weights to ``out`` and their description to ``out`` + ``.json``; returns both paths."""
     out = Path(out)
     fmt = resolve_format(fmt, out)
+    if fmt == "onnx":
+        from selfsup.eval.export_onnx import export_onnx
+
+        return export_onnx(run, out, export_metadata(run, "onnx"))
     check_library(run, fmt)
     container = "safetensors" if fmt == "safetensors" or (fmt in LIBRARY_FORMATS and out.suffix.lower() == ".safetensors") else "pt"
     state = plain_state_dict(run.encoder)

@@ -34,7 +34,7 @@ from typing import Any, ClassVar, Mapping, Protocol, runtime_checkable
 from torch import Tensor, nn
 
 from selfsup.nn.ema import update_teachers
-from selfsup.schedules import Schedule
+from selfsup.schedules import Horizon, Schedule
 from selfsup.views import ViewRecipe
 
 
@@ -122,10 +122,19 @@ def schedules_of(method: nn.Module) -> dict[str, Schedule]:
     return dict(hook()) if hook is not None else {}
 
 
-def make_progress(method: nn.Module, step: int, total_steps: int, epoch: int, steps_per_epoch: int) -> Progress:
+def make_progress(method: nn.Module, step: int, total_steps: int, epoch: int, steps_per_epoch: int,
+                  horizon: Horizon | None = None) -> Progress:
     """The :class:`Progress` of one step with every schedule of ``method`` evaluated: the one place
-    per-step method values are computed (the loop calls it; so do tests that drive a method by hand)."""
-    values = {name: s.at(step, total_steps, steps_per_epoch) for name, s in schedules_of(method).items()}
+    per-step method values are computed (the loop calls it; so do tests that drive a method by hand).
+    ``horizon``: the run's, when it may have been continued for more epochs — each schedule is then evaluated
+    through it (:class:`~selfsup.schedules.Horizon`: no value jumps where the run was continued) and
+    ``total_steps`` is its total."""
+    if horizon is None:
+        values = {name: s.at(step, total_steps, steps_per_epoch) for name, s in schedules_of(method).items()}
+    else:
+        total_steps = horizon.total_steps
+        values = {name: horizon.value(lambda k, n, s=s: s.at(k, n, steps_per_epoch), step)
+                  for name, s in schedules_of(method).items()}
     return Progress(step, total_steps, epoch, steps_per_epoch, MappingProxyType(values))
 
 

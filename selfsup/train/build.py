@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 
 from torch import nn
 
-from selfsup.config import AUTO, ConfigError, ModelConfig, RunConfig
+from selfsup import distributed as dist
+from selfsup.config import AUTO, BackboneConfig, ConfigError, ModelConfig, RunConfig
 from selfsup.data import ImageSet
 from selfsup.methods import check_method_params, get_method
 from selfsup.methods.base import MethodSpec, run_checks
 from selfsup.methods.registry import method_params
 from selfsup.nn.backbones import BackboneError, build_backbone, check_backbone_name
+from selfsup.nn.weights import WeightsError, file_sha256, load_weights
+from selfsup.train.checkpoint import CheckpointError
 from selfsup.views import ViewRecipe, apply_overrides, resolve_sizes
 
 log = logging.getLogger("selfsup")
@@ -57,35 +61,57 @@ def auto_backbone(method: str, image_size: int) -> ModelConfig:
 
 
 def resolve_config(cfg: RunConfig, train: ImageSet) -> RunConfig:
-    """The config with every ``auto`` setting decided for this data; the run directory stores this one."""
+    """The config with every ``auto`` setting decided for this data, and the weights file (when given) recorded by
+    absolute path and SHA-256; the run directory stores this one."""
+    cfg = dataclasses.replace(cfg, backbone=resolve_weights(cfg.backbone))
     if cfg.backbone.name != AUTO:
         return cfg
     auto = auto_backbone(cfg.method.name, train.image_size)
     params = {**auto.params, **cfg.backbone.params}  # settings the user gave win
     log.info("backbone: %s %s (auto: for %s at %d px; --backbone NAME picks another)", auto.name, params or "",
              cfg.method.name, train.image_size)
-    return dataclasses.replace(cfg, backbone=ModelConfig(auto.name, params))
+    return dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, name=auto.name, params=params))
+
+
+def resolve_weights(backbone: BackboneConfig) -> BackboneConfig:
+    """``backbone.weights`` as an absolute path, with the file's SHA-256 (checked against a recorded one). A file
+    that is missing is left for :func:`build_method` to report: a resumed run does not need it."""
+    if not backbone.weights:
+        return backbone
+    path = Path(backbone.weights).expanduser().resolve()
+    sha = backbone.weights_sha256
+    if path.is_file():
+        sha = file_sha256(path)
+        if backbone.weights_sha256 and backbone.weights_sha256.lower() != sha:
+            raise ConfigError([f"backbone.weights: {path} has SHA-256 {sha}, not the {backbone.weights_sha256} this "
+                               "config records: the file changed since; remove backbone.weights_sha256 to use it as "
+                               "it is now"])
+    return dataclasses.replace(backbone, weights=str(path), weights_sha256=sha)
 
 
 def build_encoder(cfg: RunConfig, in_chans: int, image_size: int) -> nn.Module:
     backbone = cfg.backbone
     if backbone.name == AUTO:
         auto = auto_backbone(cfg.method.name, image_size)
-        backbone = ModelConfig(auto.name, {**auto.params, **backbone.params})
+        backbone = dataclasses.replace(backbone, name=auto.name, params={**auto.params, **backbone.params})
     try:
         return build_backbone(backbone.name, in_chans, image_size, **backbone.params)
     except (BackboneError, TypeError, ValueError) as exc:
         raise ConfigError([f"backbone: {exc}"]) from None
 
 
-def build_method(cfg: RunConfig, in_chans: int, image_size: int, world: int = 1) -> nn.Module:
-    """The method around a freshly initialised backbone; constructor ``ValueError``s become config errors.
+def build_method(cfg: RunConfig, in_chans: int, image_size: int, world: int = 1, weights: bool = True) -> nn.Module:
+    """The method around a freshly initialised backbone, or, with ``weights`` and ``backbone.weights`` set, one
+    initialised from that file before the method is built (so its teachers copy it); constructor ``ValueError``s
+    become config errors. Rebuilding a trained method to load its checkpoint passes ``weights=False``.
 
     With several processes, a method whose loss compares samples (it takes ``gather``) gathers
     embeddings across them, so its loss is the one of the global batch.
     """
     info = get_method(cfg.method.name)
     backbone = build_encoder(cfg, in_chans, image_size)
+    if weights and cfg.backbone.weights:
+        init_backbone(backbone, cfg.backbone, in_chans)
     params = dict(cfg.method.params)
     if world > 1 and "gather" in method_params(info.cls):
         params.setdefault("gather", True)
@@ -93,6 +119,21 @@ def build_method(cfg: RunConfig, in_chans: int, image_size: int, world: int = 1)
         return info.cls(backbone, **params)
     except (ValueError, TypeError) as exc:
         raise ConfigError([f"method {cfg.method.name!r}: {exc}"]) from None
+
+
+def init_backbone(backbone: nn.Module, cfg: BackboneConfig, in_chans: int) -> None:
+    """Load ``cfg.weights`` into ``backbone`` (:func:`selfsup.nn.weights.load_weights`), saying what was done;
+    a file that does not fit is a :class:`CheckpointError` (one line)."""
+    try:
+        loaded = load_weights(backbone, cfg.weights, strict=cfg.weights_strict, ignore=cfg.weights_ignore,
+                              in_chans=in_chans)
+    except WeightsError as exc:
+        raise CheckpointError(f"backbone.weights: {exc}") from None
+    if dist.rank() == 0:
+        sha = f" (sha256 {cfg.weights_sha256[:12]}…)" if cfg.weights_sha256 else ""
+        log.info("backbone weights: %s%s", loaded.summary(), sha)
+        for note in loaded.notes:
+            log.info("backbone weights: %s", note)
 
 
 def view_recipe(cfg: RunConfig, spec: MethodSpec, image_size: int) -> ViewRecipe:

@@ -87,11 +87,22 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, overwrite: bool = False) -> di
     """
     run = setup_run(cfg, Path(run_dir), overwrite)
     summary: dict[str, Any] = {}
-    with _StopFlag() as stop:
-        for epoch in range(run.step // run.steps_per_epoch, cfg.train.epochs):
-            summary = train_one_epoch(run, epoch, stop)
-    if run.main:
-        atomic_save(run.model.backbone.state_dict(), run.run_dir / "encoder.pt")
+    status = "FAILED"
+    try:
+        with _StopFlag() as stop:
+            for epoch in range(run.step // run.steps_per_epoch, cfg.train.epochs):
+                summary = train_one_epoch(run, epoch, stop)
+        if run.main:
+            atomic_save(run.model.backbone.state_dict(), run.run_dir / "encoder.pt")
+        status = "FINISHED"
+    except (SystemExit, KeyboardInterrupt):  # SIGTERM or Ctrl-C: the run is resumable
+        status = "KILLED"
+        raise
+    finally:
+        if run.trackers is not None:  # finished: the encoder and the config as artifacts; the trackers' runs end
+            done = status == "FINISHED"
+            run.trackers.close([run.run_dir / n for n in ("encoder.pt", "encoder.json", "config.yaml")] if done
+                               else None, status)
     return summary
 
 
@@ -107,7 +118,7 @@ def train_one_epoch(run: Run, epoch: int, stop: _StopFlag) -> dict[str, Any]:
     order = epoch_order(len(run.data.train), t.seed, epoch)
     for i, idx, x, aspect in epoch_batches(run.data.train, run.resident, order, first, run.steps_per_epoch,
                                            t.batch_size, run.rank, run.world, run.device):
-        progress = make_progress(run.model, run.step, run.total_steps, epoch, run.steps_per_epoch)
+        progress = make_progress(run.model, run.step, run.total_steps, epoch, run.steps_per_epoch, run.horizon)
         t0 = time.perf_counter()
         result = train_step(run, x, idx, progress, aspect)
         if run.compile_s is None and compile_mode(t.compile) != "off":
@@ -152,9 +163,8 @@ def train_step(run: Run, x: Tensor, idx: Tensor, progress: Progress, aspect: Ten
     ``aspect`` (B,): the images' original width / height when they are whole images squashed to squares (an
     image-folder cache), so crops are drawn in the original pixel space."""
     cfg = run.cfg
-    lr = warmup_cosine(progress.step, run.total_steps, run.warmup_steps, run.base_lr, run.base_lr * cfg.optim.min_lr_ratio)
-    wd_end = cfg.optim.weight_decay if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end
-    set_optim_values(run.optimizer, lr, run.base_lr, cosine_schedule(progress.fraction, cfg.optim.weight_decay, wd_end))
+    lr, wd = learning_rate(run, progress.step), weight_decay(run, progress.step)
+    set_optim_values(run.optimizer, lr, run.base_lr, wd)
     # a method with ``needs_indices`` (a per-sample memory) also gets the batch's positions in the training set,
     # one with ``needs_view_boxes`` where each view lies in its image
     extra = {"indices": idx} if run.spec.needs_indices else {}
@@ -179,6 +189,27 @@ def train_step(run: Run, x: Tensor, idx: Tensor, progress: Progress, aspect: Ten
     run.optimizer.step()
     finish_step(run.model, progress, logs)
     return result
+
+
+def learning_rate(run: Run, step: int) -> float:
+    """The learning rate of ``step``: linear warm-up (``optim.warmup_epochs``), then a half cosine to
+    ``lr × min_lr_ratio`` at the run's last step, through its :class:`~selfsup.schedules.Horizon` (a run continued
+    for more epochs joins the longer schedule without a jump)."""
+    o, spe = run.cfg.optim, run.steps_per_epoch
+
+    def planned(s: int, total: int) -> float:  # on a run planned for ``total`` steps
+        warmup = min(int(o.warmup_epochs * spe), total - 1)
+        return warmup_cosine(s, total, warmup, run.base_lr, run.base_lr * o.min_lr_ratio)
+
+    return run.horizon.value(planned, step)
+
+
+def weight_decay(run: Run, step: int) -> float:
+    """The weight decay of ``step``: ``weight_decay`` → ``weight_decay_end`` along a half cosine over the run
+    (constant without an end), through its horizon as :func:`learning_rate`."""
+    o = run.cfg.optim
+    end = o.weight_decay if o.weight_decay_end is None else o.weight_decay_end
+    return run.horizon.value(lambda s, total: cosine_schedule(s / max(1, total), o.weight_decay, end), step)
 
 
 def _grads_finite(params: list[Tensor], clip: float | None) -> bool:

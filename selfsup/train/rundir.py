@@ -8,7 +8,7 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -19,11 +19,18 @@ from selfsup.config import ConfigError, RunConfig, compile_mode, config_from_dic
 from selfsup.train.build import build_encoder, build_method
 from selfsup.train.checkpoint import CheckpointError, check_compatible, safe_load
 
+if TYPE_CHECKING:
+    from selfsup.train.trackers import Trackers
+
 ENCODER_META_KEYS = ("in_chans", "image_size", "mean", "std")
 
 # Keys that may differ between a run and its resumption without changing what is computed.
+# (backbone.weights_sha256: a resumed run continues from its checkpoint; its weights file may have changed or gone.)
 RESUME_FREE_KEYS = {("train", "progress"), ("train", "log_every"), ("train", "device"), ("train", "threads"),
-                    ("train", "stop_on_collapse")}
+                    ("train", "stop_on_collapse"), ("backbone", "weights_sha256"), ("train", "loggers"),
+                    ("train", "tracking_uri"), ("train", "experiment")}
+# The one key that may grow: the run is then continued for more epochs (check_resumable).
+EPOCHS_KEY = ("train", "epochs")
 
 
 def versions() -> dict[str, str]:
@@ -53,15 +60,17 @@ def _differences(a: Any, b: Any, path: tuple = ()) -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for k in sorted(set(a) | set(b), key=str):
-            if path + (k,) in RESUME_FREE_KEYS:
+            if path + (k,) in RESUME_FREE_KEYS or path + (k,) == EPOCHS_KEY:
                 continue
             out += _differences(a.get(k), b.get(k), path + (k,))
         return out
     return [] if a == b else [f"{'.'.join(map(str, path))}: {a!r} → {b!r}"]
 
 
-def check_resumable(run_dir: Path, cfg: RunConfig) -> None:
-    """A run directory with a checkpoint may only be resumed with the same config."""
+def check_resumable(run_dir: Path, cfg: RunConfig) -> int:
+    """A run directory with a checkpoint may only be resumed with the same config, except that ``train.epochs``
+    may grow (the run is then continued for more epochs: :class:`~selfsup.schedules.Horizon`). Returns the
+    saved run's epochs."""
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         raise ConfigError([f"{run_dir} has checkpoints but no config.yaml; use another --out"])
@@ -72,17 +81,29 @@ def check_resumable(run_dir: Path, cfg: RunConfig) -> None:
     new["train"]["compile"] = compile_mode(new["train"]["compile"])
     diff = _differences(saved, new)
     if diff:
-        raise ConfigError([f"{run_dir} holds a run with a different config; resume it with the same settings, "
-                           "or choose another --out (or pass --overwrite to start it again). Differences: "
-                           + "; ".join(diff)])
+        raise ConfigError([f"{run_dir} holds a run with a different config; resume it with the same settings "
+                           "(only --epochs may grow, to continue it), or choose another --out (or pass --overwrite "
+                           "to start it again). Differences: " + "; ".join(diff)])
+    epochs = (saved.get("train") or {}).get("epochs")
+    if not isinstance(epochs, int):
+        raise ConfigError([f"{saved_path} has no train.epochs; use another --out"])
+    if cfg.train.epochs < epochs:
+        raise ConfigError([f"{run_dir} holds a run of {epochs} epochs: it can be continued for more epochs, not "
+                           f"cut to {cfg.train.epochs}. Pass --epochs {epochs} (or more) to resume it, or choose "
+                           "another --out."])
+    return epochs
 
 
 class MetricsLog:
-    """``metrics.jsonl``: one JSON object per line; on resume, lines after the checkpoint are dropped."""
+    """``metrics.jsonl``: one JSON object per line; on resume, lines after the checkpoint are dropped.
 
-    def __init__(self, path: Path, enabled: bool = True):
+    The one writer of a run's records: each also goes to the run's experiment trackers, when it has any
+    (``trackers``: a :class:`~selfsup.train.trackers.Trackers`, set once they are open)."""
+
+    def __init__(self, path: Path, enabled: bool = True, trackers: Trackers | None = None):
         self.path = path
         self.enabled = enabled
+        self.trackers = trackers
 
     def truncate_after(self, step: int) -> None:
         if not self.enabled or not self.path.exists():
@@ -94,6 +115,8 @@ class MetricsLog:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.trackers is not None:
+                self.trackers.log(record)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -147,7 +170,7 @@ def load_method(run: LoadedRun, run_dir: str | Path, device: torch.device | str 
     path = Path(run_dir) / "checkpoints" / "last.pt"
     if not path.is_file():
         raise CheckpointError(f"{path} not found: the run kept no training checkpoint")
-    method = build_method(run.cfg, run.meta["in_chans"], run.meta["image_size"])
+    method = build_method(run.cfg, run.meta["in_chans"], run.meta["image_size"], weights=False)
     ckpt = safe_load(path)
     check_compatible(ckpt, run.cfg.method.name, run.cfg.backbone.name)
     try:

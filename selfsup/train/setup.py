@@ -26,7 +26,7 @@ from selfsup.methods.base import MethodSpec, Progress
 from selfsup.monitor.collapse import CollapseMonitor
 from selfsup.monitor.features import extract_features
 from selfsup.monitor.knn import knn_accuracy
-from selfsup.schedules import scaled_lr
+from selfsup.schedules import CONTINUATION_RULE, Horizon, scaled_lr
 from selfsup.train.batches import resident_images
 from selfsup.train.build import build_method, check_batch, check_names, check_run, resolve_config, view_recipe
 from selfsup.train.checkpoint import FORMAT_VERSION, atomic_save, check_compatible, safe_load
@@ -34,6 +34,7 @@ from selfsup.train.device import (choose_attention, resolve_device, resolve_prec
                                   sync_batchnorm)
 from selfsup.train.optim import build_optimizer
 from selfsup.train.rundir import MetricsLog, check_resumable, write_env
+from selfsup.train.trackers import TRACKING_FILE, Trackers, check_trackers, open_trackers
 from selfsup.train.startup import StartupClock
 from selfsup.views import ViewRecipe
 
@@ -102,11 +103,14 @@ class Run:
     channels_last: bool
     steps_per_epoch: int
     total_steps: int
-    warmup_steps: int
     base_lr: float
     metrics: MetricsLog
     collapse: CollapseMonitor
+    horizon: Horizon
+    """The steps the schedules span; grown when a finished run is continued for more epochs."""
     trainable: list[Tensor] = field(default_factory=list)
+    trackers: Trackers | None = None
+    """Rank 0's experiment trackers (``train.loggers``), fed by ``metrics``; None without any."""
     compile_s: float | None = None
     """With ``train.compile``: seconds of the first step in this process, compilation included (None until then)."""
     step: int = 0
@@ -141,16 +145,16 @@ def setup_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False) -> Run:
         warn_if_oversubscribed()
     torch.manual_seed(t.seed + rank)
     check_names(cfg)
+    check_trackers(cfg, run_dir)
     data = prepare_data(cfg, clock)
     cfg = resolve_config(cfg, data.train)
     resuming = not overwrite and (run_dir / "checkpoints" / "last.pt").is_file()
-    if resuming:
-        check_resumable(run_dir, cfg)
+    saved_epochs = check_resumable(run_dir, cfg) if resuming else t.epochs
     spec = get_method(cfg.method.name).spec
     check_batch(cfg, spec, len(data.train), world)
     recipe = view_recipe(cfg, spec, data.train.image_size)
     with clock.part("model"):
-        model, channels_last = _build_model(cfg, data, world, device, recipe)
+        model, channels_last = _build_model(cfg, data, world, device, recipe, weights=not resuming)
     steps_per_epoch = len(data.train) // t.batch_size
     total_steps = steps_per_epoch * t.epochs
     _describe(cfg, data, spec, steps_per_epoch, total_steps)
@@ -166,18 +170,22 @@ def setup_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False) -> Run:
               recipe=recipe, model=model, spec=spec, stepper=stepper, optimizer=build_optimizer(model, cfg.optim, base_lr),
               amp_dtype=amp_dtype, channels_last=channels_last,
               steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-              warmup_steps=min(int(cfg.optim.warmup_epochs * steps_per_epoch), total_steps - 1), base_lr=base_lr,
+              base_lr=base_lr,
               metrics=MetricsLog(run_dir / "metrics.jsonl", enabled=rank == 0),
-              collapse=CollapseMonitor(verbose=rank == 0, stops=t.stop_on_collapse),
+              collapse=CollapseMonitor(verbose=rank == 0, stops=t.stop_on_collapse), horizon=Horizon(total_steps),
               trainable=[p for p in model.parameters() if p.requires_grad], world=world, rank=rank, startup=clock)
-    if resuming:
-        _resume(run)
-    else:
+    continued_from = _resume(run, saved_epochs) if resuming else None
+    if not resuming:
         if overwrite and run.main and run_dir.exists():
             shutil.rmtree(run_dir)
         _start_run_dir(run)
     if run.main:
         _write_run_files(run)
+        if t.loggers:
+            with clock.part("trackers"):
+                run.trackers = run.metrics.trackers = open_trackers(cfg, run_dir, run.step, resuming)
+    if continued_from is not None:
+        _record_continuation(run, continued_from)
     clock.setup_done()
     return run
 
@@ -216,10 +224,11 @@ def _describe(cfg: RunConfig, data: Data, spec: MethodSpec, steps_per_epoch: int
 
 
 def _build_model(cfg: RunConfig, data: Data, world: int, device: torch.device,
-                 recipe: ViewRecipe) -> tuple[nn.Module, bool]:
+                 recipe: ViewRecipe, weights: bool = True) -> tuple[nn.Module, bool]:
     """The method on the device, checked against the data and views, channels-last where it pays, and with
-    ``train.compile: backbone`` its backbone compiled in place (state-dict keys unchanged)."""
-    model = build_method(cfg, data.train.channels, data.train.image_size, world).to(device)
+    ``train.compile: backbone`` its backbone compiled in place (state-dict keys unchanged). ``weights``: initialise
+    the backbone from ``backbone.weights`` (a new run; a resumed one takes its checkpoint and needs no file)."""
+    model = build_method(cfg, data.train.channels, data.train.image_size, world, weights=weights).to(device)
     if world > 1:
         model = sync_batchnorm(model, device, dist.rank() == 0)
     check_run(model, cfg, len(data.train), recipe)
@@ -232,7 +241,9 @@ def _build_model(cfg: RunConfig, data: Data, world: int, device: torch.device,
     return model, channels_last
 
 
-def _resume(run: Run) -> None:
+def _resume(run: Run, saved_epochs: int) -> int | None:
+    """The checkpoint's state in ``run``; when the config asks for more epochs than the run had, its horizon is
+    continued (returns the epochs it had, else None)."""
     ckpt = safe_load(run.ckpt_path, map_location=run.device)
     check_compatible(ckpt, run.cfg.method.name, run.cfg.backbone.name)
     run.model.load_state_dict(ckpt["model"])
@@ -242,8 +253,51 @@ def _resume(run: Run) -> None:
     if "collapse_monitor" in ckpt:  # checkpoints written before it was saved: the monitor starts afresh
         run.collapse.load_state_dict(ckpt["collapse_monitor"])  # rank 0's, on every process of a distributed run
     run.metrics.truncate_after(run.step)
+    horizon = Horizon.from_state(ckpt.get("horizon"), run.steps_per_epoch * saved_epochs)
+    if run.cfg.train.epochs > saved_epochs and run.total_steps > horizon.total_steps:
+        run.horizon = horizon.continued(run.step, run.total_steps, _blend_steps(run))
+        return saved_epochs
+    run.horizon = horizon
+    if horizon.total_steps != run.total_steps:  # as before horizons were saved: the schedules follow the data
+        run.horizon = Horizon(run.total_steps)
+        if run.main:
+            log.warning("%s: the run now has %d steps per epoch (%d steps in all, not %d): its data changed; the "
+                        "schedules follow the new total", run.run_dir, run.steps_per_epoch, run.total_steps,
+                        horizon.total_steps)
     if run.main:
         log.info("resuming %s from step %d (epoch %d)", run.run_dir, run.step, run.step // run.steps_per_epoch + 1)
+    return None
+
+
+def _blend_steps(run: Run) -> int:
+    """How many steps a continued run's schedules take to join the longer ones (:class:`Horizon`): the run's
+    warm-up, at least an epoch, at most half of the steps added."""
+    warmup = int(run.cfg.optim.warmup_epochs * run.steps_per_epoch)
+    return min(max(warmup, run.steps_per_epoch), (run.total_steps - run.step) // 2)
+
+
+def _record_continuation(run: Run, saved_epochs: int) -> None:
+    """A run continued for more epochs: said in a line, recorded in ``metrics.jsonl`` (and ``env.json``, by
+    :func:`_write_run_files`), and made durable at once — ``config.yaml`` gets the new epochs and the checkpoint
+    the new horizon, so an interruption now resumes this continuation instead of deciding it again."""
+    c = run.horizon.continuations[-1]
+    if run.main:
+        log.info("continuing %s for more epochs: %d → %d epochs from step %d (epoch %d); every schedule is "
+                 "extended to %d steps, joined over %d steps from the values reached", run.run_dir, saved_epochs,
+                 run.cfg.train.epochs, c.step, c.step // run.steps_per_epoch, c.to_steps, c.blend_steps)
+        (run.run_dir / "config.yaml").write_text(run.cfg.to_yaml())
+        run.metrics.write({"step": c.step, "epoch": c.step // run.steps_per_epoch,
+                           "continued": _continuations(run)[-1]})
+    save_checkpoint(run, epoch_done=False)  # every rank: it gathers the RNG states
+
+
+def _continuations(run: Run) -> list[dict]:
+    """Each continuation of the run in its epochs and steps, with the rule, as ``env.json`` and ``metrics.jsonl``
+    record it."""
+    spe = run.steps_per_epoch
+    return [{"from_epochs": c.from_steps // spe, "to_epochs": c.to_steps // spe, "from_step": c.step,
+             "from_total_steps": c.from_steps, "to_total_steps": c.to_steps, "blend_steps": c.blend_steps,
+             "rule": CONTINUATION_RULE} for c in run.horizon.continuations]
 
 
 def _start_run_dir(run: Run) -> None:
@@ -251,6 +305,8 @@ def _start_run_dir(run: Run) -> None:
         (run.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (run.run_dir / "config.yaml").write_text(run.cfg.to_yaml())
         (run.run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a run killed before its first checkpoint
+        (run.run_dir / TRACKING_FILE).unlink(missing_ok=True)  # its trackers' runs are not continued
+        shutil.rmtree(run.run_dir / "tensorboard", ignore_errors=True)
 
 
 def _write_run_files(run: Run) -> None:
@@ -261,6 +317,7 @@ def _write_run_files(run: Run) -> None:
     write_env(run.run_dir, run.device, cfg.train.seed, run.world, {
         "precision": str(run.amp_dtype or "fp32"), "channels_last": run.channels_last,
         "compile": compile_mode(cfg.train.compile), "resumed_from_step": run.step,
+        **({"continued": _continuations(run)} if run.horizon.continuations else {}),
         "pretraining_images": len(train), "pretraining_class_counts": train.class_counts()})
     (run.run_dir / "encoder.json").write_text(json.dumps({
         "backbone": cfg.backbone.name, "params": cfg.backbone.params, "in_chans": train.channels,
@@ -289,7 +346,7 @@ def save_checkpoint(run: Run, epoch_done: bool) -> None:
     state = {"meta": {"format": FORMAT_VERSION, "method": cfg.method.name, "backbone": cfg.backbone.name},
              "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "step": run.step,
              "bad_steps": run.bad_total, "collapse_monitor": run.collapse.state_dict(), "rng": rng,
-             "config": cfg.to_dict()}
+             "config": cfg.to_dict(), "horizon": run.horizon.state_dict()}
     t0 = time.perf_counter()
     atomic_save(state, run.ckpt_path)
     epoch = run.step // run.steps_per_epoch
