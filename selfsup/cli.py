@@ -25,6 +25,8 @@ PRETRAIN_FLAGS: list[tuple[str, str, type, str]] = [
     ("--weights", "backbone.weights", str, "initialise the backbone from a state dict (.pt/.pth/.bin read weights-only, "
                                            ".safetensors) in its library's keys, selfsup's, or a `selfsup export`; "
                                            "a new run only (a resumed one continues from its checkpoint)"),
+    ("--teacher", "method.params.teacher", str, "--method distill: the frozen teacher, a run directory or a "
+                                                 "`selfsup export` file (its .json beside it)"),
     ("--epochs", "train.epochs", int, "number of epochs"),
     ("--batch-size", "train.batch_size", int, "global batch size (split across processes)"),
     ("--lr", "optim.lr", float, "base learning rate before batch-size scaling"),
@@ -170,7 +172,8 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
 
     from selfsup.eval.embed import embed_folder, encode, load_query_image
     from selfsup.train.rundir import load_run
-    from selfsup.eval.neighbors import cosine_topk, duplicate_groups
+    from selfsup.eval.neighbors import cosine_topk
+    from selfsup.eval.run_warnings import run_warning
 
     if (args.query is None) == (not args.duplicates):
         raise ConfigError(["give either --query IMAGE or --duplicates"])
@@ -178,20 +181,21 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
         raise ConfigError([f"--k must be ≥ 1, got {args.k}"])
     _set_threads(args.threads)
     run = load_run(args.run_dir, args.device)
+    warning = run_warning(args.run_dir)  # too few steps, or a collapse: said before any result
+    if warning:
+        print(warning, file=sys.stderr)
     emb = embed_folder(run, args.data, args.device)
     note = f" ({emb.skipped} unreadable file(s) skipped)" if emb.skipped else ""
     if args.duplicates:
-        groups = [[emb.paths[i] for i in g] for g in duplicate_groups(emb.vectors, args.threshold)]
-        criterion = "every pair in a group at cosine similarity ≥ threshold, on embeddings centred by the folder's mean"
+        from selfsup.eval.duplicates import find_duplicates, parse_threshold, result_json, result_text
+        from selfsup.eval.pixel_check import PixelCheck
+
+        check = None if args.no_pixel_check else PixelCheck(args.pixel_threshold)
+        res = find_duplicates(emb.vectors, parse_threshold(args.threshold), emb.images, check)
         if args.json:
-            print(json.dumps({"threshold": args.threshold, "criterion": criterion, "images": len(emb.paths),
-                              "skipped": emb.skipped, "groups": groups}, indent=2))
-            return 0
-        print(f"{len(groups)} group(s) of near-duplicates among {len(emb.paths)} images{note}: every pair in a "
-              f"group at cosine similarity ≥ {args.threshold} (embeddings centred by the folder's mean)")
-        for n, group in enumerate(groups, 1):
-            print(f"group {n} ({len(group)} images):")
-            print("".join(f"  {p}\n" for p in group), end="")
+            print(json.dumps(result_json(res, emb.paths, emb.skipped, warning), indent=2))
+        else:
+            print(result_text(res, emb.paths, note), end="")
         return 0
     query = load_query_image(run, args.query)
     # the query file itself, when it lies in the folder, is not its own neighbour
@@ -199,7 +203,7 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
     sims, idx = cosine_topk(encode(run, query, args.device), emb.vectors, args.k + len(same))
     hits = [(emb.paths[i], s) for s, i in zip(sims[0].tolist(), idx[0].tolist()) if i not in same][: args.k]
     if args.json:
-        print(json.dumps({"query": args.query, "skipped": emb.skipped,
+        print(json.dumps({"query": args.query, "skipped": emb.skipped, "warning": warning,
                           "neighbors": [{"path": p, "similarity": s} for p, s in hits]}, indent=2))
         return 0
     print(f"{len(hits)} nearest neighbours of {args.query} among {len(emb.paths)} images{note}:")
@@ -361,8 +365,17 @@ def build_parser() -> argparse.ArgumentParser:
     nb.add_argument("--data", required=True, help="image folder to search")
     nb.add_argument("--query", help="image file whose neighbours to list")
     nb.add_argument("--duplicates", action="store_true", help="list groups of near-duplicate images")
-    nb.add_argument("--threshold", type=float, default=0.95, help="--duplicates: the cosine similarity every pair in a group reaches, on embeddings centred "
-                    "by the folder's mean (default 0.95)")
+    nb.add_argument("--threshold", default="auto",
+                    help="--duplicates: the cosine similarity every pair in a group reaches, on embeddings centred by "
+                         "the folder's mean; or auto (default), from the folder's own distribution: with the pixel "
+                         "check, the 10th percentile of each image's nearest-neighbour similarity (nine images in ten "
+                         "get a candidate, the pixels judge each); with --no-pixel-check, Q3 + 3 × IQR of the same, "
+                         "capped at 0.9999")
+    nb.add_argument("--pixel-threshold", type=float, default=0.95,
+                    help="--duplicates: the correlation of two images' 32×32 grey thumbnails (whole, 90%% centre crop, "
+                         "mirrored) every pair in a group also reaches (default 0.95)")
+    nb.add_argument("--no-pixel-check", action="store_true",
+                    help="--duplicates: group by the embedding alone (also pictures that only mean the same thing)")
     nb.add_argument("--k", type=int, default=5, help="neighbours per query (default 5)")
     nb.add_argument("--device", default="cpu")
     nb.add_argument("--threads", type=int, help="CPU threads for torch")

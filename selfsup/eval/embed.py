@@ -34,6 +34,8 @@ class Embeddings:
     skipped: int = 0
     """Files in the folder that could not be read."""
     meta: dict[str, Any] = field(default_factory=dict)
+    images: ImageSet | None = field(default=None, repr=False)
+    """The images the vectors were computed from (the folder's cache records), for pixel checks; not written."""
 
 
 def match_channels(images: ImageSet, in_chans: int) -> ImageSet:
@@ -79,7 +81,7 @@ def embed_folder(run: LoadedRun, folder: str | Path, device: str = "cpu", batch_
     meta = {"method": run.cfg.method.name, "backbone": run.cfg.backbone.name, "image_size": run.meta["image_size"],
             "in_chans": run.meta["in_chans"], "folder": str(folder)}
     return Embeddings(encode(run, images, device, batch_size), list(images.paths or []), images.labels,
-                      images.classes, images.skipped, meta)
+                      images.classes, images.skipped, meta, images)
 
 
 def write_embeddings(emb: Embeddings, out: str | Path) -> Path:

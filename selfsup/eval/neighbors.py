@@ -5,7 +5,8 @@ memory stays O(chunk · N) for any collection size. When faiss is installed and 
 at least :data:`FAISS_MIN_SIZE` vectors, its exact inner-product index (``IndexFlatIP``) on the
 l2-normalised vectors is used instead — the same answer, computed faster. Near-duplicate groups
 (:func:`duplicate_groups`) are clusters in which *every* pair is at least the threshold similar
-(complete linkage), measured on embeddings centred by the collection's mean.
+(complete linkage), measured on embeddings centred by the collection's mean; ``selfsup neighbors --duplicates``
+builds them from pixel-verified pairs only (:mod:`selfsup.eval.duplicates`), from the pieces here.
 """
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ def _pairs_faiss(faiss, x: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
     return pairs[keep], torch.from_numpy(np.asarray(dist, dtype=np.float32))[keep]
 
 
-def _complete_linkage(pairs: Tensor, sims: Tensor) -> list[list[int]]:
+def complete_linkage(pairs: Tensor, sims: Tensor) -> list[list[int]]:
     """Agglomerative clustering with complete linkage, cut at the threshold the pairs were found with.
 
     pairs (P, 2) and sims (P,): every pair at or above the threshold (the sparse similarity graph).
@@ -164,21 +165,44 @@ def duplicate_groups(vectors: Tensor, threshold: float = 0.95, chunk: int = 1024
     Vectors that equal the mean (a collection of one repeated image) have no direction after centring;
     they are one group, since they equal each other.
     """
+    check_threshold(threshold)
+    x, at_mean = centred_unit(vectors, centre)
+    pairs, sims = candidate_pairs(x, at_mean, threshold, chunk, use_faiss)
+    groups = complete_linkage(pairs, sims)
+    if int(at_mean.sum()) > 1:
+        groups.append(at_mean.nonzero().flatten().tolist())
+    return sort_groups(groups)
+
+
+def check_threshold(threshold: float) -> None:
     if not -1.0 <= threshold <= 1.0:
         raise DataError(f"--threshold is a cosine similarity in [-1, 1], got {threshold}")
+
+
+def centred_unit(vectors: Tensor, centre: bool = True) -> tuple[Tensor, Tensor]:
+    """(x, at_mean): vectors (N, D) minus their mean (``centre``) and l2-normalised, float32 (N, D); and the
+    (N,) mask of vectors that equal the mean, which have no direction after centring (their rows are zero)."""
     x = vectors.float()
     at_mean = torch.zeros(x.shape[0], dtype=torch.bool)
     if centre and x.shape[0] > 0:
         centred = x - x.mean(dim=0)
         at_mean = centred.norm(dim=1) <= 1e-6 * x.norm(dim=1).clamp_min(1e-12)
         x = centred
-    x = F.normalize(x, dim=1)
+    return F.normalize(x, dim=1), at_mean
+
+
+def candidate_pairs(x: Tensor, at_mean: Tensor, threshold: float, chunk: int = 1024,
+                    use_faiss: bool | None = None) -> tuple[Tensor, Tensor]:
+    """(P, 2) pairs i < j of unit vectors x (N, D) with cos ≥ threshold and their (P,) similarities, leaving out
+    the vectors at the mean (``at_mean``, zero rows: similarity 0 to everything, though they equal each other)."""
     faiss = _faiss(x.shape[0], use_faiss)
     pairs, sims = _pairs_faiss(faiss, x, threshold) if faiss is not None else _pairs_torch(x, threshold, chunk)
-    if at_mean.any():  # their zero vectors would have similarity 0 to every other image
+    if at_mean.any():
         keep = ~(at_mean[pairs[:, 0]] | at_mean[pairs[:, 1]])
         pairs, sims = pairs[keep], sims[keep]
-    groups = _complete_linkage(pairs, sims)
-    if int(at_mean.sum()) > 1:
-        groups.append(at_mean.nonzero().flatten().tolist())
+    return pairs, sims
+
+
+def sort_groups(groups: list[list[int]]) -> list[list[int]]:
+    """Largest group first, then by first index."""
     return sorted(groups, key=lambda g: (-len(g), g[0]))

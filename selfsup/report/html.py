@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from selfsup.data import DataError, load_dataset
+from selfsup.eval.run_warnings import run_warning
 from selfsup.monitor.diagnostics import effective_rank
 from selfsup.monitor.features import eval_images, extract_features
 from selfsup.report import curves, embeddings
@@ -230,6 +231,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
     if opts.embeddings:
         loaded = _load_for_pictures(run_dir, opts)
         parts.append("<h2>Embedding map and retrieval</h2>")
+        weak = run_warning(run_dir)  # the neighbours below are only as good as the encoder
+        if weak:
+            parts.append(f'<div class="warn">{html.escape(weak)}</div>')
         if isinstance(loaded, str):
             skipped = html.escape(f"Embedding pictures skipped: {loaded} (the model's own pictures too)")
             parts.append(f'<p class="note">{skipped}</p>')
