@@ -159,6 +159,11 @@ class TrainConfig:
     """Also write ``last.pt`` every N optimiser steps within an epoch (0: only at epoch ends)."""
     max_bad_steps: int = 5
     """Stop after this many consecutive steps with a NaN/Inf loss or gradient."""
+    micro_batch_size: int | None = None
+    """Split each process's batch into chunks of at most this many images (near-equal sizes, none dropped), run one at
+    a time, with the whole batch's loss and gradients (``selfsup.train.micro``): GradCache for losses that compare
+    samples, plain accumulation for per-sample ones. Memory of a chunk, same steps; BatchNorm's batch statistics
+    are a chunk's. ``None``: the whole batch at once. Methods that support neither are refused."""
     stop_on_collapse: bool = False
     """Stop the run when the collapse monitor warns (spread or effective rank low for several logged steps)."""
     progress: bool = True
@@ -352,6 +357,11 @@ def check_values(cfg: RunConfig) -> list[str]:
         p.append(f"train.loggers: unknown {', '.join(map(repr, unknown))} (known: {', '.join(LOGGERS)})")
     if t.threads is not None and isinstance(t.threads, int) and t.threads < 1:
         p.append(f"train.threads must be ≥ 1, got {t.threads}")
+    if isinstance(t.micro_batch_size, int) and t.micro_batch_size < 1:
+        p.append(f"train.micro_batch_size must be ≥ 1 (or null for the whole batch at once), got {t.micro_batch_size}")
+    if t.micro_batch_size is not None and compile_mode(t.compile) == "on":
+        p.append("train.micro_batch_size runs the step chunk by chunk, which train.compile=on (the whole step as one "
+                 "graph) cannot: use train.compile=backbone, or drop one of them")
     if o.name not in ("sgd", "lars", "adamw"):
         p.append(f"optim.name must be sgd, lars or adamw, got {o.name!r}")
     if o.lr_scaling not in ("linear", "sqrt", "none"):

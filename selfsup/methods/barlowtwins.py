@@ -14,7 +14,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from selfsup.losses.redundancy import barlow_twins_loss
-from selfsup.methods.base import MethodSpec, Progress
+from selfsup.methods.base import MethodSpec, Progress, step_from_embeddings
 from selfsup.methods.registry import register
 from selfsup.nn.heads import mlp
 from selfsup.views import byol_pair
@@ -26,6 +26,7 @@ class BarlowTwins(nn.Module):
     spec = MethodSpec(
         views=byol_pair(saturation=0.2),
         test_params={"proj_hidden": 64, "proj_dim": 64},
+        micro_batches="embeddings",
     )
 
     def __init__(self, backbone: nn.Module, *, lambd: float = 5e-3, proj_hidden: int = 8192, proj_dim: int = 8192,
@@ -55,8 +56,15 @@ class BarlowTwins(nn.Module):
         return [{"params": [p for p in self.parameters() if p.ndim <= 1], "lr_scale": self.bias_lr_scale}]
 
     def training_step(self, views: list[Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
+        return step_from_embeddings(self, views, progress)
+
+    def embed(self, views: list[Tensor], progress: Progress) -> dict[str, Tensor]:
+        """The two views' projections ``z1``, ``z2`` (B, proj_dim)."""
         x1, x2 = views
         # One pass per view, as the reference code: BatchNorm statistics are those of one view.
-        z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
+        return {"z1": self.projector(self.backbone(x1)), "z2": self.projector(self.backbone(x2))}
+
+    def loss_from(self, emb: dict[str, Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
+        z1, z2 = emb["z1"], emb["z2"]
         loss = barlow_twins_loss(z1, z2, self.lambd, gather=self.gather)  # fp32 inside, even under autocast
         return loss, {"z": z1.detach(), "z_pair": z2.detach()}

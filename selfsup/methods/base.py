@@ -23,7 +23,20 @@ Optional hooks, each read only through the function of the same purpose below:
 - ``param_groups() -> [{"params": [...], "lr_scale": s, "fixed_lr": bool}]``: parts with their own learning
   rate (a predictor) — :func:`custom_param_groups`;
 - ``check_run(n_train, batch_size, recipe) -> [problem, ...]``: checks against the data and the views before
-  training starts (a queue larger than the dataset) — :func:`run_checks`.
+  training starts (a queue larger than the dataset) — :func:`run_checks`;
+- ``resolve_params(params) -> params``, a classmethod: the constructor's parameters as the run's ``config.yaml``
+  records them, decided once before the method is built (a teacher file by absolute path and SHA-256) —
+  :func:`resolved_params`;
+- the embed/loss split, for a step computed in micro-batches (``train.micro_batch_size``, GradCache:
+  Gao et al. 2021, arXiv:2101.06983; ``MethodSpec.micro_batches = "embeddings"``):
+  ``embed(views, progress, **extra) -> {name: (B, …)}``, the per-sample outputs of the networks being trained
+  (projections, predictions, logits: first dimension the batch, views side by side as (B, V, …) or one key
+  each); optionally ``targets(views, progress, **extra) -> {name: (B, …)}``, what is computed without gradient
+  (EMA teachers, momentum encoders: run once, never recomputed); and ``loss_from(embeddings, progress, **extra)
+  -> (loss, logs)``, everything batch-wide (negatives, Sinkhorn, covariances, queues read) on the union of the
+  two. Such a method's ``training_step`` is :func:`step_from_embeddings` — one code path for the whole batch and
+  for micro-batches; ``embed`` must not change state (it runs twice per micro-batch) and ``loss_from`` changes
+  none outside ``after_step`` — :func:`embed_of`, :func:`targets_of`, :func:`loss_of`.
 """
 from __future__ import annotations
 
@@ -31,6 +44,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar, Mapping, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 
 from selfsup.nn.ema import update_teachers
@@ -94,6 +108,12 @@ class MethodSpec:
     ``"colorization"`` (``predict_chroma(y)``)."""
     test_in_chans: int = 1
     """Image channels of the registry-wide tests' inputs (3 for a method that needs colour)."""
+    micro_batches: str | None = None
+    """How a step splits into micro-batches with the whole batch's gradients (``train.micro_batch_size``,
+    :mod:`selfsup.train.micro`): ``"embeddings"`` — the method has ``embed``/``loss_from`` (module docstring) and its
+    batch-wide loss is computed once from the cached embeddings of every chunk (GradCache, arXiv:2101.06983);
+    ``"per_sample"`` — its loss is a mean over samples of per-sample terms, so each chunk's loss, scaled by its
+    share of the batch, is back-propagated on its own; ``None`` — neither, and ``micro_batch_size`` is refused."""
 
 
 @runtime_checkable
@@ -166,3 +186,51 @@ def custom_param_groups(method: nn.Module) -> list[dict[str, Any]]:
 def run_checks(method: nn.Module, n_train: int, batch_size: int, recipe: ViewRecipe) -> list[str]:
     hook = getattr(method, "check_run", None)
     return list(hook(n_train, batch_size, recipe)) if hook is not None else []
+
+
+def resolved_params(cls: type, params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` through the method class's optional ``resolve_params`` (a ``ValueError`` says what is wrong)."""
+    hook = getattr(cls, "resolve_params", None)
+    return dict(hook(dict(params))) if hook is not None else dict(params)
+
+
+MICRO_BATCH_KINDS = ("embeddings", "per_sample")
+
+
+def embed_of(method: nn.Module, views: list[Tensor], progress: Progress, **extra: Tensor) -> dict[str, Tensor]:
+    """The method's ``embed``: per-sample outputs (B, …) of what is trained, with gradient where enabled."""
+    return dict(method.embed(views, progress, **extra))
+
+
+def targets_of(method: nn.Module, views: list[Tensor], progress: Progress, **extra: Tensor) -> dict[str, Tensor]:
+    """The method's optional ``targets`` (EMA teachers' outputs, (B, …) each), always without gradient."""
+    hook = getattr(method, "targets", None)
+    if hook is None:
+        return {}
+    with torch.no_grad():
+        return dict(hook(views, progress, **extra))
+
+
+def loss_of(method: nn.Module, embeddings: dict[str, Tensor], progress: Progress,
+            **extra: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """The method's ``loss_from`` on the whole batch's embeddings (``embed`` and ``targets`` together)."""
+    return method.loss_from(embeddings, progress, **extra)
+
+
+def step_from_embeddings(method: nn.Module, views: list[Tensor], progress: Progress,
+                         **extra: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """``training_step`` of a method with the embed/loss split: ``loss_from(embed ∪ targets)``, the same three calls
+    :mod:`selfsup.train.micro` makes chunk by chunk."""
+    embeddings = embed_of(method, views, progress, **extra)
+    embeddings.update(targets_of(method, views, progress, **extra))
+    return loss_of(method, embeddings, progress, **extra)
+
+
+def by_sample(x: Tensor, batch: int) -> Tensor:
+    """(V·B, …) view-major rows (views concatenated along the batch) → (B, V, …), a view of ``x`` (no copy)."""
+    return x.unflatten(0, (-1, batch)).transpose(0, 1)
+
+
+def by_view(x: Tensor) -> Tensor:
+    """(B, V, …) → (V·B, …) view-major: the inverse of :func:`by_sample` (no copy when ``x`` came from it)."""
+    return x.transpose(0, 1).flatten(0, 1)

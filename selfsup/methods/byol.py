@@ -12,11 +12,10 @@ Tian et al. (arXiv:2102.06810, §4) find helps non-contrastive learning.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from selfsup.losses.distillation import byol_loss
-from selfsup.methods.base import MethodSpec, Progress
+from selfsup.methods.base import MethodSpec, Progress, step_from_embeddings
 from selfsup.methods.registry import register
 from selfsup.nn.ema import check_momentum, frozen_copy
 from selfsup.nn.heads import mlp
@@ -29,6 +28,8 @@ class BYOL(nn.Module):
     spec = MethodSpec(
         views=byol_pair(),
         test_params={"proj_hidden": 32, "proj_dim": 16, "pred_hidden": 32},
+        # a mean of per-sample terms: chunks accumulate without a second pass (embed/loss_from serve GradCache too)
+        micro_batches="per_sample",
     )
 
     def __init__(self, backbone: nn.Module, *, proj_hidden: int = 4096, proj_dim: int = 256, pred_hidden: int = 4096,
@@ -51,13 +52,23 @@ class BYOL(nn.Module):
         return self.backbone(x)
 
     def training_step(self, views: list[Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
+        return step_from_embeddings(self, views, progress)
+
+    def embed(self, views: list[Tensor], progress: Progress) -> dict[str, Tensor]:
+        """The online projections ``z1``, ``z2`` and predictions ``p1``, ``p2`` (B, proj_dim)."""
         # Each view goes through the networks alone, so BatchNorm statistics are per view as in the paper.
         z = [self.projector(self.backbone(v)) for v in views]
         p = [self.predictor(zi) for zi in z]
-        with torch.no_grad():
-            t = [self.target_projector(self.target_backbone(v)) for v in views]
-        loss = byol_loss(p[0], t[1]) + byol_loss(p[1], t[0])
-        return loss, {"z": z[0].detach(), "z_pair": z[1].detach()}
+        return {"z1": z[0], "z2": z[1], "p1": p[0], "p2": p[1]}
+
+    def targets(self, views: list[Tensor], progress: Progress) -> dict[str, Tensor]:
+        """The target network's projections ``t1``, ``t2`` (B, proj_dim), without gradient."""
+        t = [self.target_projector(self.target_backbone(v)) for v in views]
+        return {"t1": t[0], "t2": t[1]}
+
+    def loss_from(self, emb: dict[str, Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
+        loss = byol_loss(emb["p1"], emb["t2"]) + byol_loss(emb["p2"], emb["t1"])
+        return loss, {"z": emb["z1"].detach(), "z_pair": emb["z2"].detach()}
 
     def schedules(self) -> dict[str, Schedule]:
         return {"teacher_momentum": self.teacher_momentum}

@@ -56,6 +56,7 @@ class Colorization(nn.Module):
         pictures=("colorization",),
         test_params={"out_size": 4, "hidden": 64},
         test_in_chans=3,
+        micro_batches="per_sample",  # a mean of per-sample terms
     )
 
     def __init__(self, backbone: nn.Module, *, out_size: int = 8, hidden: int = 512):

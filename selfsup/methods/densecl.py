@@ -32,7 +32,7 @@ from selfsup.distributed import gather_no_grad, rank
 from selfsup.losses.contrastive import info_nce
 from selfsup.losses.dense import densecl_dense_loss, flatten_map, match_by_cosine, take_locations
 from selfsup.losses.precision import at_least_f32
-from selfsup.methods.base import MethodSpec, Progress
+from selfsup.methods.base import MethodSpec, Progress, step_from_embeddings
 from selfsup.methods.mocov2 import queue_and_split_problems, split_batchnorm
 from selfsup.methods.registry import register
 from selfsup.nn.ema import check_momentum, frozen_copy
@@ -59,6 +59,7 @@ class DenseCL(nn.Module):
         # MoCo v2's crops, as the reference configs
         views=ViewRecipe(globals_=(Augment(scale=(0.2, 1.0)), Augment(scale=(0.2, 1.0)))),
         test_params={"queue_size": 16, "proj_hidden": 32, "proj_dim": 16, "bn_splits": 2},
+        micro_batches="embeddings",
     )
 
     def __init__(self, backbone: nn.Module, *, temperature: float = 0.2, momentum_start: float = 0.999,
@@ -104,9 +105,21 @@ class DenseCL(nn.Module):
                                x, self.bn_splits)
 
     def training_step(self, views: list[Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
-        x_q, x_k = views
-        q, q_dense, q_feats = encode_dense(self.backbone, self.projector, self.dense_projector, x_q)
-        k, k_dense, k_feats = self._keys(x_k)
+        return step_from_embeddings(self, views, progress)
+
+    def embed(self, views: list[Tensor], progress: Progress) -> dict[str, Tensor]:
+        """The query view's :func:`encode_dense` outputs: ``q`` (B, D), ``q_dense`` (B, S², D), ``q_feats`` (B, S², C)."""
+        q, q_dense, q_feats = encode_dense(self.backbone, self.projector, self.dense_projector, views[0])
+        return {"q": q, "q_dense": q_dense, "q_feats": q_feats}
+
+    def targets(self, views: list[Tensor], progress: Progress) -> dict[str, Tensor]:
+        """The key encoder's outputs of the second view, ``k``, ``k_dense``, ``k_feats`` (shapes as ``embed``'s)."""
+        k, k_dense, k_feats = self._keys(views[1])
+        return {"k": k, "k_dense": k_dense, "k_feats": k_feats}
+
+    def loss_from(self, emb: dict[str, Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
+        q, q_dense, q_feats = emb["q"], emb["q_dense"], emb["q_feats"]
+        k, k_dense, k_feats = emb["k"], emb["k_dense"], emb["k_feats"]
         positive = take_locations(k_dense, match_by_cosine(q_feats.detach(), k_feats))
         # the reference pools the key dense projections before normalising them (DenseCLNeck's avgpool2)
         k_pooled = F.normalize(at_least_f32(k_dense).mean(dim=1), dim=1)

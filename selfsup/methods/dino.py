@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from selfsup.losses.distillation import dino_loss
-from selfsup.methods.base import MethodSpec, Progress
+from selfsup.methods.base import MethodSpec, Progress, by_sample, by_view, step_from_embeddings
 from selfsup.methods.registry import register
 from selfsup.nn.ema import frozen_copy
 from selfsup.nn.heads import mlp
@@ -71,6 +71,9 @@ class DINO(nn.Module):
     spec = MethodSpec(
         views=dino_multicrop(split=0.4, local_crops=8),
         test_params={"out_dim": 64, "hidden": 32, "bottleneck": 16, "freeze_last_layer_epochs": 0},
+        # per-sample cross-entropies against a centre fixed during the step: chunks accumulate without caching
+        # the (B, V, K) logits (embed/loss_from serve GradCache too)
+        micro_batches="per_sample",
     )
 
     def __init__(self, backbone: nn.Module, *, out_dim: int = 65536, hidden: int = 2048, bottleneck: int = 256,
@@ -110,24 +113,39 @@ class DINO(nn.Module):
         return self.backbone(x)
 
     def training_step(self, views: list[Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
-        n_global, b = len(self.spec.views.globals_), views[0].shape[0]
+        return step_from_embeddings(self, views, progress)
+
+    def embed(self, views: list[Tensor], progress: Progress) -> dict[str, Tensor]:
+        """The student's logits of every crop, ``student_i`` (B, K) for view i, and the two global crops'
+        bottleneck embeddings ``z``, ``z_pair`` (B, bottleneck, detached: the collapse monitor's)."""
+        b = views[0].shape[0]
         frozen = progress.epoch < self.freeze_last_layer_epochs
-        student: list[Tensor | None] = [None] * len(views)
-        embeds: list[Tensor] = []
+        out: dict[str, Tensor] = {}
+        first: Tensor | None = None
         for idx, x in group_by_size(views):  # crops of one size through the backbone together
             e = self.head.embed(self.backbone(x))
-            embeds.append(e)
-            for i, out in zip(idx, self.head.logits(e, frozen).chunk(len(idx))):
-                student[i] = out
-        with torch.no_grad():  # the teacher sees the global crops only
-            teacher = self.teacher_head(self.teacher_backbone(torch.cat(views[:n_global])))
+            first = e if first is None else first
+            for i, logits in zip(idx, self.head.logits(e, frozen).chunk(len(idx))):
+                out[f"student_{i}"] = logits
+        return {**out, "z": first[:b].detach(), "z_pair": first[b:2 * b].detach()}
+
+    def targets(self, views: list[Tensor], progress: Progress) -> dict[str, Tensor]:
+        """The teacher's logits of the global crops, ``teacher`` (B, n_global, K)."""
+        n_global = len(self.spec.views.globals_)
+        return {"teacher": by_sample(self.teacher_head(self.teacher_backbone(torch.cat(views[:n_global]))),
+                                     views[0].shape[0])}
+
+    def loss_from(self, emb: dict[str, Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
+        n_global = emb["teacher"].shape[1]
+        student = [emb[f"student_{i}"] for i in range(sum(k.startswith("student_") for k in emb))]
+        teacher = by_view(emb["teacher"])  # (n_global·B, K), view-major
         temp = progress.value("teacher_temp")
         loss = dino_loss(student, teacher.chunk(n_global), self.center, self.student_temp, temp)
         with torch.no_grad():  # log K when the teacher has turned uniform (one of DINO's two collapses)
             entropy = torch.special.entr(F.softmax((teacher - self.center) / temp, dim=-1)).sum(dim=-1).mean()
         return loss, {"teacher_temp": torch.tensor(temp), "teacher_entropy": entropy,
-                      "teacher_mean": teacher.mean(dim=0, keepdim=True),
-                      "z": embeds[0][:b].detach(), "z_pair": embeds[0][b:2 * b].detach()}
+                      "teacher_mean": teacher.mean(dim=0, keepdim=True), "z": emb["z"].detach(),
+                      "z_pair": emb["z_pair"].detach()}
 
     def schedules(self) -> dict[str, Schedule]:
         return {"teacher_momentum": self.teacher_momentum, "teacher_temp": self.teacher_temp}

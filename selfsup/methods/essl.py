@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfsup.methods.base import MethodSpec, Progress
+from selfsup.methods.base import MethodSpec, Progress, by_sample
 from selfsup.methods.registry import register
 from selfsup.methods.rotation import ROTATIONS, rotate_all, rotate_each
 from selfsup.methods.simclr import SimCLR
@@ -43,6 +43,7 @@ class ESSL(SimCLR):
         views=ViewRecipe(globals_=(Augment(), Augment()), local_crops=1, local=Augment(scale=(0.2, 1.0)),
                          local_size_ratio=0.5),
         test_params={"proj_hidden": 32, "rotation_hidden": 32},
+        micro_batches="embeddings",
     )
 
     def __init__(self, backbone: nn.Module, *, temperature: float = 0.5, proj_hidden: int = 2048,
@@ -69,7 +70,9 @@ class ESSL(SimCLR):
                     f"has {recipe.local_crops}; set views.local_crops: 0"]
         return []
 
-    def training_step(self, views: list[Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
+    def embed(self, views: list[Tensor], progress: Progress) -> dict[str, Tensor]:
+        """SimCLR's ``z1``, ``z2`` (B, proj_dim), and per image the rotation head's logits (B, R, 4) with their labels
+        (B, R): R = 2 (its two views) with ``rotate: views``, 4 × the local crops with ``crops``."""
         x1, x2 = views[0], views[1]
         b = x1.shape[0]
         if self.rotate == "views":
@@ -82,10 +85,14 @@ class ESSL(SimCLR):
             feats = self.backbone(torch.cat([x1, x2]))
             rot_feats, rot_labels = self.backbone(crops), labels
         z1, z2 = self.projector(feats).chunk(2)
-        contrastive = self.loss(z1, z2)
-        logits = self.rotation_head(rot_feats)
-        rotation = F.cross_entropy(logits, rot_labels)
-        acc = (logits.argmax(dim=1) == rot_labels).float().mean()
+        return {"z1": z1, "z2": z2, "rotation_logits": by_sample(self.rotation_head(rot_feats), b),
+                "rotation_labels": by_sample(rot_labels, b)}
+
+    def loss_from(self, emb: dict[str, Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
+        contrastive, logs = super().loss_from(emb, progress)
+        logits, labels = emb["rotation_logits"].flatten(0, 1), emb["rotation_labels"].flatten(0, 1)
+        rotation = F.cross_entropy(logits, labels)
+        acc = (logits.argmax(dim=1) == labels).float().mean()
         return contrastive + self.rotation_weight * rotation, {
             "contrastive_loss": contrastive.detach(), "rotation_loss": rotation.detach(), "pretext_acc": acc.detach(),
-            "z": z1.detach(), "z_pair": z2.detach()}
+            **logs}

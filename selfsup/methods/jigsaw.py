@@ -31,6 +31,7 @@ class Jigsaw(nn.Module):
     spec = MethodSpec(
         views=ViewRecipe(globals_=(Augment(scale=(0.6, 1.0), gray_p=0.3, blur_p=0.0),)),
         test_params={"num_permutations": 10, "gap": 1},
+        micro_batches="per_sample",  # a mean of per-sample terms
     )
 
     def __init__(self, backbone: nn.Module, *, grid: int = 3, gap: int = 2, tile_size: int | None = None,

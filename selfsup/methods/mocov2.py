@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.losses.contrastive import info_nce
-from selfsup.methods.base import MethodSpec, Progress
+from selfsup.methods.base import MethodSpec, Progress, step_from_embeddings
 from selfsup.methods.registry import register
 from selfsup.nn.ema import check_momentum, frozen_copy
 from selfsup.nn.heads import mlp
@@ -45,6 +45,7 @@ class MoCoV2(nn.Module):
         # MoCo v2's crops
         views=ViewRecipe(globals_=(Augment(scale=(0.2, 1.0)), Augment(scale=(0.2, 1.0)))),
         test_params={"queue_size": 16, "proj_hidden": 32, "proj_dim": 16, "bn_splits": 2},
+        micro_batches="embeddings",
     )
 
     def __init__(self, backbone: nn.Module, *, temperature: float = 0.2, momentum_start: float = 0.999,
@@ -78,9 +79,18 @@ class MoCoV2(nn.Module):
         return keys
 
     def training_step(self, views: list[Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
-        x_q, x_k = views
-        q = self.projector(self.backbone(x_q))
-        k = self._keys(x_k)
+        return step_from_embeddings(self, views, progress)
+
+    def embed(self, views: list[Tensor], progress: Progress) -> dict[str, Tensor]:
+        """The queries ``q`` (B, proj_dim) of the first view."""
+        return {"q": self.projector(self.backbone(views[0]))}
+
+    def targets(self, views: list[Tensor], progress: Progress) -> dict[str, Tensor]:
+        """The momentum encoder's keys ``k`` (B, proj_dim) of the second view."""
+        return {"k": self._keys(views[1])}
+
+    def loss_from(self, emb: dict[str, Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
+        q, k = emb["q"], emb["k"]
         queued = self.queue.contents()
         if queued.shape[0]:
             loss = info_nce(q, k, self.temperature, negatives=queued, in_batch=False)

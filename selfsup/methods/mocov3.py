@@ -10,11 +10,10 @@ each term scaled by 2τ as in Algorithm 1. Defaults follow the ResNet-50 recipe:
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from selfsup.losses.contrastive import info_nce
-from selfsup.methods.base import MethodSpec, Progress
+from selfsup.methods.base import MethodSpec, Progress, step_from_embeddings
 from selfsup.methods.registry import register
 from selfsup.nn.ema import check_momentum, frozen_copy
 from selfsup.nn.heads import mlp
@@ -27,6 +26,7 @@ class MoCoV3(nn.Module):
     spec = MethodSpec(
         views=byol_pair(),
         test_params={"proj_hidden": 32, "proj_dim": 16, "pred_hidden": 32},
+        micro_batches="embeddings",
     )
 
     def __init__(self, backbone: nn.Module, *, temperature: float = 1.0, momentum_start: float = 0.99,
@@ -53,16 +53,24 @@ class MoCoV3(nn.Module):
         return self.backbone(x)
 
     def training_step(self, views: list[Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
+        return step_from_embeddings(self, views, progress)
+
+    def embed(self, views: list[Tensor], progress: Progress) -> dict[str, Tensor]:
+        """Projections ``z1``, ``z2`` and queries ``q1``, ``q2`` (B, proj_dim) of the two views."""
         x1, x2 = views
         # each view through the encoders on its own, as the reference code: BN statistics per view
         z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
-        q1, q2 = self.predictor(z1), self.predictor(z2)
-        with torch.no_grad():
-            k1 = self.momentum_projector(self.momentum_backbone(x1))
-            k2 = self.momentum_projector(self.momentum_backbone(x2))
+        return {"z1": z1, "z2": z2, "q1": self.predictor(z1), "q2": self.predictor(z2)}
+
+    def targets(self, views: list[Tensor], progress: Progress) -> dict[str, Tensor]:
+        """The momentum encoder's keys ``k1``, ``k2`` (B, proj_dim)."""
+        return {f"k{i + 1}": self.momentum_projector(self.momentum_backbone(x)) for i, x in enumerate(views)}
+
+    def loss_from(self, emb: dict[str, Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
         tau = self.temperature
-        loss = 2 * tau * (info_nce(q1, k2, tau, gather=self.gather) + info_nce(q2, k1, tau, gather=self.gather))
-        return loss, {"z": z1.detach(), "z_pair": z2.detach()}
+        loss = 2 * tau * (info_nce(emb["q1"], emb["k2"], tau, gather=self.gather)
+                          + info_nce(emb["q2"], emb["k1"], tau, gather=self.gather))
+        return loss, {"z": emb["z1"].detach(), "z_pair": emb["z2"].detach()}
 
     def schedules(self) -> dict[str, Schedule]:
         return {"teacher_momentum": self.teacher_momentum}

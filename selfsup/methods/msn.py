@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from selfsup.losses.msn import msn_loss
-from selfsup.methods.base import MethodSpec, Progress
+from selfsup.methods.base import MethodSpec, Progress, by_sample, by_view, step_from_embeddings
 from selfsup.methods.registry import register
 from selfsup.nn.ema import check_momentum, frozen_copy
 from selfsup.nn.heads import mlp
@@ -40,6 +40,7 @@ class MSN(nn.Module):
         # draws its masks inside training_step: parity tests compare its loss, not its step
         stochastic_step=True,
         test_params={"num_prototypes": 32, "proj_hidden": 64, "proj_dim": 32},
+        micro_batches="embeddings",
     )
 
     def __init__(self, backbone: nn.Module, *, mask_ratio: float = 0.15, num_prototypes: int = 1024,
@@ -73,14 +74,25 @@ class MSN(nn.Module):
         return self.backbone(x)
 
     def training_step(self, views: list[Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
-        target_view, anchors = views[0], torch.cat(views[1:])  # anchors view-major: (V·B, C, H, W)
-        with torch.no_grad():
-            t = self.target_encoder
-            target = self.target_projector(t.pool_tokens(t.encode(t.patch_tokens(target_view))))
+        return step_from_embeddings(self, views, progress)
+
+    def embed(self, views: list[Tensor], progress: Progress) -> dict[str, Tensor]:
+        """The masked anchor views' projections, ``anchor`` (B, V − 1, proj_dim): views 1… with ``mask_ratio`` of
+        their patches dropped, drawn here."""
+        anchors = torch.cat(views[1:])  # anchors view-major: (V·B, C, H, W)
         keep = random_masking(anchors.shape[0], self.backbone.num_patches, self.mask_ratio, anchors.device).keep
         anchor = self.projector(self.backbone.pool_tokens(self.backbone.encode_visible(anchors, keep)))
+        return {"anchor": by_sample(anchor, views[0].shape[0])}
+
+    def targets(self, views: list[Tensor], progress: Progress) -> dict[str, Tensor]:
+        """The target encoder's projection of the whole view 0, ``target`` (B, proj_dim)."""
+        t = self.target_encoder
+        return {"target": self.target_projector(t.pool_tokens(t.encode(t.patch_tokens(views[0]))))}
+
+    def loss_from(self, emb: dict[str, Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
+        anchor, target = by_view(emb["anchor"]), emb["target"]
         loss, parts = msn_loss(anchor, target, self.prototypes, **self.loss_args)
-        b = target_view.shape[0]
+        b = target.shape[0]
         return loss, {**parts, "z": anchor[:b].detach(), "z_pair": target.detach()}
 
     def schedules(self) -> dict[str, Schedule]:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.losses.contrastive import info_nce
-from selfsup.methods.base import MethodSpec, Progress
+from selfsup.methods.base import MethodSpec, Progress, step_from_embeddings
 from selfsup.methods.registry import register
 from selfsup.nn.heads import mlp
 from selfsup.nn.queue import MemoryQueue
@@ -32,6 +32,7 @@ class NNCLR(nn.Module):
     spec = MethodSpec(
         views=byol_pair(),
         test_params={"support_size": 40, "proj_hidden": 32, "proj_dim": 16, "pred_hidden": 32},
+        micro_batches="embeddings",
     )
 
     def __init__(self, backbone: nn.Module, *, temperature: float = 0.1, support_size: int = 98304,
@@ -65,12 +66,20 @@ class NNCLR(nn.Module):
         return support[(z @ support.T).argmax(dim=1)]
 
     def training_step(self, views: list[Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
+        return step_from_embeddings(self, views, progress)
+
+    def embed(self, views: list[Tensor], progress: Progress) -> dict[str, Tensor]:
+        """Projections ``z1``, ``z2`` and predictions ``p1``, ``p2`` (B, proj_dim) of the two views."""
         x1, x2 = views
         z1, z2 = self.projector(self.backbone(torch.cat([x1, x2]))).chunk(2)
         p1, p2 = self.predictor(torch.cat([z1, z2])).chunk(2)
+        return {"z1": z1, "z2": z2, "p1": p1, "p2": p2}
+
+    def loss_from(self, emb: dict[str, Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
+        z1, z2 = emb["z1"], emb["z2"]
         nn1, nn2 = self.nearest(z1), self.nearest(z2)
-        loss = 0.5 * (info_nce(nn1, p2, self.temperature, gather=self.gather)
-                      + info_nce(nn2, p1, self.temperature, gather=self.gather))
+        loss = 0.5 * (info_nce(nn1, emb["p2"], self.temperature, gather=self.gather)
+                      + info_nce(nn2, emb["p1"], self.temperature, gather=self.gather))
         # this step's view-1 projections join the support set in after_step, once the step is taken
         return loss, {"z": z1.detach(), "z_pair": z2.detach(), "support_rows": F.normalize(z1.detach().float(), dim=1)}
 

@@ -26,7 +26,9 @@ class MethodInfo:
 
 METHODS: dict[str, MethodInfo] = {}
 FAMILIES = ("contrastive", "clustering", "self-distillation", "redundancy-reduction", "masked-modelling",
-            "latent-prediction", "pretext")
+            "latent-prediction", "pretext", "distillation")
+"""``distillation``: a student learns a fixed, pretrained teacher's embeddings (not an EMA of itself, which is
+self-distillation)."""
 
 
 def register(name: str, family: str, paper: str):

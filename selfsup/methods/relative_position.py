@@ -65,6 +65,7 @@ class RelativePosition(nn.Module):
     spec = MethodSpec(
         views=ViewRecipe(globals_=(Augment(scale=(0.6, 1.0), gray_p=0.0, blur_p=0.0),)),
         test_params={"gap": 1},
+        micro_batches="per_sample",  # a mean of per-sample terms
     )
 
     def __init__(self, backbone: nn.Module, *, gap: int = 2, tile_size: int | None = None, patch_dim: int = 128,

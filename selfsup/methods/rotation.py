@@ -68,6 +68,7 @@ def unrotate(x: Tensor, labels: Tensor) -> Tensor:
 class RotationPrediction(nn.Module):
     spec = MethodSpec(
         views=ViewRecipe(globals_=(Augment(scale=(0.5, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0),)),
+        micro_batches="per_sample",  # a mean of per-sample terms
     )
 
     def __init__(self, backbone: nn.Module, *, head_hidden: int = 512, rotations_per_image: int = ROTATIONS):

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from selfsup.losses.contrastive import nt_xent
-from selfsup.methods.base import MethodSpec, Progress
+from selfsup.methods.base import MethodSpec, Progress, step_from_embeddings
 from selfsup.methods.registry import register
 from selfsup.nn.heads import mlp
 from selfsup.views import Augment, ViewRecipe
@@ -22,6 +22,7 @@ from selfsup.views import Augment, ViewRecipe
 class SimCLR(nn.Module):
     spec = MethodSpec(
         views=ViewRecipe(globals_=(Augment(), Augment())),
+        micro_batches="embeddings",
     )
 
     def __init__(self, backbone: nn.Module, *, temperature: float = 0.5, proj_hidden: int = 2048,
@@ -45,7 +46,15 @@ class SimCLR(nn.Module):
         return nt_xent(z1, z2, self.temperature, gather=self.gather)
 
     def training_step(self, views: list[Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
+        return step_from_embeddings(self, views, progress)
+
+    def embed(self, views: list[Tensor], progress: Progress) -> dict[str, Tensor]:
+        """The two views' projections ``z1``, ``z2`` (B, proj_dim)."""
         x1, x2 = views
         z = self.projector(self.backbone(torch.cat([x1, x2])))  # both views through the backbone together
         z1, z2 = z.chunk(2)
+        return {"z1": z1, "z2": z2}
+
+    def loss_from(self, emb: dict[str, Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
+        z1, z2 = emb["z1"], emb["z2"]
         return self.loss(z1, z2), {"z": z1.detach(), "z_pair": z2.detach()}

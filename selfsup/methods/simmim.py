@@ -30,6 +30,7 @@ class SimMIM(nn.Module):
         default_backbone="vit_tiny",
         min_steps=600,
         pictures=("reconstructions",),
+        micro_batches="per_sample",  # a mean of per-sample terms
     )
 
     def __init__(self, backbone: nn.Module, *, mask_ratio: float = 0.6, mask_patch_size: int | None = None):

@@ -15,7 +15,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from selfsup.losses.distillation import negative_cosine
-from selfsup.methods.base import MethodSpec, Progress
+from selfsup.methods.base import MethodSpec, Progress, step_from_embeddings
 from selfsup.methods.registry import register
 from selfsup.nn.heads import mlp
 from selfsup.views import Augment, ViewRecipe
@@ -27,6 +27,8 @@ class SimSiam(nn.Module):
     spec = MethodSpec(
         views=ViewRecipe(globals_=(Augment(), Augment())),
         test_params={"proj_hidden": 32, "proj_dim": 32, "pred_hidden": 8},
+        # a mean of per-sample terms: chunks accumulate without a second pass (embed/loss_from serve GradCache too)
+        micro_batches="per_sample",
     )
 
     def __init__(self, backbone: nn.Module, *, proj_hidden: int = 2048, proj_dim: int = 2048, proj_layers: int = 3,
@@ -49,9 +51,18 @@ class SimSiam(nn.Module):
         return self.backbone(x)
 
     def training_step(self, views: list[Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
+        return step_from_embeddings(self, views, progress)
+
+    def embed(self, views: list[Tensor], progress: Progress) -> dict[str, Tensor]:
+        """Projections ``z1``, ``z2`` and predictions ``p1``, ``p2`` (B, proj_dim) of the two views."""
         # One view at a time through the network, so BatchNorm statistics are per view as in Algorithm 1.
         z = [self.projector(self.backbone(v)) for v in views]
         p = [self.predictor(zi) for zi in z]
+        return {"z1": z[0], "z2": z[1], "p1": p[0], "p2": p[1]}
+
+    def loss_from(self, emb: dict[str, Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
+        z = [emb["z1"], emb["z2"]]
+        p = [emb["p1"], emb["p2"]]
         target = [zi.detach() for zi in z] if self.stop_gradient else z
         loss = 0.5 * negative_cosine(p[0], target[1]) + 0.5 * negative_cosine(p[1], target[0])
         return loss, {"z": z[0].detach(), "z_pair": z[1].detach()}

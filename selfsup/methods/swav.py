@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.losses.clustering import sinkhorn_knopp, swav_loss
-from selfsup.methods.base import MethodSpec, Progress
+from selfsup.methods.base import MethodSpec, Progress, by_sample, by_view, step_from_embeddings
 from selfsup.methods.registry import register
 from selfsup.nn.heads import mlp
 from selfsup.nn.queue import MemoryQueue
@@ -35,6 +35,7 @@ class SwAV(nn.Module):
         views=ViewRecipe(globals_=(Augment(scale=(0.14, 1.0)), Augment(scale=(0.14, 1.0))), local_crops=4,
                          local=Augment(scale=(0.05, 0.14))),
         test_params={"proj_hidden": 32, "proj_dim": 16, "num_prototypes": 8, "freeze_prototypes_iters": 0},
+        micro_batches="embeddings",
     )
 
     def __init__(self, backbone: nn.Module, *, num_prototypes: int = 3000, temperature: float = 0.1,
@@ -89,6 +90,16 @@ class SwAV(nn.Module):
         return sinkhorn_knopp(scores, self.epsilon, self.iterations, gather=self.gather)[-b:]
 
     def training_step(self, views: list[Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
+        return step_from_embeddings(self, views, progress)
+
+    def embed(self, views: list[Tensor], progress: Progress) -> dict[str, Tensor]:
+        """Every crop's l2-normalised projection, ``z`` (B, V, proj_dim)."""
+        z = torch.cat([self.projector(self.backbone(x)) for _, x in group_by_size(views)])
+        return {"z": by_sample(F.normalize(z, dim=1), views[0].shape[0])}
+
+    def loss_from(self, emb: dict[str, Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
+        """Scores against the prototypes, Sinkhorn codes of the global crops over the whole batch, swapped
+        prediction."""
         with torch.no_grad():  # prototypes live on the unit sphere, so scores are cosines
             self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
         w = self.prototypes.weight
@@ -96,10 +107,9 @@ class SwAV(nn.Module):
             # A zero gradient rather than none keeps DDP's reducer happy; with unit-norm rows, weight decay
             # only rescales them, so the prototypes stay put.
             w = w.detach() + 0.0 * w
-        z = torch.cat([self.projector(self.backbone(x)) for _, x in group_by_size(views)])
-        z = F.normalize(z, dim=1)
-        b = views[0].shape[0]
-        scores = (z @ w.T).view(len(views), b, -1)  # (V, B, K)
+        b, n_views = emb["z"].shape[:2]
+        z = by_view(emb["z"])  # (V·B, D), view-major
+        scores = (z @ w.T).view(n_views, b, -1)  # (V, B, K)
         with torch.no_grad():
             codes = torch.stack([self.codes(scores[g].detach().float(), g, w.detach().float())
                                  for g in range(N_GLOBAL)])

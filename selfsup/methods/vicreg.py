@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from selfsup.losses.redundancy import check_vicreg_settings, vicreg_loss
-from selfsup.methods.base import MethodSpec, Progress
+from selfsup.methods.base import MethodSpec, Progress, step_from_embeddings
 from selfsup.methods.registry import register
 from selfsup.nn.heads import mlp
 from selfsup.views import byol_pair
@@ -25,6 +25,7 @@ class VICReg(nn.Module):
     spec = MethodSpec(
         views=byol_pair(saturation=0.2),
         test_params={"proj_hidden": 64, "proj_dim": 64},
+        micro_batches="embeddings",
     )
 
     def __init__(self, backbone: nn.Module, *, sim_weight: float = 25.0, var_weight: float = 25.0,
@@ -47,9 +48,16 @@ class VICReg(nn.Module):
         return self.backbone(x)
 
     def training_step(self, views: list[Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
+        return step_from_embeddings(self, views, progress)
+
+    def embed(self, views: list[Tensor], progress: Progress) -> dict[str, Tensor]:
+        """The two views' expander outputs ``z1``, ``z2`` (B, proj_dim)."""
         x1, x2 = views
         # One pass per view, as the reference code: BatchNorm statistics are those of one view.
-        z1, z2 = self.expander(self.backbone(x1)), self.expander(self.backbone(x2))
+        return {"z1": self.expander(self.backbone(x1)), "z2": self.expander(self.backbone(x2))}
+
+    def loss_from(self, emb: dict[str, Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
+        z1, z2 = emb["z1"], emb["z2"]
         loss, terms = vicreg_loss(z1, z2, **self.weights, gamma=self.gamma, eps=self.eps,  # fp32 inside
                                   gather=self.gather)
         return loss, {**terms, "z": z1.detach(), "z_pair": z2.detach()}

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from selfsup.losses.dense import flatten_map, grid_locations, vicregl_global_loss, vicregl_local_loss
 from selfsup.losses.redundancy import check_vicreg_settings
-from selfsup.methods.base import MethodSpec, Progress
+from selfsup.methods.base import MethodSpec, Progress, step_from_embeddings
 from selfsup.methods.registry import register
 from selfsup.nn.feature_maps import forward_maps, map_levels
 from selfsup.nn.heads import mlp
@@ -54,6 +54,7 @@ class VICRegL(nn.Module):
         needs_view_boxes=True,
         # 16 px through small_resnet [8, 16, 32]: 4×4 maps, 16 locations
         test_params={"proj_hidden": 32, "proj_dim": 32, "maps_hidden": 16, "maps_dim": 16, "num_matches": (6, 4)},
+        micro_batches="embeddings",
     )
 
     def __init__(self, backbone: nn.Module, *, alpha: float | None = None, sim_weight: float = 25.0,
@@ -93,26 +94,40 @@ class VICRegL(nn.Module):
 
     def training_step(self, views: list[Tensor], progress: Progress,
                       boxes: list[Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        return step_from_embeddings(self, views, progress, boxes=boxes)
+
+    def embed(self, views: list[Tensor], progress: Progress,
+              boxes: list[Tensor] | None = None) -> dict[str, Tensor]:
+        """Per view v: the expander's ``e{v}`` (B, proj_dim), the projected map vectors ``m{v}`` (B, N_v, maps_dim) and
+        their image points ``loc{v}`` (B, N_v, 2), as the parts in use give them."""
         if boxes is None or len(boxes) != len(views):
             raise ValueError("vicregl: training_step needs boxes=, one (B, 4) crop box per view "
                              "(selfsup.views.make_views(..., with_boxes=True))")
-        embeddings, maps, locations = [], [], []
-        for x, box in zip(views, boxes):  # one pass per view: BatchNorm statistics of one view, as the reference
+        out: dict[str, Tensor] = {}
+        for v, (x, box) in enumerate(zip(views, boxes)):  # one pass per view: BatchNorm statistics of one view
             pooled, (feature_map,) = forward_maps(self.backbone, x)
             if self.expander is not None:
-                embeddings.append(self.expander(pooled))
+                out[f"e{v}"] = self.expander(pooled)
             if self.maps_projector is not None:
                 feats = flatten_map(feature_map)
                 b, n, c = feats.shape
-                maps.append(self.maps_projector(feats.reshape(b * n, c)).view(b, n, -1))
-                locations.append(grid_locations(box.float(), *feature_map.shape[-2:]))
+                out[f"m{v}"] = self.maps_projector(feats.reshape(b * n, c)).view(b, n, -1)
+                out[f"loc{v}"] = grid_locations(box.float(), *feature_map.shape[-2:])
+        return out
+
+    def loss_from(self, emb: dict[str, Tensor], progress: Progress,
+                  boxes: list[Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        n_views = sum(k.startswith("e" if self.expander is not None else "m") for k in emb)
         loss, logs = 0.0, {}
         if self.expander is not None:
+            embeddings = [emb[f"e{v}"] for v in range(n_views)]
             global_loss, terms = vicregl_global_loss(embeddings, **self.weights, gather=self.gather)
             loss = loss + self.alpha * global_loss
             logs.update({f"global_{k}": v for k, v in terms.items()})
             logs.update(z=embeddings[0].detach(), z_pair=embeddings[1].detach())
         if self.maps_projector is not None:
+            maps = [emb[f"m{v}"] for v in range(n_views)]
+            locations = [emb[f"loc{v}"] for v in range(n_views)]
             local_loss, terms = vicregl_local_loss(maps, locations, self.num_matches, self.l2_all_matches,
                                                    **self.weights, gather=self.gather)
             loss = loss + (1 - self.alpha) * local_loss

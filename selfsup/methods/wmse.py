@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from selfsup.losses.redundancy import wmse_loss
-from selfsup.methods.base import MethodSpec, Progress
+from selfsup.methods.base import MethodSpec, Progress, step_from_embeddings
 from selfsup.methods.registry import register
 from selfsup.nn.heads import mlp
 from selfsup.distributed import world_size
@@ -31,6 +31,7 @@ class WMSE(nn.Module):
     spec = MethodSpec(
         views=ViewRecipe(globals_=(_VIEW, _VIEW)),
         test_params={"proj_hidden": 32, "proj_dim": 8, "w_size": 16},
+        micro_batches="embeddings",
     )
 
     def __init__(self, backbone: nn.Module, *, w_size: int = 128, w_iter: int = 1, eps: float = 1e-4,
@@ -65,8 +66,16 @@ class WMSE(nn.Module):
         return problems
 
     def training_step(self, views: list[Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
+        return step_from_embeddings(self, views, progress)
+
+    def embed(self, views: list[Tensor], progress: Progress) -> dict[str, Tensor]:
+        """The two views' projections ``z1``, ``z2`` (B, proj_dim)."""
         x1, x2 = views
         z1, z2 = self.projector(self.backbone(torch.cat([x1, x2]))).chunk(2)
+        return {"z1": z1, "z2": z2}
+
+    def loss_from(self, emb: dict[str, Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
+        z1, z2 = emb["z1"], emb["z2"]
         # covariances and their Cholesky factors are computed in fp32 inside, even under autocast
         loss = wmse_loss(z1, z2, self.w_size, self.w_iter, self.eps, gather=self.gather)
         return loss, {"z": z1.detach(), "z_pair": z2.detach()}

@@ -11,11 +11,12 @@ from selfsup import distributed as dist
 from selfsup.config import AUTO, BackboneConfig, ConfigError, ModelConfig, RunConfig
 from selfsup.data import ImageSet
 from selfsup.methods import check_method_params, get_method
-from selfsup.methods.base import MethodSpec, run_checks
+from selfsup.methods.base import MethodSpec, resolved_params, run_checks
 from selfsup.methods.registry import method_params
 from selfsup.nn.backbones import BackboneError, build_backbone, check_backbone_name
 from selfsup.nn.weights import WeightsError, file_sha256, load_weights
 from selfsup.train.checkpoint import CheckpointError
+from selfsup.train.micro import micro_problems
 from selfsup.views import ViewRecipe, apply_overrides, resolve_sizes
 
 log = logging.getLogger("selfsup")
@@ -61,9 +62,15 @@ def auto_backbone(method: str, image_size: int) -> ModelConfig:
 
 
 def resolve_config(cfg: RunConfig, train: ImageSet) -> RunConfig:
-    """The config with every ``auto`` setting decided for this data, and the weights file (when given) recorded by
-    absolute path and SHA-256; the run directory stores this one."""
-    cfg = dataclasses.replace(cfg, backbone=resolve_weights(cfg.backbone))
+    """The config with every ``auto`` setting decided for this data, the weights file (when given) recorded by
+    absolute path and SHA-256, and the method's parameters as its ``resolve_params`` records them (a distillation
+    teacher's path and SHA-256); the run directory stores this one."""
+    try:
+        params = resolved_params(get_method(cfg.method.name).cls, cfg.method.params)
+    except ValueError as exc:
+        raise ConfigError([f"method {cfg.method.name!r}: {exc}"]) from None
+    cfg = dataclasses.replace(cfg, backbone=resolve_weights(cfg.backbone),
+                              method=dataclasses.replace(cfg.method, params=params))
     if cfg.backbone.name != AUTO:
         return cfg
     auto = auto_backbone(cfg.method.name, train.image_size)
@@ -100,13 +107,16 @@ def build_encoder(cfg: RunConfig, in_chans: int, image_size: int) -> nn.Module:
         raise ConfigError([f"backbone: {exc}"]) from None
 
 
-def build_method(cfg: RunConfig, in_chans: int, image_size: int, world: int = 1, weights: bool = True) -> nn.Module:
+def build_method(cfg: RunConfig, in_chans: int, image_size: int, world: int = 1, weights: bool = True,
+                 stats: tuple[list[float], list[float]] | None = None) -> nn.Module:
     """The method around a freshly initialised backbone, or, with ``weights`` and ``backbone.weights`` set, one
     initialised from that file before the method is built (so its teachers copy it); constructor ``ValueError``s
     become config errors. Rebuilding a trained method to load its checkpoint passes ``weights=False``.
 
     With several processes, a method whose loss compares samples (it takes ``gather``) gathers
-    embeddings across them, so its loss is the one of the global batch.
+    embeddings across them, so its loss is the one of the global batch. ``stats``: the (mean, std) the views are
+    normalised with, passed to a method that takes ``input_mean``/``input_std`` (a teacher trained on other data
+    renormalises them).
     """
     info = get_method(cfg.method.name)
     backbone = build_encoder(cfg, in_chans, image_size)
@@ -115,6 +125,9 @@ def build_method(cfg: RunConfig, in_chans: int, image_size: int, world: int = 1,
     params = dict(cfg.method.params)
     if world > 1 and "gather" in method_params(info.cls):
         params.setdefault("gather", True)
+    if stats is not None and "input_mean" in method_params(info.cls):
+        params.setdefault("input_mean", list(stats[0]))
+        params.setdefault("input_std", list(stats[1]))
     try:
         return info.cls(backbone, **params)
     except (ValueError, TypeError) as exc:
@@ -164,8 +177,11 @@ def check_run(model: nn.Module, cfg: RunConfig, n_train: int, recipe: ViewRecipe
     """A method's own checks against the data and views (its optional ``check_run``): e.g. a queue larger than
     the dataset, a two-view method given another number of views; and the backbone's against the view sizes
     (``input_problem(size)`` of a torchvision/timm backbone: a ViT's patch size, a fixed input size, downsampling
-    that leaves nothing), before a training step fails on them."""
+    that leaves nothing), before a training step fails on them; and ``train.micro_batch_size`` against the method
+    (:func:`~selfsup.train.micro.micro_problems`)."""
     problems = [f"{cfg.method.name}: {p}" for p in run_checks(model, n_train, cfg.train.batch_size, recipe)]
+    problems += micro_problems(model, cfg.method.name, cfg.train.micro_batch_size,
+                               cfg.train.batch_size // dist.world_size())
     backbone_check = getattr(model.backbone, "input_problem", None)
     sizes = {g.size for g in recipe.globals_} | ({recipe.local.size} if recipe.local_crops else set())
     problems += [p for p in map(backbone_check, sorted(sizes)) if p] if backbone_check else []

@@ -28,6 +28,7 @@ from selfsup.monitor.diagnostics import batch_diagnostics
 from selfsup.schedules import cosine_schedule, warmup_cosine
 from selfsup.train.batches import epoch_batches, epoch_order
 from selfsup.train.checkpoint import atomic_save
+from selfsup.train.micro import micro_step, uses_micro_batches
 
 from selfsup.train.optim import set_optim_values
 from selfsup.config import compile_mode
@@ -159,7 +160,8 @@ def train_one_epoch(run: Run, epoch: int, stop: _StopFlag) -> dict[str, Any]:
 
 def train_step(run: Run, x: Tensor, idx: Tensor, progress: Progress, aspect: Tensor | None = None) -> StepResult:
     """Views on the device, the method's loss, backward, a finite check, the optimiser step, then the method's
-    state updates and the teachers' EMA. A non-finite loss or gradient takes no step (``finite=False``).
+    state updates and the teachers' EMA. A non-finite loss or gradient takes no step (``finite=False``). With
+    ``train.micro_batch_size`` the loss and backward are :func:`~selfsup.train.micro.micro_step`'s, chunk by chunk.
     ``aspect`` (B,): the images' original width / height when they are whole images squashed to squares (an
     image-folder cache), so crops are drawn in the original pixel space."""
     cfg = run.cfg
@@ -174,13 +176,19 @@ def train_step(run: Run, x: Tensor, idx: Tensor, progress: Progress, aspect: Ten
         views, extra["boxes"] = views
     if run.channels_last:
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-    with torch.autocast(run.device.type, dtype=run.amp_dtype) if run.amp_dtype else nullcontext():
-        loss, logs = run.stepper(views, progress, **extra)
-    loss = loss.float()
-    run.optimizer.zero_grad(set_to_none=True)
-    finite = bool(torch.isfinite(loss))
+    if uses_micro_batches(run, views[0].shape[0]):  # train.micro_batch_size: forward and backward chunk by chunk
+        run.optimizer.zero_grad(set_to_none=True)
+        loss, logs = micro_step(run, views, progress, extra)
+        finite = bool(torch.isfinite(loss))
+    else:
+        with torch.autocast(run.device.type, dtype=run.amp_dtype) if run.amp_dtype else nullcontext():
+            loss, logs = run.stepper(views, progress, **extra)
+        loss = loss.float()
+        run.optimizer.zero_grad(set_to_none=True)
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            loss.backward()
     if finite:
-        loss.backward()
         finite = _grads_finite(run.trainable, cfg.optim.clip_grad)
     result = StepResult(loss.detach(), logs, lr, finite, dict(progress.values))
     if not finite:

@@ -170,7 +170,8 @@ def load_method(run: LoadedRun, run_dir: str | Path, device: torch.device | str 
     path = Path(run_dir) / "checkpoints" / "last.pt"
     if not path.is_file():
         raise CheckpointError(f"{path} not found: the run kept no training checkpoint")
-    method = build_method(run.cfg, run.meta["in_chans"], run.meta["image_size"], weights=False)
+    method = build_method(run.cfg, run.meta["in_chans"], run.meta["image_size"], weights=False,
+                          stats=(run.meta["mean"], run.meta["std"]))
     ckpt = safe_load(path)
     check_compatible(ckpt, run.cfg.method.name, run.cfg.backbone.name)
     try:

@@ -13,6 +13,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -74,13 +75,18 @@ def prepare_data(cfg: RunConfig, clock: StartupClock | None = None) -> Data:
 
 
 class _Stepper(nn.Module):
-    """Routes DDP's forward to ``training_step`` so gradient synchronisation follows the method's loss."""
+    """Routes DDP's forward to ``training_step`` so gradient synchronisation follows the method's loss; or, with
+    ``part``, to ``part(method, views, progress, **extra)``: one chunk of a micro-batched step
+    (:mod:`selfsup.train.micro`), run here so that DDP prepares for the backward that follows it."""
 
     def __init__(self, method: nn.Module):
         super().__init__()
         self.method = method
 
-    def forward(self, views: list[Tensor], progress: Progress, **extra: Tensor):
+    def forward(self, views: list[Tensor], progress: Progress, part: Callable[..., Any] | None = None,
+                **extra: Tensor):
+        if part is not None:
+            return part(self.method, views, progress, **extra)
         return self.method.training_step(views, progress, **extra)
 
 
@@ -228,7 +234,8 @@ def _build_model(cfg: RunConfig, data: Data, world: int, device: torch.device,
     """The method on the device, checked against the data and views, channels-last where it pays, and with
     ``train.compile: backbone`` its backbone compiled in place (state-dict keys unchanged). ``weights``: initialise
     the backbone from ``backbone.weights`` (a new run; a resumed one takes its checkpoint and needs no file)."""
-    model = build_method(cfg, data.train.channels, data.train.image_size, world, weights=weights).to(device)
+    model = build_method(cfg, data.train.channels, data.train.image_size, world, weights=weights,
+                         stats=(data.mean, data.std)).to(device)
     if world > 1:
         model = sync_batchnorm(model, device, dist.rank() == 0)
     check_run(model, cfg, len(data.train), recipe)
