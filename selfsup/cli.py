@@ -57,7 +57,20 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         key, value = parse_override(item)
         overrides[key] = value
     recipe = args.config or _tuned_recipe(overrides)
+    native_size = False
+    if recipe is None:  # no tuned recipe: defaults that fit the named backbone and the method's paper
+        from selfsup.train.paper_recipes import backbone_defaults
+
+        derived, lines = backbone_defaults(overrides)
+        native_size = "data.image_size" in derived
+        overrides = {**derived, **overrides}
+        for line in lines:
+            print(f"recipe: {line}", file=sys.stderr)
     cfg = load_config(recipe, overrides)
+    if native_size and not args.print_config:
+        from selfsup.train.paper_recipes import step_cost_line
+
+        print(step_cost_line(cfg), file=sys.stderr)
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
