@@ -29,6 +29,7 @@ import torch.multiprocessing as mp
 from selfsup.methods import METHODS
 from selfsup.methods.base import make_progress
 from selfsup.methods.registry import method_params
+from spawned import gloo_group
 
 WORLD = 2
 # tiny_method lives in tests/methods/test_methods.py, importable only once that folder is on the path
@@ -77,10 +78,7 @@ def _step(method, views, boxes):
 
 
 def _worker(rank: int, name: str, port: int, out_dir: str, b: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, WORLD, port):
         views, boxes = ([t[rank * b : (rank + 1) * b] for t in ts] for ts in _views(name, WORLD * b))
         loss, grads = _step(_build(name, gather=True), views, boxes)
         dist.all_reduce(loss)
@@ -89,8 +87,6 @@ def _worker(rank: int, name: str, port: int, out_dir: str, b: int) -> None:
             g /= WORLD
         if rank == 0:
             torch.save({"loss": loss / WORLD, "grads": grads}, os.path.join(out_dir, "dist.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("name", GATHER_METHODS)
@@ -191,10 +187,8 @@ def _parts_rank(rank: int, tmp: str, data: dict) -> None:
     from selfsup.losses.distillation import koleo_loss, update_center
     from selfsup.losses.ibot import patch_sinkhorn_targets
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=WORLD)
     out = {}
-    try:
+    with gloo_group(rank, WORLD, init_file=f"{tmp}/init"):
         for name, split in (("equal", 4), ("unequal", 5), ("empty", 8)):  # rank 0 holds `split` of 8 rows
             rows = data["logits"][:split] if rank == 0 else data["logits"][split:]
             out[f"sinkhorn_{name}"] = sinkhorn_knopp(rows, 0.07, 3, gather=True)
@@ -213,8 +207,6 @@ def _parts_rank(rank: int, tmp: str, data: dict) -> None:
         corr.backward()
         out["cca"] = (corr.detach(), h1.grad, h2.grad)
         torch.save(out, f"{tmp}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_dinov2_ibot_dccae_parts_match_one_process(tmp_path):
@@ -316,10 +308,7 @@ def _masked_step(method, views, masks):
 
 
 def _masked_worker(rank: int, name: str, port: int, out_dir: str, b: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, WORLD, port):
         views, masks = _masked_inputs(name, WORLD * b)
         mine = slice(rank * b, (rank + 1) * b)
         views = [v[mine] for v in views]
@@ -332,8 +321,6 @@ def _masked_worker(rank: int, name: str, port: int, out_dir: str, b: int) -> Non
             g /= WORLD
         torch.save({"loss": loss / WORLD, "grads": grads, "buffers": buffers, "masked": int(masks.sum())},
                    os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("name", sorted(MASKED_DISTILLATION))

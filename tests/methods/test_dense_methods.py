@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from conftest import TINY_BACKBONES
+from spawned import gloo_group
 from selfsup.config import ConfigError, ModelConfig, RunConfig
 from selfsup.losses.dense import vicregl_global_loss, vicregl_local_loss
 from selfsup.methods import METHODS
@@ -270,10 +271,7 @@ def _densecl_two_steps(gather: bool, views):
 
 
 def _densecl_worker(rank: int, port: int, out_dir: str, b: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, WORLD, port):
         views, _ = views_of(tiny("densecl"), WORLD * b)
         steps, dense_queue = _densecl_two_steps(True, [v[rank * b : (rank + 1) * b] for v in views])
         for loss, grads in steps:
@@ -284,8 +282,6 @@ def _densecl_worker(rank: int, port: int, out_dir: str, b: int) -> None:
                 g /= WORLD
         if rank == 0:
             torch.save({"steps": steps, "dense_queue": dense_queue}, os.path.join(out_dir, "dist.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_densecl_two_processes_match_one_across_a_queue_push():

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY_BACKBONES
+from spawned import gloo_group
 from selfsup.config import ConfigError, ModelConfig, RunConfig
 from selfsup.losses.contrastive import dcl_loss, info_nce, nt_xent, vmf_weights
 from selfsup.methods import METHODS
@@ -127,11 +128,8 @@ def test_loss_bad_inputs(call, match):
 
 
 def _dcl_rank(rank: int, world: int, tmp: str, z1: torch.Tensor, z2: torch.Tensor) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=world)
     out = {}
-    try:
+    with gloo_group(rank, world, init_file=f"{tmp}/init"):
         n = z1.shape[0] // world
         for name, w in (("dcl", None), ("dclw", lambda a, b: vmf_weights(a, b, 0.5, gather=True))):
             a = z1[rank * n:(rank + 1) * n].clone().requires_grad_(True)
@@ -140,8 +138,6 @@ def _dcl_rank(rank: int, world: int, tmp: str, z1: torch.Tensor, z2: torch.Tenso
             loss.backward()
             out[name] = (loss.detach(), a.grad, b.grad)
         torch.save(out, f"{tmp}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

@@ -32,6 +32,7 @@ from selfsup.methods import METHODS
 from selfsup.methods.base import embed_of, loss_of, make_progress, run_after_step, targets_of
 from selfsup.train import micro
 from selfsup.train.micro import _take, accumulate, chunk_slices, micro_problems
+from spawned import gloo_group
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "methods"))
 from test_methods import fixed_views, tiny_batch, tiny_method  # noqa: E402  (the registry tests' tiny settings)
@@ -391,10 +392,7 @@ def _ddp_setup(name: str, gather: bool):
 def _ddp_worker(rank: int, port: int, out: str) -> None:
     from selfsup.train.setup import _Stepper
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, WORLD, port):
         result = {}
         for name in DDP_METHODS:
             method, views = _ddp_setup(name, gather=True)
@@ -406,8 +404,6 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
             result[name] = (loss / WORLD, _grads(method))  # DDP has averaged the gradients
         if rank == 0:
             torch.save(result, os.path.join(out, "ddp.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_two_processes_with_micro_batches_match_one_process():
