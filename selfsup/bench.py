@@ -319,15 +319,24 @@ def run_bench(methods: Sequence[str], out_dir: str | Path, budget: Budget, data:
             row["error"] = f"exit status {proc.returncode}: {tail[0]}"
         rows.append(row)
         print(f"      {time.perf_counter() - t0:.0f}s  {_status(row)}", flush=True)
+    settings = {"budget": dataclasses.asdict(budget), "budget_text": budget.describe(),
+                "data": common.get("data.name", "each recipe's"), "finetune": list(finetune),
+                "dense": list(dense), "dense_labels": list(dense_labels), "dense_steps": dense_steps,
+                "finetune_steps": finetune_steps, "eval_limit": eval_limit, "torch": torch.__version__,
+                "platform": platform.platform(), "threads": threads, "settings": dict(extra or {})}
+    return write_results(out, settings, rows, backbones)
+
+
+def write_results(out: Path, settings: dict[str, Any], rows: list[dict[str, Any]],
+                  backbones: Sequence[Any]) -> dict[str, Any]:
+    """``results.{json,md,png}`` in ``out`` from the methods' rows (as their subprocesses wrote them: the
+    baselines of the first method on each backbone inside) and the bench's ``settings``; returns the JSON.
+    Also what rebuilds the table of a bench whose call ended early from the rows it finished
+    (``benchmarks/dense/assemble.py``)."""
     refs = reference_rows(rows, backbones, [row.pop("baselines", None) for row in rows])
     for ref in refs:
         print(f"      {ref['method']}: {_status(ref)}", flush=True)
-    results = {"budget": dataclasses.asdict(budget), "budget_text": budget.describe(),
-               "data": common.get("data.name", "each recipe's"), "finetune": list(finetune),
-               "dense": list(dense), "dense_labels": list(dense_labels), "dense_steps": dense_steps,
-               "finetune_steps": finetune_steps, "eval_limit": eval_limit, "torch": torch.__version__,
-               "platform": platform.platform(), "threads": threads, "settings": dict(extra or {}),
-               "rows": rows + refs}
+    results = {**settings, "rows": rows + refs}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown_table(results))
     plot_results(results, out / "results.png")
