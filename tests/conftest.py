@@ -31,6 +31,18 @@ def _image_cache(tmp_path_factory):
     os.environ["SELFSUP_CACHE"] = str(tmp_path_factory.mktemp("selfsup_cache"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread while a module's tests (``pytestmark = pytest.mark.usefixtures("one_thread")``) or one
+    test run: tiny tensors gain nothing from a second thread, and on a busy 2-core machine OpenMP threads that
+    wait on each other made tiny steps ~20× slower (measured; Cholesky's internal ``tril`` opens a parallel region
+    even for 2×2 matrices, which made a gradcheck take half a minute)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -31,14 +31,7 @@ from selfsup.train.checkpoint import CheckpointError
 FAST = FinetuneSettings(min_steps=15, max_steps=15, batch_size=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """8×8 images gain nothing from a second thread, and on a busy 2-core machine OpenMP threads that
-    wait on each other made these tiny steps ~20× slower (measured); pretraining sets 1 thread anyway."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pretrain(out: Path, backbone: str, params: dict, limit: int | None = None, batch: int = 64) -> Path:

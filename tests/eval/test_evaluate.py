@@ -19,13 +19,7 @@ from selfsup.train.rundir import load_run
 FAST = FinetuneSettings(min_steps=2, max_steps=2, batch_size=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """8×8 images gain nothing from a second thread on a busy shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,7 @@ from selfsup.train.rundir import LoadedRun, load_run
 BATCHES = (1, 5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(backbone: dict, in_chans: int, size: int) -> LoadedRun:

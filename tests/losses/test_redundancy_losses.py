@@ -249,16 +249,6 @@ def test_wmse_analytic_and_invariance():
     assert 0 <= base.item() <= 4
 
 
-@pytest.fixture
-def one_thread():
-    """Cholesky's internal ``tril`` opens a parallel region even for 2×2 matrices; on a busy 2-core
-    machine each one waits ~20 ms for the second thread, which makes a gradcheck take half a minute."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_wmse_gradcheck(one_thread):
     x = torch.randn(7, 3, **f64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a: whiten(a, 1e-3), (x,))

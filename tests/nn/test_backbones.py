@@ -87,14 +87,7 @@ def test_registry_names_the_documented_backbones():
 # ------------------------------------------------------------------ torchvision:NAME and timm:NAME adapters
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small images gain nothing from a second thread; on a busy 2-core machine waiting OpenMP threads made
-    these steps many times slower (as in tests/eval)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # (name, params, in_chans, image size): CNNs and ViTs of both libraries, small and cheap to build; each
 # stresses something: a 1-channel first conv, a pre-logits head layer kept (MobileNetV3), timm's

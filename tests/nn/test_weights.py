@@ -25,12 +25,7 @@ from selfsup.train.checkpoint import CheckpointError
 TINY = {"widths": [8, 16]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _backbone(overrides: dict, in_chans: int = 3, size: int = 32, **kw) -> torch.nn.Module:
