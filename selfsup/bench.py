@@ -103,6 +103,14 @@ class BenchSpec:
     ``dense_labels``."""
     dense_labels: tuple[str, ...] = DENSE_LABELS
     dense_steps: int | None = None
+    resume: bool = False
+    """Continue the run directory's pretraining from its last checkpoint (``selfsup bench --resume``) instead of
+    starting it again."""
+
+    def settings(self) -> dict[str, Any]:
+        """What the row was measured with (stored in it as ``spec``): a ``--resume`` keeps a finished row only
+        when these are the same."""
+        return {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(self))).items() if k != "resume"}
 
 
 def recipe_for(method: str, config_dir: str | Path, data: str | None = None) -> Path | None:
@@ -191,10 +199,14 @@ def run_one(spec: BenchSpec, row: dict[str, Any]) -> dict[str, Any]:
                device=str(device), family=get_method(cfg.method.name).family, epochs=cfg.train.epochs)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    resumed = spec.resume and (Path(spec.run_dir) / "checkpoints" / "last.pt").is_file()
     t0 = time.perf_counter()
-    pretrain(cfg, spec.run_dir, overwrite=True)
+    pretrain(cfg, spec.run_dir, overwrite=not spec.resume)
     row["wall_time_s"] = time.perf_counter() - t0
     row["peak_rss_mb"] = _peak_rss_mb()
+    if resumed:  # this process ran only the rest: the epochs' own times, and a peak of the part it ran
+        row["resumed"] = True
+        row["wall_time_s"] = sum(r.get("epoch_time_s", 0.0) for r in split_metrics(read_metrics(spec.run_dir)).epochs)
     # the figure that limits a run: host memory on the CPU, device memory on a GPU
     row["peak_memory_mb"] = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
                              else row["peak_rss_mb"])
@@ -208,7 +220,7 @@ def run_one(spec: BenchSpec, row: dict[str, Any]) -> dict[str, Any]:
 def _child_main(argv: Sequence[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     spec = BenchSpec(**json.loads(argv[0]))
-    row: dict[str, Any] = {"method": spec.method, "family": get_method(spec.method).family}
+    row: dict[str, Any] = {"method": spec.method, "family": get_method(spec.method).family, "spec": spec.settings()}
     try:
         run_one(spec, row)
     except Exception as exc:  # recorded in the table, the matrix goes on
@@ -257,8 +269,11 @@ def run_bench(methods: Sequence[str], out_dir: str | Path, budget: Budget, data:
               finetune_steps: int | None = None, eval_limit: int | None = None, device: str | None = None,
               threads: int | None = None, seed: int | None = None, baseline: bool = True,
               extra: dict[str, Any] | None = None, dense: Sequence[str] = (),
-              dense_labels: Sequence[str] = DENSE_LABELS, dense_steps: int | None = None) -> dict[str, Any]:
+              dense_labels: Sequence[str] = DENSE_LABELS, dense_steps: int | None = None,
+              resume: bool = False) -> dict[str, Any]:
     """Run every method (one subprocess each), write ``results.{json,md,png}`` in ``out_dir``; returns the JSON.
+    ``resume``: keep each method's row that an earlier call into ``out_dir`` finished with the same settings, and
+    continue an unfinished method's pretraining from its last checkpoint (its evaluation runs again).
     ``finetune``: label fractions to fine-tune with (a subset of ``FINETUNE_FRACTIONS``); ``baseline``:
     measure the baselines and add the reference rows. ``dense``: dense protocols to score at each of
     ``dense_labels`` (their baselines — minutes each — are measured once per backbone: for its first method, whose
@@ -304,12 +319,20 @@ def run_bench(methods: Sequence[str], out_dir: str | Path, budget: Budget, data:
                               baseline and (first or not dense), source, dense, dense_labels, dense_steps))
     rows = []
     for i, spec in enumerate(jobs, 1):
+        kept = _finished_row(spec) if resume else None
+        if kept is not None:
+            print(f"[{i}/{len(jobs)}] {spec.method}: kept from an earlier call ({spec.result_path})", flush=True)
+            rows.append(kept)
+            continue
         Path(spec.run_dir).parent.mkdir(parents=True, exist_ok=True)
         Path(spec.result_path).unlink(missing_ok=True)
+        started = Path(spec.result_path).with_suffix(".started.json")  # the settings its run directory is for
+        spec.resume = resume and started.is_file() and json.loads(started.read_text()) == spec.settings()
+        started.write_text(json.dumps(spec.settings(), indent=2))
         log_path = out / "logs" / f"{Path(spec.run_dir).name}.log"
         print(f"[{i}/{len(jobs)}] {spec.method}: pretraining (log: {log_path})", flush=True)
         t0 = time.perf_counter()
-        with log_path.open("w") as logf:
+        with log_path.open("a" if resume else "w") as logf:
             proc = subprocess.run([sys.executable, "-m", "selfsup.bench", json.dumps(dataclasses.asdict(spec))],
                                   stdout=logf, stderr=subprocess.STDOUT, check=False)  # a failure is a row
         result = Path(spec.result_path)
@@ -341,6 +364,15 @@ def write_results(out: Path, settings: dict[str, Any], rows: list[dict[str, Any]
     (out / "results.md").write_text(markdown_table(results))
     plot_results(results, out / "results.png")
     return results
+
+
+def _finished_row(spec: BenchSpec) -> dict[str, Any] | None:
+    """The row an earlier call wrote for ``spec``: finished (no error) and measured with the same settings."""
+    path = Path(spec.result_path)
+    if not path.is_file():
+        return None
+    row = json.loads(path.read_text())
+    return row if "error" not in row and row.get("spec") == spec.settings() else None
 
 
 def _status(row: dict[str, Any]) -> str:

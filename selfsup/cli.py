@@ -279,7 +279,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                         threads=args.threads, seed=args.seed, baseline=not args.no_baseline,
                         extra=dict(parse_override(item) for item in args.set or []), dense=dense,
                         dense_labels=[f.strip() for f in args.dense_labels.split(",") if f.strip()],
-                        dense_steps=args.dense_steps)
+                        dense_steps=args.dense_steps, resume=args.resume)
     print(markdown_table(results), end="")  # what results.md holds
     return 1 if any("error" in r for r in results["rows"]) else 0
 
@@ -440,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--eval-limit", type=int, help="labelled training images for kNN/linear/fine-tune (default all)")
     bn.add_argument("--no-baseline", action="store_true",
                     help="no random-init / raw-pixel / from-scratch baselines or reference rows")
+    bn.add_argument("--resume", action="store_true",
+                    help="after a call that ended early: keep the methods it finished with the same settings, "
+                         "continue an unfinished method's pretraining from its last checkpoint")
     bn.add_argument("--device")
     bn.add_argument("--threads", type=int, help="CPU threads per method")
     bn.add_argument("--seed", type=int)

@@ -280,3 +280,24 @@ def test_extra_settings_reach_every_job_and_the_table_header(recipes: Path, tmp_
     assert seen and seen[0]["overrides"]["data.long_tail"] == 10 and not seen[0]["baselines"]
     assert seen[0]["source"].endswith("each recipe's batch size; data.long_tail=10)")
     assert "data: digits; data.long_tail=10;" in (tmp_path / "b" / "results.md").read_text()
+
+
+def test_resume_keeps_finished_rows_and_continues_an_unfinished_run(recipes: Path, tmp_path: Path) -> None:
+    """A bench call that ended early: --resume keeps the row of a method it finished with the same settings (its
+    run untouched), continues an unfinished method's pretraining from its checkpoint, and runs a method whose
+    settings changed again."""
+    out = tmp_path / "b"
+    common = dict(data="digits", config_dir=recipes, threads=1, baseline=False)
+    first = run_bench(list(TINY), out, Budget(1, 64), **common)
+    simclr_encoder = out / "runs" / "simclr" / "encoder.pt"
+    stamp = simclr_encoder.stat().st_mtime_ns
+    (out / "runs" / "byol.json").unlink()  # byol "did not finish": its checkpoint stays
+    assert (out / "runs" / "byol" / "checkpoints" / "last.pt").is_file()
+    again = run_bench(list(TINY), out, Budget(1, 64), resume=True, **common)
+    assert simclr_encoder.stat().st_mtime_ns == stamp
+    rows = {r["method"]: r for r in again["rows"]}
+    assert rows["simclr"]["knn"] == {r["method"]: r for r in first["rows"]}["simclr"]["knn"]
+    assert rows["byol"].get("resumed") is True and "error" not in rows["byol"]
+    assert rows["byol"]["wall_time_s"] > 0
+    changed = run_bench(["simclr"], out, Budget(1, 96), resume=True, **common)  # another budget: run again
+    assert simclr_encoder.stat().st_mtime_ns != stamp and "resumed" not in changed["rows"][0]
