@@ -5,7 +5,9 @@
 Seed 1 draws another 1% of the annotated training scenes, other head initialisations and crops, and another
 random encoder (the baselines): what the pretrained-vs-baseline margins of the bench's table look like when
 nothing but the seed changes. The baselines are measured once per backbone (its first method in the bench's
-results), as the bench does. Writes ``<bench>/second_seed.json`` and prints a markdown table.
+results), as the bench does. Writes ``<bench>/second_seed.json`` and prints a markdown table. Called again
+(after more methods finished, or after it was stopped), it keeps the methods that file already holds for the same
+seed, labels and protocols and measures the others (baselines only for a backbone it has none for yet).
 """
 from __future__ import annotations
 
@@ -31,17 +33,21 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     results = json.loads((args.bench / "results.json").read_text())
     protocols = [p for p in args.protocols.split(",") if p]
-    seen_backbones: set[str] = set()
-    rows = []
+    path = args.bench / "second_seed.json"
+    earlier = json.loads(path.read_text()) if path.is_file() else {}
+    same = (earlier.get("seed"), earlier.get("labels"), earlier.get("protocols")) == (args.seed, args.labels, protocols)
+    rows = earlier["rows"] if same else []
+    done = {r["method"] for r in rows}
+    seen_backbones = {r["backbone"] for r in rows if r["baselines_measured"]}
     for row in results["rows"]:
-        if row.get("family") == "reference" or "error" in row:
+        if row.get("family") == "reference" or "error" in row or row["method"] in done:
             continue
         run = args.bench / "runs" / row["method"]
         cfg = (run / "config.yaml").read_text()
         backbone = cfg.split("backbone:", 1)[1].split("data:", 1)[0]
         baselines = backbone not in seen_backbones
         seen_backbones.add(backbone)
-        out = {"method": row["method"], "baselines_measured": baselines}
+        out = {"method": row["method"], "backbone": backbone, "baselines_measured": baselines}
         for protocol in protocols:
             t0 = time.perf_counter()
             (r,) = evaluate_run(run, (protocol,), labels=args.labels, seed=args.seed, baselines=baselines,
@@ -53,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{row['method']} {protocol}: {100 * r['score']:.1f}%"
                   + (f" (baseline {100 * out[f'{protocol}_baseline']:.1f}%)" if baselines else ""), flush=True)
         rows.append(out)
-    (args.bench / "second_seed.json").write_text(json.dumps({"seed": args.seed, "labels": args.labels,
-                                                              "rows": rows}, indent=2))
+        path.write_text(json.dumps({"seed": args.seed, "labels": args.labels, "protocols": protocols,
+                                    "rows": rows}, indent=2))  # after each method: a stopped call keeps them
     pct = lambda v: "–" if v is None else f"{100 * v:.1f}%"
-    print(f"\n| method | " + " | ".join(f"{p} seed 0 / seed {args.seed}" for p in protocols) + " |")
+    print("\n| method | " + " | ".join(f"{p} seed 0 / seed {args.seed}" for p in protocols) + " |")
     print("|---|" + "---|" * len(protocols))
     for r in rows:
         print(f"| {r['method']} | " + " | ".join(f"{pct(r[f'{p}_first_seed'])} / {pct(r[p])}" for p in protocols) + " |")
