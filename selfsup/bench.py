@@ -130,12 +130,17 @@ def _peak_rss_mb() -> float:
 
 def _training_figures(run_dir: Path) -> dict[str, Any]:
     m = split_metrics(read_metrics(run_dir))
-    seconds = sum(r.get("epoch_time_s", 0.0) for r in m.epochs)
+    seconds = _epoch_seconds(m.epochs)
     images = sum(r.get("images_per_s", 0.0) * r.get("epoch_time_s", 0.0) for r in m.epochs)
     last = m.epochs[-1] if m.epochs else {}
     return {"images_per_s": images / seconds if seconds else None, "final_loss": last.get("loss"),
             "online_knn": last.get("knn"), "collapse_warnings": len(m.warnings),
             "spread": m.steps[-1].get("spread") if m.steps else None}
+
+
+def _epoch_seconds(epochs: Sequence[dict[str, Any]]) -> float:
+    """Training time: the epochs' own times as the run recorded them (also across a resumed run's processes)."""
+    return sum(r.get("epoch_time_s", 0.0) for r in epochs)
 
 
 def _accuracy(result: dict[str, Any], name: str) -> float:
@@ -206,7 +211,7 @@ def run_one(spec: BenchSpec, row: dict[str, Any]) -> dict[str, Any]:
     row["peak_rss_mb"] = _peak_rss_mb()
     if resumed:  # this process ran only the rest: the epochs' own times, and a peak of the part it ran
         row["resumed"] = True
-        row["wall_time_s"] = sum(r.get("epoch_time_s", 0.0) for r in split_metrics(read_metrics(spec.run_dir)).epochs)
+        row["wall_time_s"] = _epoch_seconds(split_metrics(read_metrics(spec.run_dir)).epochs)
     # the figure that limits a run: host memory on the CPU, device memory on a GPU
     row["peak_memory_mb"] = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
                              else row["peak_rss_mb"])
@@ -319,7 +324,7 @@ def run_bench(methods: Sequence[str], out_dir: str | Path, budget: Budget, data:
                               baseline and (first or not dense), source, dense, dense_labels, dense_steps))
     rows = []
     for i, spec in enumerate(jobs, 1):
-        kept = _finished_row(spec) if resume else None
+        kept = finished_row(spec.result_path, spec.settings()) if resume else None
         if kept is not None:
             print(f"[{i}/{len(jobs)}] {spec.method}: kept from an earlier call ({spec.result_path})", flush=True)
             rows.append(kept)
@@ -366,13 +371,16 @@ def write_results(out: Path, settings: dict[str, Any], rows: list[dict[str, Any]
     return results
 
 
-def _finished_row(spec: BenchSpec) -> dict[str, Any] | None:
-    """The row an earlier call wrote for ``spec``: finished (no error) and measured with the same settings."""
-    path = Path(spec.result_path)
+def finished_row(path: str | Path, settings: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The method's row at ``path`` (``<out>/runs/<method>.json``) when its call finished it (no error), and with
+    ``settings``: only when it was measured with them (``BenchSpec.settings``); else None."""
+    path = Path(path)
     if not path.is_file():
         return None
     row = json.loads(path.read_text())
-    return row if "error" not in row and row.get("spec") == spec.settings() else None
+    if "error" in row or (settings is not None and row.get("spec") != settings):
+        return None
+    return row
 
 
 def _status(row: dict[str, Any]) -> str:

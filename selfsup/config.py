@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import logging
 import re
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -502,15 +502,15 @@ def find_recipe(method: str, dataset: str, dirs: list[Path] | None = None) -> Pa
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """A recipe from YAML (optional), then dotted overrides on top (flags win). An override naming another
     backbone than the recipe's drops the recipe's ``backbone.params`` (they are that backbone's arguments, e.g.
-    small_resnet's widths for ``--backbone torchvision:resnet18``), said on stderr; ``backbone.params.*``
+    small_resnet's widths for ``--backbone torchvision:resnet18``), said in the log; ``backbone.params.*``
     overrides still apply."""
     data = read_yaml(path) if path else {}
     backbone = data.get("backbone") if isinstance(data.get("backbone"), dict) else {}
     name = (overrides or {}).get("backbone.name")
     if name is not None and backbone.get("name") not in (None, name) and backbone.get("params"):
         dropped = ", ".join(sorted(backbone.pop("params")))
-        print(f"recipe: {path}'s backbone.params ({dropped}) are {backbone['name']}'s: not used for {name}",
-              file=sys.stderr)
+        logging.getLogger("selfsup").info(f"recipe: {path}'s backbone.params ({dropped}) are {backbone['name']}'s: "
+                                          f"not used for {name}")
     for key, value in (overrides or {}).items():
         set_dotted(data, key, value)
     return config_from_dict(data)

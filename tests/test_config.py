@@ -26,14 +26,15 @@ def test_a_string_where_a_number_belongs_is_still_an_error(tmp_path):
         load_config(None, {"optim.lr": parse_override("optim.lr=fast")[1]})
 
 
-def test_another_backbone_drops_the_recipes_backbone_params(tmp_path, capsys):
-    """The recipe's backbone.params are its backbone's arguments: naming another backbone drops them (said on
-    stderr); params given as overrides still apply, and the same backbone keeps the recipe's."""
+def test_another_backbone_drops_the_recipes_backbone_params(tmp_path, caplog):
+    """The recipe's backbone.params are its backbone's arguments: naming another backbone drops them (said in
+    the log); params given as overrides still apply, and the same backbone keeps the recipe's."""
     recipe = tmp_path / "r.yaml"
     recipe.write_text("backbone:\n  name: small_resnet\n  params: {widths: [8, 16, 32, 64], stem_stride: 2}\n")
-    cfg = load_config(recipe, {"backbone.name": "torchvision:resnet18"})
+    with caplog.at_level("INFO", logger="selfsup"):
+        cfg = load_config(recipe, {"backbone.name": "torchvision:resnet18"})
     assert cfg.backbone.name == "torchvision:resnet18" and cfg.backbone.params == {}
-    assert "stem_stride, widths" in capsys.readouterr().err
+    assert "stem_stride, widths" in caplog.text
     cfg = load_config(recipe, {"backbone.name": "timm:resnet10t", "backbone.params.drop_path_rate": 0.1})
     assert cfg.backbone.params == {"drop_path_rate": 0.1}
     assert load_config(recipe, {"backbone.name": "small_resnet"}).backbone.params["widths"] == [8, 16, 32, 64]

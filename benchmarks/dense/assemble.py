@@ -13,14 +13,13 @@ rows with an error are skipped, and ``<out>/runs/<method>`` links to the run dir
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 from pathlib import Path
 
 import torch
 
-from selfsup.bench import DENSE_LABELS, write_results
+from selfsup.bench import DENSE_LABELS, finished_row, write_results
 from selfsup.config import load_config
 
 
@@ -37,11 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "runs").mkdir(parents=True, exist_ok=True)
     rows, backbones, missing = [], [], []
     for m in (m.strip() for m in args.methods.split(",") if m.strip()):
-        found = next((f for f in args.folders if _finished(f / "runs" / f"{m}.json")), None)
+        found = next(((f, row) for f in args.folders if (row := finished_row(f / "runs" / f"{m}.json"))), None)
         if found is None:
             missing.append(m)
             continue
-        row = json.loads((found / "runs" / f"{m}.json").read_text())
+        found, row = found
         row["bench_folder"] = str(found)
         rows.append(row)
         backbones.append(load_config(row["recipe"], {"data.name": args.data}).backbone)
@@ -62,10 +61,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(rows)} method(s) in {args.out / 'results.md'}" + (f"; no finished row for {', '.join(missing)}"
                                                                    if missing else ""))
     return 0
-
-
-def _finished(path: Path) -> bool:
-    return path.is_file() and "error" not in json.loads(path.read_text())
 
 
 if __name__ == "__main__":
