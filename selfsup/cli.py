@@ -133,7 +133,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             settings = dataclasses.replace(settings, min_steps=args.finetune_steps, max_steps=args.finetune_steps)
     results = evaluate_run(args.run_dir, protocols, data=args.data, data_root=args.data_root, labels=args.labels,
                            device=args.device, seed=args.seed, finetune_settings=settings, split=args.split,
-                           dense_settings=_dense_settings(args))
+                           dense_settings=_dense_settings(args), target=args.target)
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     else:
@@ -346,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=["test", "val"], default="test",
                    help="test: the dataset's test split; val: the images the run held out of pretraining "
                         "(data.val_size), fitting on every other labelled training image (for choosing settings)")
+    e.add_argument("--target", metavar="LABELS",
+                   help="predict other labels the data carries instead of the class (moving-fashion-mnist: "
+                        "direction, family)")
     e.add_argument("--data-root")
     e.add_argument("--device", default="cpu")
     e.add_argument("--seed", type=int, default=0)

@@ -24,6 +24,9 @@ AUTO = "auto"
 """A setting decided for the data at hand when the run starts (``backbone: auto``); the run directory stores
 the decision."""
 
+GENERATED = ("moving-fashion-mnist",)
+"""The datasets whose generator ``data.generator`` sets (each checks its keys when it loads)."""
+
 LOGGERS = ("tensorboard", "mlflow", "wandb")
 """The experiment trackers ``train.loggers`` may name (``selfsup.train.trackers``)."""
 
@@ -72,6 +75,10 @@ class DataConfig:
     stream: bool | None = None
     """``true``: always read a folder's records from the cache file; ``false``: always load them into RAM;
     ``None``: by ``memory_budget_gb``."""
+    generator: dict[str, Any] = field(default_factory=dict)
+    """Settings of a procedural dataset's generator, read by ``moving-fashion-mnist`` (``frames``, ``train_size``,
+    ``test_size``, ``objects``, ``object_scale``, ``texture``, ``seed``: :mod:`selfsup.data.moving_fashion_mnist`,
+    which checks them); empty keeps its defaults."""
 
     def labelled(self) -> "DataConfig":
         """The same dataset with every labelled training image: what evaluation fits on (no ``limit``,
@@ -397,6 +404,9 @@ def check_values(cfg: RunConfig) -> list[str]:
         p.append(f"data.cache_check must be fast or full, got {d.cache_check!r}")
     if isinstance(d.memory_budget_gb, float) and d.memory_budget_gb < 0:
         p.append(f"data.memory_budget_gb must be ≥ 0, got {d.memory_budget_gb}")
+    if isinstance(d.generator, dict) and d.generator and d.name not in GENERATED:
+        p.append(f"data.generator is read only by the generated datasets ({', '.join(GENERATED)}), not by "
+                 f"{d.name}: remove it")
     return p + _weights_problems(cfg.backbone)
 
 

@@ -14,6 +14,9 @@ TINY_BACKBONES: dict[str, dict] = {
     "small_resnet": {"widths": [8, 16, 32]},
     "resnet18": {},
     "vit_tiny": {"depth": 2, "embed_dim": 48, "num_heads": 3},
+    "small_r3d": {"widths": [8, 16, 32]},
+    "small_r2plus1d": {"widths": [8, 16, 32]},
+    "video_vit": {"patch_size": 4, "width": 24, "depth": 1, "heads": 2, "frames": 4},
 }
 
 

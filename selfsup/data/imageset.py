@@ -54,6 +54,9 @@ class ImageSet:
     given (a cache stores S > image_size so random crops keep detail).
     """
 
+    kind = "images"
+    """What the records are (:class:`~selfsup.data.clips.ClipSet` says ``"clips"``)."""
+
     def __init__(self, images: Tensor, labels: Tensor | None = None, classes: Sequence[str] | None = None,
                  name: str = "images", paths: list[str] | None = None, skipped: int = 0, *,
                  aspect: Tensor | None = None, image_size: int | None = None, mapped: bool = False,

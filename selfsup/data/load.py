@@ -18,7 +18,8 @@ from selfsup.data.sample_photos import sample_photo_crops
 from selfsup.data.splits import holdout_split, stratified_subset
 
 log = logging.getLogger(__name__)
-NAMED = ("fashion-mnist", "digits", "cifar10", "cifar100", "sample-photos", "fashion-mnist-scenes")
+NAMED = ("fashion-mnist", "digits", "cifar10", "cifar100", "sample-photos", "fashion-mnist-scenes",
+         "moving-fashion-mnist")
 DEFAULT_FOLDER_SIZE = 64
 SAMPLE_PHOTO_CROPS, SAMPLE_PHOTO_SIZE = 10000, 32
 
@@ -51,7 +52,9 @@ def load_dataset(cfg: DataConfig, place: bool = True) -> tuple[ImageSet, ImageSe
     """(train, test). ``cfg.long_tail`` makes the training images class-imbalanced, then ``cfg.limit``
     keeps the first N of them. An image folder's sets are then held in RAM or left on disk by :func:`resident`;
     ``place=False`` leaves them on disk (views of the cache file) for a caller that first takes the part it
-    needs — a subset of a file-backed set costs no memory — and then calls :func:`resident` on that part."""
+    needs — a subset of a file-backed set costs no memory — and then calls :func:`resident` on that part.
+    ``moving-fashion-mnist`` gives :class:`~selfsup.data.clips.ClipSet` s (clips, memory-mapped from their generated
+    cache), which every step here takes as it takes image sets."""
     name = cfg.name
     if name == "fashion-mnist":
         train, test = load_fashion_mnist(cfg.root)
@@ -65,6 +68,10 @@ def load_dataset(cfg: DataConfig, place: bool = True) -> tuple[ImageSet, ImageSe
 
         dense_train, dense_test = load_dense(cfg)
         train, test = dense_train.images, dense_test.images
+    elif name == "moving-fashion-mnist":  # clips (ClipSet), memory-mapped from their generated cache
+        from selfsup.data.moving_fashion_mnist import load_moving_fashion_mnist
+
+        train, test = load_moving_fashion_mnist(cfg)  # at data.image_size already: never resized below
     elif name in ("cifar10", "cifar100"):
         if not cfg.root:
             raise DataError(f"{name}: pass --data-root DIR (or --data DIR) with the unpacked python-version batches; "

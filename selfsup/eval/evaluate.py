@@ -29,6 +29,7 @@ from torch import Tensor
 
 from selfsup.config import ConfigError
 from selfsup.data import DataError, ImageSet, load_dataset, pretraining_holdout
+from selfsup.data.clips import ClipSet, for_encoder, is_clips
 from selfsup.data.annotations import dense_config, is_dense_source, load_dense
 from selfsup.data.dense import DenseSet, check_dense, dense_label_subset
 from selfsup.eval.dense import DENSE_PROTOCOLS, DenseSettings
@@ -48,6 +49,11 @@ PROTOCOLS = ("knn", "linear")
 ALL_PROTOCOLS = PROTOCOLS + ("finetune",)
 BASELINES = ("raw_pixels", "random_encoder")
 """The frozen baselines, measured beside the encoder in the same call."""
+CLIP_BASELINES = BASELINES + ("single_frame", "shuffled_frames")
+"""A clip encoder's: also ``single_frame`` (the centre frame's pixels, as raw pixels: appearance alone) and
+``shuffled_frames`` (the encoder itself on the same clips with their frames in a fixed shuffled order: what it
+makes of the clip without the frames' order). An encoder that only matches ``single_frame`` on a motion label has
+learned appearance, not motion."""
 SPLITS = ("test", "val")
 """What is evaluated on: the dataset's test split, or the images the run held out of pretraining."""
 
@@ -78,7 +84,7 @@ def evaluate_run(run_dir: str | Path, protocols: Sequence[str] = PROTOCOLS, data
                  seed: int = 0, write: bool = True, finetune_settings: FinetuneSettings | None = None, *,
                  eval_limit: int | None = None, baselines: bool = True,
                  source: str = "selfsup evaluate", split: str = "test",
-                 dense_settings: DenseSettings | None = None) -> list[dict[str, Any]]:
+                 dense_settings: DenseSettings | None = None, target: str | None = None) -> list[dict[str, Any]]:
     """One result dict per protocol; each is also written to ``RUN/eval_<protocol>[_<labels>].json``.
 
     ``labels`` is a fraction (``"1%"``) or a few-shot count (``"5-shot"``) of the training split,
@@ -92,6 +98,11 @@ def evaluate_run(run_dir: str | Path, protocols: Sequence[str] = PROTOCOLS, data
     - ``split="val"``: test on the run's held-out images (:func:`~selfsup.data.pretraining_holdout`) and fit on
       the rest of the labelled training split, for choosing settings without touching the test split; the
       results are written to ``eval_<protocol>[_<labels>]_val.json``.
+
+    ``target``: which labels the image-level protocols predict — the class (``None``) or another label the data
+    carries (a clip set's ``extra_labels``: ``direction``, ``family`` on Moving Fashion-MNIST); results and their
+    files name it. A clip encoder is evaluated on the clip it was trained on (``encoder.json``'s ``clip``), beside
+    :data:`CLIP_BASELINES`.
 
     A ``knn``/``linear`` result's ``test_embeddings`` holds, per feature set (``selfsup`` and each
     baseline), the dimension and effective rank of the test split's features.
@@ -130,7 +141,7 @@ def evaluate_run(run_dir: str | Path, protocols: Sequence[str] = PROTOCOLS, data
     flat = [p for p in protocols if p not in DENSE_PROTOCOLS]
     if flat:
         for result in _evaluate_flat(run, run_dir, flat, data, data_root, labels, device, seed, write,
-                                     finetune_settings, eval_limit, baselines, source, split):
+                                     finetune_settings, eval_limit, baselines, source, split, target):
             done[result["protocol"]] = result
     return [done[p] for p in protocols]
 
@@ -138,7 +149,7 @@ def evaluate_run(run_dir: str | Path, protocols: Sequence[str] = PROTOCOLS, data
 def _evaluate_flat(run: LoadedRun, run_dir: str | Path, protocols: Sequence[str], data: str | None,
                    data_root: str | None, labels: str | None, device: str, seed: int, write: bool,
                    finetune_settings: FinetuneSettings | None, eval_limit: int | None, baselines: bool, source: str,
-                   split: str) -> list[dict[str, Any]]:
+                   split: str, target: str | None = None) -> list[dict[str, Any]]:
     """The image-level protocols (knn, linear, finetune) of :func:`evaluate_run`."""
     if "finetune" in protocols and finetune_settings:
         check_layer_decay(run.encoder, finetune_settings)  # before any feature extraction or training
@@ -149,6 +160,7 @@ def _evaluate_flat(run: LoadedRun, run_dir: str | Path, protocols: Sequence[str]
     train, test = load_dataset(data_cfg)
     if split == "val":
         train, test = _heldout_split(train, run)
+    train, test = (_as_evaluated(s, run.meta, target) for s in (train, test))
     if train.labels is None or test.labels is None or len(test) == 0:
         raise DataError(f"{data_cfg.name} has no labelled test split to evaluate on (image folders need class subfolders)")
     _check_compatible(train, run.meta)
@@ -167,6 +179,8 @@ def _evaluate_flat(run: LoadedRun, run_dir: str | Path, protocols: Sequence[str]
         "selfsup": lambda s: extract_features(run.encoder, s, mean, std, device),
         "random_encoder": lambda s: extract_features(random_encoder, s, mean, std, device),
         "raw_pixels": lambda s: pixel_features(s, mean, std),
+        "single_frame": lambda s: pixel_features(s.with_eval(frames="centre"), mean, std),
+        "shuffled_frames": lambda s: extract_features(run.encoder, s.with_eval(frames="shuffled"), mean, std, device),
     }
     features: dict[str, list[Tensor]] = {}
     outcomes: dict[tuple[str, str], dict[str, float]] = {}
@@ -194,12 +208,13 @@ def _evaluate_flat(run: LoadedRun, run_dir: str | Path, protocols: Sequence[str]
             ranks[name] = {"dim": int(te.shape[1]), "effective_rank": effective_rank(te)}
         return ranks[name]
 
-    names = ("selfsup",) + (BASELINES if baselines else ())
+    names = ("selfsup",) + ((CLIP_BASELINES if is_clips(train) else BASELINES) if baselines else ())
     results = []
     for protocol in protocols:
         common = {"method": run.cfg.method.name, "backbone": run.cfg.backbone.name, "dataset": data_cfg.name,
                   "pretraining_epochs": run.cfg.train.epochs, "labels": labels or "100%", "seed": seed,
-                  "split": split, "n_train": len(train), "n_test": len(test), "source": source}
+                  "split": split, "n_train": len(train), "n_test": len(test), "source": source,
+                  **({"target": target} if target else {})}
         if protocol == "finetune":
             result = _finetune(run, train, test, seed, device, finetune_settings or FinetuneSettings(), baselines)
             # the frozen baselines of a fine-tune result are linear probes on the same labels
@@ -213,8 +228,19 @@ def _evaluate_flat(run: LoadedRun, run_dir: str | Path, protocols: Sequence[str]
                 result["l2"] = {name: outcome(protocol, name)["l2"] for name in names}
         results.append(result)
         if write:
-            write_eval_result(run_dir, protocol, labels, result, seed, split)
+            write_eval_result(run_dir, protocol, labels, result, seed, split, target)
     return results
+
+
+def _as_evaluated(data: ImageSet | ClipSet, meta: dict[str, Any], target: str | None) -> ImageSet | ClipSet:
+    """The evaluation data as the encoder sees it (a clip set with the encoder's training clip as its view,
+    :func:`~selfsup.data.clips.for_encoder`), labelled by ``target`` when one is named."""
+    data = for_encoder(data, meta)
+    if target:
+        if not hasattr(data, "with_labels"):
+            raise DataError(f"--target {target}: {data.name} has only its class labels")
+        data = data.with_labels(target)
+    return data
 
 
 def _evaluate_dense(run: LoadedRun, protocols: Sequence[str], data: str | None, data_root: str | None,
@@ -270,10 +296,11 @@ def _heldout_split(train: ImageSet, run: LoadedRun) -> tuple[ImageSet, ImageSet]
 
 
 def write_eval_result(run_dir: str | Path, protocol: str, labels: str | None, result: dict[str, Any],
-                      seed: int = 0, split: str = "test") -> Path:
-    """``RUN/eval_<protocol>[_<labels>][_val][_seed<S>].json`` (``1%`` → ``1pct``; seed 0 unnamed), the files the
-    report reads: another seed's or split's result sits beside seed 0's test result instead of replacing it."""
-    path = eval_result_path(run_dir, protocol, labels, seed, split)
+                      seed: int = 0, split: str = "test", target: str | None = None) -> Path:
+    """``RUN/eval_<protocol>[_<target>][_<labels>][_val][_seed<S>].json`` (``1%`` → ``1pct``; seed 0 unnamed), the
+    files the report reads: another seed's, split's or target's result sits beside seed 0's test result on the class
+    instead of replacing it."""
+    path = eval_result_path(run_dir, protocol if not target else f"{protocol}_{target}", labels, seed, split)
     path.write_text(json.dumps(result, indent=2))
     return path
 

@@ -74,7 +74,8 @@ def constructor(run: LoadedRun) -> Constructor:
     enc, meta = run.encoder, run.meta
     if isinstance(enc, LibraryBackbone):
         if enc.library == "torchvision":
-            return Constructor("torchvision", f"torchvision.models.{enc.arch}", [], {"weights": None, **enc.kwargs},
+            module = "torchvision.models.video" if getattr(enc, "input_kind", "images") == "clips" else "torchvision.models"
+            return Constructor("torchvision", f"{module}.{enc.arch}", [], {"weights": None, **enc.kwargs},
                                list(enc.replaced))
         return Constructor("timm", "timm.create_model", [enc.arch], {"pretrained": False, **enc.kwargs}, list(enc.replaced))
     if is_vit(enc):
@@ -89,7 +90,7 @@ def constructor(run: LoadedRun) -> Constructor:
             # any value builds the LayerScale parameters the weights load into; the run's keeps it exact
             kwargs["init_values"] = float(run.cfg.backbone.params.get("layer_scale") or 1e-5)
         return Constructor("timm", "timm.models.vision_transformer.VisionTransformer", [], kwargs, [])
-    return Constructor("selfsup", f"selfsup.nn.backbones.{type(enc).__name__}", [],
+    return Constructor("selfsup", f"{type(enc).__module__}.{type(enc).__name__}", [],
                        {"in_chans": meta["in_chans"], **run.cfg.backbone.params}, [])
 
 

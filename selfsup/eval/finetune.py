@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.config import ConfigError
+from selfsup.data.clips import is_clips
 from selfsup.data.imageset import DataError, ImageSet
 from selfsup.data.stream import prefetch_batches
 from selfsup.monitor.features import extract_features
@@ -37,6 +38,7 @@ from selfsup.eval.linear import fit_logistic
 from selfsup.train.optim import param_groups
 from selfsup.schedules import warmup_cosine
 from selfsup.views import normalize, to_float
+from selfsup.views.clips import random_clip
 from selfsup.views.ops import resized_crop_flip
 
 
@@ -105,7 +107,7 @@ class Classifier(nn.Module):
 def _channels_last(images: ImageSet) -> bool:
     """The faster convolution layout from 8×8 up (as the training loop decides). Conversions happen
     here, before any inference-mode feature extraction, so the weights stay trainable."""
-    return images.image_size >= 8
+    return images.image_size >= 8 and not is_clips(images)  # torch's channels_last is for 4-D tensors
 
 
 def shuffled_batches(n: int, batch: int, steps: int, generator: torch.Generator) -> Iterator[Tensor]:
@@ -149,9 +151,13 @@ def train_classifier(encoder: nn.Module, num_features: int, train: ImageSet, mea
             g["lr"] = warmup_cosine(step, steps, warmup, settings.lr) * g["lr_scale"]
         with torch.no_grad():
             # aspect None: sets without aspect ratios are cropped as before aspects existed
-            x = resized_crop_flip(to_float(records.to(device, non_blocking=True)), train.image_size,
-                                  settings.crop_scale, (3 / 4, 4 / 3), settings.flip_p,
-                                  None if aspect is None else aspect.to(device, non_blocking=True))
+            records, aspect = records.to(device, non_blocking=True), None if aspect is None else aspect.to(device)
+            if is_clips(train):  # the encoder's clip, from a random start; one crop and flip per clip
+                x = random_clip(records, train.channels, *train.eval_clip, train.image_size, settings.crop_scale,
+                                settings.flip_p, aspect)
+            else:
+                x = resized_crop_flip(to_float(records), train.image_size, settings.crop_scale, (3 / 4, 4 / 3),
+                                      settings.flip_p, aspect)
             x = normalize(x, mean, std)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from selfsup.nn.ema import update_teachers
 from selfsup.schedules import Horizon, Schedule
 from selfsup.views import ViewRecipe
+from selfsup.views.clips import ClipRecipe
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,12 @@ class Progress:
 class MethodSpec:
     """What a method declares about itself (a class attribute ``spec``), read by the loop and the builder."""
 
-    views: ViewRecipe
-    """The paper's views; a run's ``views:`` config overrides fields of it."""
+    views: ViewRecipe | ClipRecipe
+    """The paper's views; a run's ``views:`` config overrides fields of it. A :class:`ClipRecipe` for a method that
+    takes clips."""
+    inputs: str = "images"
+    """What the method consumes: ``"images"`` (views (B, C, H, W)) or ``"clips"`` (views (B, C, T, H, W) from a
+    :class:`~selfsup.data.clips.ClipSet`); the builder refuses data of the other kind with one line."""
     min_batch_size: int = 2
     default_backbone: str | None = None
     """The backbone a run gets when it names none (a ViT for masked methods)."""

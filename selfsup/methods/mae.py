@@ -21,6 +21,20 @@ from selfsup.nn.vit import require_vit, sincos_pos_embed_2d
 from selfsup.views import Augment, ViewRecipe
 
 
+def check_decoder(method: str, dim: int, depth: int, heads: int) -> None:
+    """The ValueError of a decoder shape MAE-style decoders cannot build (VideoMAE shares the decoder)."""
+    if depth < 1 or dim % heads or dim % 4:
+        raise ValueError(f"{method}: decoder needs depth ≥ 1 and a width divisible by its heads and by 4, got "
+                         f"depth {depth}, width {dim}, heads {heads}")
+
+
+def decoder_blocks(dim: int, depth: int, heads: int) -> nn.Sequential:
+    """The light decoder's transformer blocks (timm's ``Block``, qkv bias), shared by MAE and VideoMAE."""
+    from timm.models.vision_transformer import Block  # here, not at import: timm costs ~2 s of every command
+
+    return nn.Sequential(*[Block(dim, heads, qkv_bias=True) for _ in range(depth)])
+
+
 @register("mae", "masked-modelling", "He et al. 2021, Masked Autoencoders Are Scalable Vision Learners, arXiv:2111.06377")
 class MAE(nn.Module):
     spec = MethodSpec(
@@ -37,9 +51,7 @@ class MAE(nn.Module):
         super().__init__()
         vit = require_vit(backbone, "mae")
         check_mask_ratio(mask_ratio, vit.num_patches)
-        if decoder_depth < 1 or decoder_dim % decoder_heads or decoder_dim % 4:
-            raise ValueError(f"mae: decoder needs depth ≥ 1 and a width divisible by its heads and by 4, got "
-                             f"depth {decoder_depth}, width {decoder_dim}, heads {decoder_heads}")
+        check_decoder("mae", decoder_dim, decoder_depth, decoder_heads)
         self.backbone = vit
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
         if norm_pix_loss:  # shown on the reconstruction picture: the absolute intensities are not predicted
@@ -49,10 +61,7 @@ class MAE(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         nn.init.normal_(self.mask_token, std=0.02)
         self.register_buffer("decoder_pos", sincos_pos_embed_2d(decoder_dim, vit.grid_size, cls_token=True)[None])
-        from timm.models.vision_transformer import Block  # here, not at import: timm costs ~2 s of every command
-
-        self.decoder_blocks = nn.Sequential(*[Block(decoder_dim, decoder_heads, qkv_bias=True)
-                                              for _ in range(decoder_depth)])
+        self.decoder_blocks = decoder_blocks(decoder_dim, decoder_depth, decoder_heads)
         self.decoder_norm = nn.LayerNorm(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, p * p * c)
 

@@ -5,7 +5,8 @@ see :mod:`selfsup.nn.adapters`).
 Contract (as timm's): every backbone is an ``nn.Module`` whose ``forward(x)`` maps
 (B, C, H, W) → (B, num_features) pooled features, with ``num_features`` as an attribute.
 Backbones are registered by name or resolved by prefix; ``build_backbone`` is the one way to make one,
-``check_backbone_name`` the one way to ask whether a name is valid.
+``check_backbone_name`` the one way to ask whether a name is valid. Video backbones (clips (B, C, T, H, W),
+``input_kind = "clips"``) are registered and built the same way; they live in :mod:`selfsup.nn.video`.
 """
 from __future__ import annotations
 
@@ -174,13 +175,14 @@ def check_backbone_name(name: str) -> None:
     if not isinstance(name, str) or not name:
         raise BackboneError(f"backbone name must be a non-empty string, got {name!r}")
     if split_name(name)[0] is not None:
-        problem = library_name_problem(name)
+        problem = None if _video.is_torchvision_video(name) else library_name_problem(name)
         if problem:
-            raise BackboneError(problem)
+            near_video = _video.close_video_names(name) if name.startswith("torchvision:") else []
+            raise BackboneError(problem + (f"; video models: {', '.join(near_video)}" if near_video else ""))
         return
     if name in BACKBONES:
         return
-    near = difflib.get_close_matches(name, list(BACKBONES), n=3, cutoff=0.6) + close_names(name)
+    near = difflib.get_close_matches(name, list(BACKBONES), n=3, cutoff=0.6) + close_names(name) + _video.close_video_names(name)
     hint = f" (did you mean {', '.join(near)}?)" if near else ""
     raise BackboneError(f"unknown backbone {name!r}{hint}; registered: {', '.join(sorted(BACKBONES))}; or any "
                         "torchvision or timm model as torchvision:NAME / timm:NAME")
@@ -192,8 +194,9 @@ def build_backbone(name: str, in_chans: int, image_size: int, /, **params) -> nn
     channels and size are positional only, so ``params`` naming them gets that error, not a TypeError.)"""
     check_backbone_name(name)
     if split_name(name)[0] is not None:
+        build = _video.build_torchvision_video if _video.is_torchvision_video(name) else build_library_backbone
         try:
-            return build_library_backbone(name, in_chans, image_size, **params)
+            return build(name, in_chans, image_size, **params)
         except ValueError as exc:
             raise BackboneError(str(exc)) from None
     fn = BACKBONES[name]
@@ -216,3 +219,8 @@ def build_backbone(name: str, in_chans: int, image_size: int, /, **params) -> nn
         if not hasattr(model, attr):  # the input it was built for, as LibraryBackbone records it (DCCAE's decoders)
             setattr(model, attr, value)
     return model
+
+
+# video backbones (small_r3d, small_r2plus1d, per_frame; torchvision:<video model>): imported last, as the module
+# registers with register_backbone and builds frames through build_backbone
+from selfsup.nn import video as _video  # noqa: E402

@@ -100,9 +100,12 @@ def _show(ax, image: Tensor) -> None:
 
 
 def plot_retrieval(test: ImageSet, query_idx: Tensor, bank: ImageSet, sims: Tensor, idx: Tensor, path: Path) -> Path:
-    """Rows: a query (left, blue frame) then its neighbours by decreasing cosine similarity."""
+    """Rows: a query (left, blue frame) then its neighbours by decreasing cosine similarity (for clips, each a strip
+    of its frames)."""
     q, k = idx.shape
-    fig = Figure(figsize=(1.15 * (k + 1), 1.3 * q))
+    first = eval_images(test, query_idx[:1])[0]
+    wide = first.shape[-1] / first.shape[-2]  # clip strips: T frames side by side
+    fig = Figure(figsize=(1.15 * (k + 1) * min(wide, 4.0), 1.3 * q))
     axes = fig.subplots(q, k + 1, squeeze=False)
     for r in range(q):
         qi = int(query_idx[r])

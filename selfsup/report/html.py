@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from selfsup.data import DataError, load_dataset
+from selfsup.data.clips import for_encoder, is_clips
 from selfsup.eval.run_warnings import run_warning
 from selfsup.monitor.diagnostics import effective_rank
 from selfsup.monitor.features import eval_images, extract_features
@@ -115,7 +116,8 @@ def _eval_results(run_dir: Path) -> str:
         base = r.get("baselines", {})
         sources.append(r.get("source", "selfsup evaluate"))
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
-            r.get("protocol"), f"{r.get('dataset')} (held-out val)" if r.get("split") == "val" else r.get("dataset"),
+            r.get("protocol") + (f" ({r['target']})" if r.get("target") else ""),
+            f"{r.get('dataset')} (held-out val)" if r.get("split") == "val" else r.get("dataset"),
             f"{r.get('labels')} (seed {r['seed']})" if r.get("seed") else r.get("labels"),
             r.get("metric", "accuracy"), _fmt(r.get("score", r.get("accuracy")), pct=True),
             _fmt(base.get("random_encoder"), pct=True), _fmt(base.get("raw_pixels"), pct=True),
@@ -135,7 +137,7 @@ def _load_for_pictures(run_dir: Path, opts: ReportOptions):
 
     try:
         run = load_run(run_dir, opts.device)
-        train, test = load_dataset(run.cfg.data.labelled())
+        train, test = (for_encoder(s, run.meta) for s in load_dataset(run.cfg.data.labelled()))
     except (CheckpointError, DataError) as exc:
         return str(exc)
     return run, train, test if len(test) else train
@@ -176,6 +178,8 @@ def _model_pictures(run, test, run_dir: Path, out: Path, opts: ReportOptions) ->
     from selfsup.report.colorization import FILENAME as COLORIZATION_PNG, save_colorization_grid
     from selfsup.report.reconstructions import save_method_pictures
 
+    if is_clips(test):  # attention maps, reconstructions and colorization are drawn for still images
+        return [], "The model's own pictures (attention, reconstructions) are drawn for image runs only so far."
     images = eval_images(test, embeddings.pick_queries(test, 8, opts.seed))
     mean, std = run.meta["mean"], run.meta["std"]
     paths, note = [], ""

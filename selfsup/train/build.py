@@ -18,6 +18,7 @@ from selfsup.nn.weights import WeightsError, file_sha256, load_weights
 from selfsup.train.checkpoint import CheckpointError
 from selfsup.train.micro import micro_problems
 from selfsup.views import ViewRecipe, apply_overrides, resolve_sizes
+from selfsup.views.clips import ClipRecipe, apply_clip_overrides, resolve_clip_sizes
 
 log = logging.getLogger("selfsup")
 
@@ -50,7 +51,10 @@ def auto_backbone(method: str, image_size: int) -> ModelConfig:
     and torchvision's ResNet-18 with its standard stem beyond (STL-10 and ImageNet-scale images: the SimCLR /
     BYOL baseline network).
     """
-    default = get_method(method).spec.default_backbone
+    spec = get_method(method).spec
+    default = spec.default_backbone
+    if spec.inputs == "clips":  # the method names its video backbone (a 3-D CNN, or the tubelet ViT)
+        return ModelConfig(default or "small_r3d", {"patch_size": 8} if default == "video_vit" else {})
     if default is not None:
         if default.startswith("vit"):
             patch = next((p for p in VIT_PATCHES if image_size % p == 0 and (image_size // p) ** 2 <= 256), None)
@@ -149,15 +153,42 @@ def init_backbone(backbone: nn.Module, cfg: BackboneConfig, in_chans: int) -> No
             log.info("backbone weights: %s", note)
 
 
-def view_recipe(cfg: RunConfig, spec: MethodSpec, image_size: int) -> ViewRecipe:
+def view_recipe(cfg: RunConfig, spec: MethodSpec, image_size: int, frames: int | None = None) -> ViewRecipe | ClipRecipe:
     """The method's views with the run's overrides. Overrides cannot change the number of global views; local
     crops are accepted only by methods whose own recipe has them (multi-crop methods: SwAV, DINO, …), so a
-    two-view method is never handed extra views it would silently ignore."""
+    two-view method is never handed extra views it would silently ignore. A clip method's views are checked
+    against the records' ``frames``."""
+    if isinstance(spec.views, ClipRecipe):
+        return resolve_clip_sizes(apply_clip_overrides(spec.views, cfg.views), image_size, frames or 0)
     recipe = apply_overrides(spec.views, cfg.views)
     if recipe.local_crops and not spec.views.local_crops:
         raise ConfigError([f"{cfg.method.name} takes exactly {len(recipe.globals_)} view(s) and no local crops; "
                            f"remove views.local_crops={recipe.local_crops}"])
     return resolve_sizes(recipe, image_size)
+
+
+def check_inputs(cfg: RunConfig, spec: MethodSpec, data_kind: str) -> None:
+    """A method that takes clips given images, or the other way round: one line saying what to use."""
+    if spec.inputs == data_kind:
+        return
+    if spec.inputs == "clips":
+        raise ConfigError([f"{cfg.method.name} learns from clips, and {cfg.data.name} holds still images: use "
+                           "--data moving-fashion-mnist or a folder of videos"])
+    raise ConfigError([f"{cfg.method.name} learns from still images, and {cfg.data.name} holds clips: use a video "
+                       "method (selfsup methods lists them) or an image dataset"])
+
+
+def backbone_kind_problems(backbone: nn.Module, name: str, method: nn.Module) -> list[str]:
+    """A clip method given an image backbone (or the other way round): what to use instead."""
+    takes = getattr(backbone, "input_kind", "images")
+    wants = getattr(method, "spec", None) and method.spec.inputs
+    if not wants or takes == wants:
+        return []
+    if wants == "clips":
+        return [f"backbone {name!r} takes still images and {type(method).__name__} learns from clips: use a video "
+                "backbone (small_r3d, small_r2plus1d, torchvision:r3d_18, video_vit, or per_frame to apply an image "
+                "backbone to each frame)"]
+    return [f"backbone {name!r} takes clips and {type(method).__name__} learns from still images: use an image backbone"]
 
 
 def check_batch(cfg: RunConfig, spec: MethodSpec, n_train: int, world: int) -> None:
@@ -182,8 +213,12 @@ def check_run(model: nn.Module, cfg: RunConfig, n_train: int, recipe: ViewRecipe
     problems = [f"{cfg.method.name}: {p}" for p in run_checks(model, n_train, cfg.train.batch_size, recipe)]
     problems += micro_problems(model, cfg.method.name, cfg.train.micro_batch_size,
                                cfg.train.batch_size // dist.world_size())
+    problems += backbone_kind_problems(model.backbone, cfg.backbone.name, model)
     backbone_check = getattr(model.backbone, "input_problem", None)
-    sizes = {g.size for g in recipe.globals_} | ({recipe.local.size} if recipe.local_crops else set())
+    if isinstance(recipe, ClipRecipe):
+        sizes = {recipe.augment.size}
+    else:
+        sizes = {g.size for g in recipe.globals_} | ({recipe.local.size} if recipe.local_crops else set())
     problems += [p for p in map(backbone_check, sorted(sizes)) if p] if backbone_check else []
     if problems:
         raise ConfigError(problems)

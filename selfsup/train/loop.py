@@ -35,6 +35,7 @@ from selfsup.config import compile_mode
 from selfsup.train.setup import (Run, TrainingError, knn_monitor, record_compile_time, record_startup, save_checkpoint,
                                  setup_run)
 from selfsup.views import make_views
+from selfsup.views.clips import ClipRecipe, make_clip_views
 
 log = logging.getLogger("selfsup")
 __all__ = ["pretrain", "train_one_epoch", "train_step", "StepResult", "TrainingError", "Run"]
@@ -171,7 +172,10 @@ def train_step(run: Run, x: Tensor, idx: Tensor, progress: Progress, aspect: Ten
     # one with ``needs_view_boxes`` where each view lies in its image
     extra = {"indices": idx} if run.spec.needs_indices else {}
     with torch.no_grad():
-        views = make_views(x, run.recipe, run.data.mean, run.data.std, aspect, with_boxes=run.spec.needs_view_boxes)
+        if isinstance(run.recipe, ClipRecipe):
+            views = make_clip_views(x, run.recipe, run.data.mean, run.data.std, aspect)
+        else:
+            views = make_views(x, run.recipe, run.data.mean, run.data.std, aspect, with_boxes=run.spec.needs_view_boxes)
     if run.spec.needs_view_boxes:
         views, extra["boxes"] = views
     if run.channels_last:

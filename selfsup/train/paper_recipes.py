@@ -178,7 +178,7 @@ def backbone_defaults(overrides: dict[str, Any]) -> tuple[dict[str, Any], list[s
             lines.append(f"patch {patch}: the smallest of 4/8/16 that cuts {size}-px images into at most 256 patches")
     spec = get_method(method).spec
     patch = patch_of(backbone, params)
-    if spec.views.local_crops and patch and isinstance(size, int) and "views.local_size" not in given:
+    if getattr(spec.views, "local_crops", 0) and patch and isinstance(size, int) and "views.local_size" not in given:
         local = max(patch, round(size * spec.views.local_size_ratio / patch) * patch)
         out["views.local_size"] = local
         lines.append(f"local crops {local} px: {spec.views.local_size_ratio:.3f} of the {size}-px views, rounded to "

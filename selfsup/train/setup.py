@@ -6,6 +6,7 @@ checkpoint is written from one object.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from selfsup import distributed as dist
 from selfsup.config import RunConfig, compile_mode
 from selfsup.data import DataError, ImageSet, holdout_split, load_dataset
+from selfsup.data.clips import ClipSet
 from selfsup.data.load import resident
 from selfsup.methods import get_method
 from selfsup.methods.base import MethodSpec, Progress
@@ -29,7 +31,8 @@ from selfsup.monitor.features import extract_features
 from selfsup.monitor.knn import knn_accuracy
 from selfsup.schedules import CONTINUATION_RULE, Horizon, scaled_lr
 from selfsup.train.batches import resident_images
-from selfsup.train.build import build_method, check_batch, check_names, check_run, resolve_config, view_recipe
+from selfsup.train.build import (build_method, check_batch, check_inputs, check_names, check_run, resolve_config,
+                                 view_recipe)
 from selfsup.train.checkpoint import FORMAT_VERSION, atomic_save, check_compatible, safe_load
 from selfsup.train.device import (choose_attention, resolve_device, resolve_precision, rng_state, set_rng_state,
                                   sync_batchnorm)
@@ -38,6 +41,7 @@ from selfsup.train.rundir import MetricsLog, check_resumable, write_env
 from selfsup.train.trackers import TRACKING_FILE, Trackers, check_trackers, open_trackers
 from selfsup.train.startup import StartupClock
 from selfsup.views import ViewRecipe
+from selfsup.views.clips import ClipRecipe
 
 log = logging.getLogger("selfsup")
 KNN_BANK_SIZE = 10000
@@ -51,9 +55,9 @@ class TrainingError(RuntimeError):
 class Data:
     """The pretraining images, the held-out split and bank of the online kNN monitor, and the normalisation."""
 
-    train: ImageSet
-    val: ImageSet
-    bank: ImageSet
+    train: ImageSet | ClipSet
+    val: ImageSet | ClipSet
+    bank: ImageSet | ClipSet
     mean: list[float]
     std: list[float]
 
@@ -72,6 +76,14 @@ def prepare_data(cfg: RunConfig, clock: StartupClock | None = None) -> Data:
     with clock.part("mean_std"):
         mean, std = train.mean_std()
     return Data(train, val, train.head(KNN_BANK_SIZE), mean, std)
+
+
+def with_eval_clip(data: Data, recipe: ViewRecipe | ClipRecipe) -> Data:
+    """Clip data whose online kNN monitor sees the run's training clip (T frames, stride) centred in each record."""
+    if not isinstance(recipe, ClipRecipe):
+        return data
+    clip = {"clip_len": recipe.clip_len, "stride": recipe.stride}
+    return dataclasses.replace(data, val=data.val.with_eval(**clip), bank=data.bank.with_eval(**clip))
 
 
 class _Stepper(nn.Module):
@@ -100,7 +112,7 @@ class Run:
     data: Data
     resident: Tensor | None
     """The training records held on the GPU for the whole run (small in-memory sets on CUDA), else None."""
-    recipe: ViewRecipe
+    recipe: ViewRecipe | ClipRecipe
     model: nn.Module
     spec: MethodSpec
     stepper: nn.Module
@@ -157,8 +169,10 @@ def setup_run(cfg: RunConfig, run_dir: Path, overwrite: bool = False) -> Run:
     resuming = not overwrite and (run_dir / "checkpoints" / "last.pt").is_file()
     saved_epochs = check_resumable(run_dir, cfg) if resuming else t.epochs
     spec = get_method(cfg.method.name).spec
+    check_inputs(cfg, spec, data.train.kind)
     check_batch(cfg, spec, len(data.train), world)
-    recipe = view_recipe(cfg, spec, data.train.image_size)
+    recipe = view_recipe(cfg, spec, data.train.image_size, getattr(data.train, "frames", None))
+    data = with_eval_clip(data, recipe)
     with clock.part("model"):
         model, channels_last = _build_model(cfg, data, world, device, recipe, weights=not resuming)
     steps_per_epoch = len(data.train) // t.batch_size
@@ -230,7 +244,7 @@ def _describe(cfg: RunConfig, data: Data, spec: MethodSpec, steps_per_epoch: int
 
 
 def _build_model(cfg: RunConfig, data: Data, world: int, device: torch.device,
-                 recipe: ViewRecipe, weights: bool = True) -> tuple[nn.Module, bool]:
+                 recipe: ViewRecipe | ClipRecipe, weights: bool = True) -> tuple[nn.Module, bool]:
     """The method on the device, checked against the data and views, channels-last where it pays, and with
     ``train.compile: backbone`` its backbone compiled in place (state-dict keys unchanged). ``weights``: initialise
     the backbone from ``backbone.weights`` (a new run; a resumed one takes its checkpoint and needs no file)."""
@@ -240,7 +254,9 @@ def _build_model(cfg: RunConfig, data: Data, world: int, device: torch.device,
         model = sync_batchnorm(model, device, dist.rank() == 0)
     check_run(model, cfg, len(data.train), recipe)
     t = cfg.train
-    channels_last = t.channels_last == "on" or (t.channels_last == "auto" and data.train.image_size >= 8)
+    # clips are 5-D: torch's channels_last is for 4-D tensors (channels_last_3d is not measured yet)
+    images = data.train.kind == "images"
+    channels_last = images and (t.channels_last == "on" or (t.channels_last == "auto" and data.train.image_size >= 8))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if compile_mode(t.compile) == "backbone":
@@ -329,7 +345,16 @@ def _write_run_files(run: Run) -> None:
     (run.run_dir / "encoder.json").write_text(json.dumps({
         "backbone": cfg.backbone.name, "params": cfg.backbone.params, "in_chans": train.channels,
         "image_size": train.image_size, "num_features": run.model.backbone.num_features,
-        "mean": run.data.mean, "std": run.data.std, "method": cfg.method.name}, indent=2))
+        "mean": run.data.mean, "std": run.data.std, "method": cfg.method.name, **_clip_meta(run)}, indent=2))
+
+
+def _clip_meta(run: Run) -> dict:
+    """What ``encoder.json`` records of a clip encoder: the input it was trained on (``clip``: T, stride, and the
+    records' frames), which evaluation uses as its view."""
+    if not isinstance(run.recipe, ClipRecipe):
+        return {}
+    return {"inputs": "clips", "clip": {"clip_len": run.recipe.clip_len, "stride": run.recipe.stride,
+                                        "record_frames": run.data.train.frames}}
 
 
 def record_compile_time(run: Run, seconds: float) -> None:

@@ -170,16 +170,17 @@ def to_float(batch: Tensor) -> Tensor:
 
 
 @functools.lru_cache(maxsize=32)
-def _channel_constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
-    """(1, C, 1, 1) on ``device``, made once: on a GPU a fresh tensor per call is a host-to-device copy
-    that waits for everything queued on the stream."""
+def _channel_constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype, ndim: int = 4) -> Tensor:
+    """(1, C, 1, …) of ``ndim`` dimensions on ``device``, made once: on a GPU a fresh tensor per call is a
+    host-to-device copy that waits for everything queued on the stream."""
     with torch.inference_mode(False):  # usable outside inference mode too
-        return torch.tensor(values, dtype=dtype).view(1, -1, 1, 1).to(device)
+        return torch.tensor(values, dtype=dtype).view(1, -1, *([1] * (ndim - 2))).to(device)
 
 
 def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    m = _channel_constant(tuple(float(v) for v in mean), x.device, x.dtype)
-    s = _channel_constant(tuple(float(v) for v in std), x.device, x.dtype)
+    """Per-channel normalisation of images (B, C, H, W) or clips (B, C, T, H, W)."""
+    m = _channel_constant(tuple(float(v) for v in mean), x.device, x.dtype, x.ndim)
+    s = _channel_constant(tuple(float(v) for v in std), x.device, x.dtype, x.ndim)
     return (x - m) / s
 
 

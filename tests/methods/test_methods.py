@@ -21,8 +21,19 @@ from selfsup.methods.base import Method, make_progress, run_after_step, teacher_
 from selfsup.nn.backbones import build_backbone
 from selfsup.nn.ema import update_teachers
 from selfsup.views import make_views, resolve_sizes
+from selfsup.views.clips import make_clip_views, resolve_clip_sizes
 
 IMAGE_SIZE, BATCH = 16, 16
+RECORD_FRAMES = 16
+"""Frames of the tests' clip records (clip methods); more where a method's views span more."""
+
+
+def takes_clips(name: str) -> bool:
+    return METHODS[name].spec.inputs == "clips"
+
+
+def record_frames(method) -> int:
+    return max(RECORD_FRAMES, method.spec.views.span) if method.spec.inputs == "clips" else 0
 
 
 def tiny_method(name: str, in_chans: int = 1):
@@ -44,7 +55,14 @@ def tiny_recipe(method):
 
 def fixed_views(method, images: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
     """The views, and the extra ``training_step`` arguments the loop passes with them: ``boxes=`` for a method
-    whose ``spec.needs_view_boxes``."""
+    whose ``spec.needs_view_boxes``. A clip method's views come from clip records made of the images (a digit
+    moving one pixel a frame, :func:`moving_records`)."""
+    if method.spec.inputs == "clips":
+        frames = record_frames(method)
+        recipe = resolve_clip_sizes(method.spec.views, IMAGE_SIZE, frames)
+        torch.manual_seed(1)
+        channels = images.shape[1]
+        return make_clip_views(moving_records(images, frames), recipe, [0.5] * channels, [0.25] * channels), {}
     recipe = tiny_recipe(method)
     torch.manual_seed(1)
     views, boxes = make_views(images, recipe, [0.5] * images.shape[1], [0.25] * images.shape[1], with_boxes=True)
@@ -56,6 +74,15 @@ def tiny_batch(digits, in_chans: int = 1) -> torch.Tensor:
     x = torch.nn.functional.interpolate(train.images[:BATCH].float(), size=IMAGE_SIZE, mode="bilinear")
     x = x.round().clamp(0, 255).to(torch.uint8)
     return x.repeat(1, in_chans, 1, 1)
+
+
+def moving_records(images: torch.Tensor, frames: int) -> torch.Tensor:
+    """uint8 (B, C, S, S) → clip records (B, L·C, S, S): image b moving right (b even) or down (b odd) one pixel a
+    frame, wrapping around."""
+    b = images.shape[0]
+    shifted = [torch.where((torch.arange(b) % 2 == 0).view(b, 1, 1, 1), images.roll(t, dims=-1), images.roll(t, dims=-2))
+               for t in range(frames)]
+    return torch.stack(shifted, 1).flatten(1, 2).contiguous()
 
 
 def _in_chans(name: str) -> int:
@@ -131,7 +158,8 @@ def test_method_declares_contract(name):
     assert isinstance(method, Method)  # the Protocol: spec, backbone, forward, training_step
     assert not [k for k in vars(method) if k.startswith("_") and not k.startswith("__") and k not in nn_module_fields()], \
         f"{name}: private attributes outside nn.Module's own (state passed between calls?)"
-    x = torch.randn(4, _in_chans(name), IMAGE_SIZE, IMAGE_SIZE)
+    clip = (method.spec.views.clip_len,) if takes_clips(name) else ()
+    x = torch.randn(4, _in_chans(name), *clip, IMAGE_SIZE, IMAGE_SIZE)
     method.eval()
     assert method(x).shape == (4, method.backbone.num_features)
 
@@ -140,7 +168,8 @@ def nn_module_fields() -> set[str]:
     return set(vars(torch.nn.Module()))
 
 
-@pytest.mark.parametrize("name", sorted(n for n, m in METHODS.items() if not m.spec.views.local_crops))
+@pytest.mark.parametrize("name", sorted(n for n, m in METHODS.items()
+                                         if m.spec.inputs == "images" and not m.spec.views.local_crops))
 def test_fixed_view_methods_refuse_local_crops(name):
     """A method that compares a fixed set of views is never handed extra crops it would ignore."""
     from selfsup.config import ConfigError, load_config
