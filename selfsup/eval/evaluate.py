@@ -348,10 +348,12 @@ def format_table(results: list[dict[str, Any]]) -> str:
     pct = lambda value: "-" if value is None else f"{100 * value:.2f}%"
     rows = [[r["protocol"], _dataset_label(r), r["labels"], r.get("metric", "accuracy"), pct(r.get("score", r.get("accuracy"))),
              pct(r["baselines"].get("random_encoder")), pct(r["baselines"].get("raw_pixels"))] for r in results]
-    if any("from_scratch" in r["baselines"] for r in results):
-        header.append("from scratch (fine-tuned)")
-        for row, r in zip(rows, results):
-            row.append(pct(r["baselines"].get("from_scratch")))
+    for key, head in (("from_scratch", "from scratch (fine-tuned)"), ("single_frame", "single frame"),
+                      ("shuffled_frames", "shuffled frames")):
+        if any(key in r["baselines"] for r in results):
+            header.append(head)
+            for row, r in zip(rows, results):
+                row.append(pct(r["baselines"].get(key)))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
@@ -359,4 +361,5 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 def _dataset_label(result: dict[str, Any]) -> str:
     """The dataset, marked when the figures come from the run's held-out images instead of the test split."""
-    return f"{result['dataset']} (held-out val)" if result.get("split") == "val" else result["dataset"]
+    name = f"{result['dataset']} (held-out val)" if result.get("split") == "val" else result["dataset"]
+    return f"{name} → {result['target']}" if result.get("target") else name

@@ -106,13 +106,19 @@ def _warnings_html(m: curves.Metrics) -> str:
     return "".join(f'<div class="warn">{html.escape(w["message"])}</div>' for w in m.warnings)
 
 
+CLIP_COLUMNS = (("single_frame", "single frame"), ("shuffled_frames", "shuffled frames"))
+"""A clip encoder's own baselines, shown where a result has them."""
+
+
 def _eval_results(run_dir: Path) -> str:
-    rows, sources = [], []
+    rows, sources, results = [], [], []
     for path in sorted(run_dir.glob("eval_*.json")):
         try:
-            r = json.loads(path.read_text())
+            results.append(json.loads(path.read_text()))
         except (OSError, json.JSONDecodeError):
             continue
+    clip_columns = [(k, h) for k, h in CLIP_COLUMNS if any(k in r.get("baselines", {}) for r in results)]
+    for r in results:
         base = r.get("baselines", {})
         sources.append(r.get("source", "selfsup evaluate"))
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
@@ -121,11 +127,11 @@ def _eval_results(run_dir: Path) -> str:
             f"{r.get('labels')} (seed {r['seed']})" if r.get("seed") else r.get("labels"),
             r.get("metric", "accuracy"), _fmt(r.get("score", r.get("accuracy")), pct=True),
             _fmt(base.get("random_encoder"), pct=True), _fmt(base.get("raw_pixels"), pct=True),
-            _fmt(base.get("from_scratch"), pct=True))) + "</tr>")
+            _fmt(base.get("from_scratch"), pct=True), *(_fmt(base.get(k), pct=True) for k, _ in clip_columns))) + "</tr>")
     if not rows:
         return '<p class="note">No evaluation yet: run <code>selfsup evaluate RUN</code>.</p>'
     head = "".join(f"<th>{h}</th>" for h in ("protocol", "dataset", "labels", "metric", "selfsup", "random encoder",
-                                              "raw pixels", "from scratch"))
+                                              "raw pixels", "from scratch", *(h for _, h in clip_columns)))
     note = f'<p class="note">From {html.escape(", ".join(dict.fromkeys(sources)))}.</p>'
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>{note}"
 
