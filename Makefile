@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch torchvision
-	$(PY) -m pip install -q -c constraints.txt -e '.[test,heif,onnx,track]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,heif,onnx,track,video]'
 	touch $@
 
 # Optional: headless Chromium, for the report screenshot test (tests/test_report.py skips it without Chromium).

@@ -5,6 +5,7 @@ from selfsup.data.imageset import DataError, ImageSet
 from selfsup.data.load import load_dataset, pretraining_holdout, split_labelled
 from selfsup.data.splits import holdout_split, parse_fraction, stratified_subset
 from selfsup.data.stream import prefetch_batches
+from selfsup.data.video_folder import load_video_folder
 
-__all__ = ["DataError", "ImageSet", "load_dataset", "load_image_folder", "prefetch_batches", "pretraining_holdout",
-           "split_labelled", "holdout_split", "parse_fraction", "stratified_subset"]
+__all__ = ["DataError", "ImageSet", "load_dataset", "load_image_folder", "load_video_folder", "prefetch_batches",
+           "pretraining_holdout", "split_labelled", "holdout_split", "parse_fraction", "stratified_subset"]

@@ -7,6 +7,11 @@ directory, which no reader looks at and the next build (holding the cache's lock
 Decoding runs in a process pool (PIL's decode and resize hold the GIL for part of their work;
 benchmarks/data/README.md compares the two), fed a few chunks at a time so memory stays bounded
 for any number of files; files unchanged since the previous build are copied, not decoded.
+
+What a file becomes is a :class:`RecordSource`: :data:`IMAGES` (one record per image) unless a caller passes
+another. Its hook for files that give several records each (a video's clips, :mod:`selfsup.data.video_folder`)
+has the decoder write them to a file of its own in the build's temporary directory and return it as
+:class:`Spilled`, which is appended to the shard: however long the video, a worker holds one record at a time.
 """
 from __future__ import annotations
 
@@ -20,16 +25,17 @@ import time
 from collections import deque
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import closing
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import islice
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
 from selfsup.data.decode import DECODER_VERSION, Decoded, Unreadable, decode_image
-from selfsup.data.folder import FolderListing
+from selfsup.data.folder import FolderListing, list_folder
 from selfsup.data.imageset import DataError
 from selfsup.data.manifest import SHARD, Manifest
 
@@ -48,20 +54,66 @@ def remove_leftovers(root: Path, name: str) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class Spilled:
+    """Records a decoder wrote to a file of its own: ``count`` records staged as RGB (frames × 3 channels each),
+    and the file's manifest columns (``width``, ``height``, ``aspect``, ``gray`` and the source's own)."""
+    path: str
+    count: int
+    columns: dict[str, Any]
+
+
+def _decode_image(path: str, size: int, workdir: str) -> Decoded:
+    return decode_image(path, size)
+
+
+@dataclass(frozen=True)
+class RecordSource:
+    """What a folder's files become. The default is the image cache: every image file one (C, S, S) record.
+    Another source lists other files (``lister``) and decodes each into records of ``frames`` × C channels
+    (``decode(path, size, workdir) -> Decoded | Spilled``, raising :class:`Unreadable`; picklable, as it runs in
+    worker processes); ``columns`` name the per-file manifest columns its :class:`Spilled` results add, and
+    ``settings`` what its records depend on beyond the image cache's (part of the cache key)."""
+    decode: Callable[[str, int, str], Decoded | Spilled] = _decode_image
+    lister: Callable[[str], FolderListing] = list_folder
+    frames: int = 1
+    columns: tuple[str, ...] = ()
+    settings: dict[str, Any] = field(default_factory=dict)
+    unit: str = "img"
+    what: str = "image files"
+    chunk: int = CHUNK
+    pool_min: int = POOL_MIN_FILES
+
+
+IMAGES = RecordSource()
+
+
 def _write_records(f: BinaryIO, records: np.ndarray) -> None:
     """Append uint8 records (k, C, S, S) to the shard."""
     f.write(np.ascontiguousarray(records).data)
 
 
-def _attempt(path: str, size: int) -> Decoded | str:
+def _as_rgb(records: np.ndarray, frames: int) -> np.ndarray:
+    """Records (k, frames × c, S, S), c = 1 or 3, as the staged (k, frames × 3, S, S)."""
+    k, _, s, _ = records.shape
+    return np.broadcast_to(records.reshape(k, frames, -1, s, s), (k, frames, 3, s, s)).reshape(k, frames * 3, s, s)
+
+
+def _append_file(f: BinaryIO, path: str) -> None:
+    with open(path, "rb") as src:
+        shutil.copyfileobj(src, f, 1 << 20)
+    os.unlink(path)
+
+
+def _attempt(path: str, size: int, source: RecordSource = IMAGES, workdir: str = "") -> Decoded | Spilled | str:
     try:
-        return decode_image(path, size)
+        return source.decode(path, size, workdir)
     except Unreadable as exc:
         return str(exc)
 
 
-def _attempt_many(paths: list[str], size: int) -> list[Decoded | str]:
-    return [_attempt(p, size) for p in paths]
+def _attempt_many(paths: list[str], size: int, *source: Any) -> list[Decoded | Spilled | str]:
+    return [_attempt(p, size, *source) for p in paths]
 
 
 def default_workers() -> int:
@@ -78,22 +130,24 @@ def make_executor(kind: str, workers: int) -> Executor:
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork" if "fork" in methods else None))
 
 
-def decode_all(paths: list[str], size: int, workers: int, kind: str = "process") -> Iterator[Decoded | str]:
+def decode_all(paths: list[str], size: int, workers: int, kind: str = "process", source: RecordSource = IMAGES,
+               workdir: str = "") -> Iterator[Decoded | Spilled | str]:
     """Decoded records (or skip reasons) in the order of ``paths``. At most a few chunks per worker are
     in flight, so memory stays bounded however many files there are."""
-    if workers <= 1 or len(paths) < POOL_MIN_FILES:
+    extra = () if source is IMAGES else (source, workdir)  # images: the two-argument call tests patch
+    if workers <= 1 or len(paths) < source.pool_min:
         for p in paths:
-            yield _attempt(p, size)
+            yield _attempt(p, size, *extra)
         return
-    chunks = iter([paths[i : i + CHUNK] for i in range(0, len(paths), CHUNK)])
+    chunks = iter([paths[i : i + source.chunk] for i in range(0, len(paths), source.chunk)])
     with make_executor(kind, workers) as pool:
-        pending = deque(pool.submit(_attempt_many, c, size) for c in islice(chunks, 4 * workers))
+        pending = deque(pool.submit(_attempt_many, c, size, *extra) for c in islice(chunks, 4 * workers))
         try:
             while pending:
                 results = pending.popleft().result()
                 nxt = next(chunks, None)
                 if nxt is not None:
-                    pending.append(pool.submit(_attempt_many, nxt, size))
+                    pending.append(pool.submit(_attempt_many, nxt, size, *extra))
                 yield from results
         finally:
             for fut in pending:
@@ -101,15 +155,16 @@ def decode_all(paths: list[str], size: int, workers: int, kind: str = "process")
 
 
 def build_cache(target: Path, listing: FolderListing, settings: dict, previous: Manifest | None,
-                workers: int | None = None, progress: bool = True) -> tuple[Manifest, int, int]:
+                workers: int | None = None, progress: bool = True,
+                source: RecordSource = IMAGES) -> tuple[Manifest, int, int]:
     """Write a new cache into a temporary directory and rename it into place; (manifest, decoded, reused)."""
     t0 = time.perf_counter()
-    size, n = int(settings["size"]), len(listing.files)
+    size, n, frames = int(settings["size"]), len(listing.files), source.frames
     labels, classes = listing.labels()
     old_records, reuse = _reusable(target, listing, previous)
     todo = [str(listing.root / listing.files[i]) for i in range(n) if i not in reuse]
     workers = workers or default_workers()
-    need = n * 3 * size * size  # staged as RGB: an upper bound (skipped files and gray folders take less)
+    need = n * 3 * frames * size * size  # staged as RGB: an upper bound for images (a video may give more records)
     free = shutil.disk_usage(target.parent).free
     if need > free:
         raise DataError(_no_space(target, need, free))
@@ -118,41 +173,51 @@ def build_cache(target: Path, listing: FolderListing, settings: dict, previous: 
     cols: dict[str, list] = {"path": listing.files, "size": listing.sizes, "mtime_ns": listing.mtimes,
                              "label": labels if labels is not None else [None] * n, "width": [], "height": [],
                              "aspect": [], "gray": [], "index": [], "skip": []}
+    per_file = ("width", "height", "aspect", "gray", *source.columns)
+    several = source is not IMAGES  # a "records" column: how many records each file gave
+    cols.update({c: [] for c in (("records",) if several else ()) + source.columns})
     count = 0
     try:
         staging = tmp / "staging.u8"
-        bar = tqdm(total=n, desc=f"caching {listing.root.name} ({size}px)", unit="img", disable=not progress,
-                   smoothing=0.05)
-        with open(staging, "wb") as f, bar, closing(decode_all(todo, size, workers)) as results:
+        bar = tqdm(total=n, desc=f"caching {listing.root.name} ({size}px)", unit=source.unit,
+                   disable=not progress, smoothing=0.05)
+        with open(staging, "wb") as f, bar, \
+                closing(decode_all(todo, size, workers, source=source, workdir=str(tmp))) as results:
             for i in range(n):
-                if i in reuse:  # unchanged since the last build: its record (or its skip reason) is copied
+                if i in reuse:  # unchanged since the last build: its records (or its skip reason) are copied
                     j = reuse[i]
-                    w, h, aspect, gray, k, skip = (previous.files[c][j] for c in
-                                                   ("width", "height", "aspect", "gray", "index", "skip"))
-                    rec = old_records[k] if k >= 0 else None
+                    values = {c: previous.files[c][j] for c in per_file}
+                    k, skip, got_records = previous.files["index"][j], previous.files["skip"][j], previous.records(j)
+                    if got_records:
+                        _write_records(f, _as_rgb(old_records[k : k + got_records], frames))
                 else:
                     got = next(results)
+                    got_records, skip, values = 0, None, dict.fromkeys(per_file)
                     if isinstance(got, str):
-                        rec, w, h, aspect, gray, skip = None, None, None, None, None, got
+                        skip = got
+                    elif isinstance(got, Spilled):
+                        got_records, values = got.count, {c: got.columns.get(c) for c in per_file}
+                        _append_file(f, got.path)
                     else:
-                        rec, w, h, aspect, gray, skip = (got.pixels.transpose(2, 0, 1), got.width, got.height,
-                                                         round(got.aspect, 6), got.gray, None)
-                if rec is not None:
-                    _write_records(f, np.broadcast_to(rec, (3, size, size))[None])
-                for key, value in (("width", w), ("height", h), ("aspect", aspect), ("gray", gray),
-                                   ("index", count if rec is not None else -1), ("skip", skip)):
+                        got_records = 1
+                        values.update(width=got.width, height=got.height, aspect=round(got.aspect, 6), gray=got.gray)
+                        _write_records(f, _as_rgb(got.pixels.transpose(2, 0, 1)[None], 1))
+                values.update(index=count if got_records else -1, skip=skip)
+                if several:
+                    values["records"] = got_records
+                for key, value in values.items():
                     cols[key].append(value)
-                count += rec is not None
+                count += got_records
                 bar.update()
             f.flush()
             os.fsync(f.fileno())
         if count == 0:
-            raise DataError(f"{listing.root}: none of its {n} image files could be read; first: "
+            raise DataError(f"{listing.root}: none of its {n} {source.what} could be read; first: "
                             f"{listing.files[0]}: {cols['skip'][0]}")
         channels = 1 if all(g for g in cols["gray"] if g is not None) else 3
-        _finish_shard(staging, tmp / SHARD, count, channels, size)
-        manifest = Manifest(str(listing.root), settings, channels, count, classes, labels is not None, listing.dirs,
-                            cols, listing.problems,
+        _finish_shard(staging, tmp / SHARD, count, channels, size, frames)
+        manifest = Manifest(str(listing.root), settings, channels * frames, count, classes, labels is not None,
+                            listing.dirs, cols, listing.problems,
                             {"seconds": round(time.perf_counter() - t0, 3), "decoded": len(todo), "reused": len(reuse),
                              "workers": workers, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                              "decoder": DECODER_VERSION})
@@ -194,17 +259,17 @@ def _reusable(target: Path, listing: FolderListing, previous: Manifest | None) -
     return records, reuse
 
 
-def _finish_shard(staging: Path, shard: Path, count: int, channels: int, size: int) -> None:
+def _finish_shard(staging: Path, shard: Path, count: int, channels: int, size: int, frames: int = 1) -> None:
     """Records are staged as RGB (whether all are gray is known only at the end); a gray folder is
-    compacted to one channel."""
+    compacted to one channel (per frame)."""
     if channels == 3:
         os.rename(staging, shard)
         return
-    rgb = np.memmap(staging, dtype=np.uint8, mode="r", shape=(count, 3, size, size))
-    step = max(1, (64 << 20) // (3 * size * size))
+    rgb = np.memmap(staging, dtype=np.uint8, mode="r", shape=(count, frames, 3, size, size))
+    step = max(1, (64 << 20) // (3 * frames * size * size))
     with open(shard, "wb") as f:
         for start in range(0, count, step):
-            _write_records(f, rgb[start : start + step, :1])
+            _write_records(f, rgb[start : start + step, :, :1])
         f.flush()
         os.fsync(f.fileno())
     del rgb

@@ -43,10 +43,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from selfsup.data.build import build_cache, remove_leftovers
+from selfsup.data.build import IMAGES, RecordSource, build_cache, remove_leftovers
 from selfsup.data.decode import MAX_ASPECT, RESIZE_GAP
-from selfsup.data.folder import (IMAGE_SUFFIXES, FolderChanges, FolderListing, directory_changes, file_changes,
-                                 list_folder)
+from selfsup.data.folder import IMAGE_SUFFIXES, FolderChanges, FolderListing, directory_changes, file_changes
 from selfsup.data.imageset import DataError, ImageSet
 from selfsup.data.manifest import CacheDamaged, Manifest
 from selfsup.data.shard import RecordFile
@@ -104,10 +103,16 @@ def cache_root(cache_dir: str | None = None) -> Path:
     return Path(base) / "selfsup"
 
 
-def cache_path(folder: str | Path, opts: CacheOptions) -> Path:
+def cache_settings(opts: CacheOptions, source: RecordSource = IMAGES) -> dict:
+    """What the records depend on: the image cache's settings and, for another source (videos), its own."""
+    return {**opts.settings(), **source.settings}
+
+
+def cache_path(folder: str | Path, opts: CacheOptions, source: RecordSource = IMAGES) -> Path:
     """``<root>/<folder name>-<16 hex digits>``, the key hashing the absolute folder path and the settings."""
     absolute = str(Path(folder).resolve())
-    key = hashlib.sha256(json.dumps({"folder": absolute, "settings": opts.settings()}, sort_keys=True).encode())
+    key = hashlib.sha256(json.dumps({"folder": absolute, "settings": cache_settings(opts, source)},
+                                    sort_keys=True).encode())
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(absolute).name)[:40] or "root"
     return cache_root(opts.cache_dir) / f"{name}-{key.hexdigest()[:16]}"
 
@@ -124,20 +129,21 @@ def load_image_folder(folder: str | Path, image_size: int = 64, *, cache_dir: st
         return open_cache(prepare_folder(folder, opts), folder, image_size)
 
 
-def prepare_folder(folder: str | Path, opts: CacheOptions) -> CacheReport:
-    """A valid cache of ``folder`` for ``opts``: the existing one when it checks out, else built anew."""
+def prepare_folder(folder: str | Path, opts: CacheOptions, source: RecordSource = IMAGES) -> CacheReport:
+    """A valid cache of ``folder`` for ``opts``: the existing one when it checks out, else built anew. ``source``:
+    what its files become (images by default; :mod:`selfsup.data.video_folder` passes videos)."""
     t0 = time.perf_counter()
     base = Path(folder)
     if not base.is_dir():
-        raise DataError(f"image folder not found: {base}")
+        raise DataError(f"{'image' if source is IMAGES else 'video'} folder not found: {base}")
     if opts.check not in CHECKS:
         raise DataError(f"cache check must be one of {', '.join(CHECKS)}, got {opts.check!r}")
     if opts.size < opts.image_size:
         raise DataError(f"data.cache_size ({opts.size}) is smaller than the image size ({opts.image_size}); make it "
                         "≥ the image size or leave it unset")
-    absolute, settings = str(base.resolve()), opts.settings()
-    target = cache_path(base, opts)
-    state = _validate(target, absolute, settings, opts.check)
+    absolute, settings = str(base.resolve()), cache_settings(opts, source)
+    target = cache_path(base, opts, source)
+    state = _validate(target, absolute, settings, opts.check, source)
     if state.ok:
         return CacheReport(target, state.manifest, "reused", time.perf_counter() - t0)
     root = target.parent
@@ -147,7 +153,7 @@ def prepare_folder(folder: str | Path, opts: CacheOptions) -> CacheReport:
         raise DataError(f"cannot create the image cache folder {root} ({exc.strerror}); point data.cache_dir "
                         f"(or ${ENV_VAR}) at a writable folder") from None
     with _build_lock(target) as locked:
-        state = _validate(target, absolute, settings, opts.check)  # another process may have built it meanwhile
+        state = _validate(target, absolute, settings, opts.check, source)  # another process may have built it meanwhile
         if state.ok:
             return CacheReport(target, state.manifest, "reused", time.perf_counter() - t0)
         if state.problem:
@@ -157,13 +163,15 @@ def prepare_folder(folder: str | Path, opts: CacheOptions) -> CacheReport:
                         "files are decoded", base, state.changes)
         if locked:  # without the lock a leftover may be another process's build in progress
             remove_leftovers(root, target.name)
-        listing = state.listing or list_folder(absolute)
+        listing = state.listing or source.lister(absolute)
         if not listing.files:
+            if source is not IMAGES:
+                raise DataError(f"{base} holds no {source.what}; point it at a folder of them")
             raise DataError(f"{base} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}); "
                             "point --data at a folder of images")
         previous = state.manifest if state.changes else None  # a damaged cache's records are not trusted
         manifest, decoded, reused = build_cache(target, listing, settings, previous, opts.workers,
-                                                opts.progress)
+                                                opts.progress, source)
     action = ("built" if state.missing else f"rebuilt ({state.problem})" if state.problem
               else f"updated ({state.changes})")
     return CacheReport(target, manifest, action, time.perf_counter() - t0, decoded, reused)
@@ -185,7 +193,7 @@ def open_cache(report: CacheReport, folder: str | Path, image_size: int) -> Imag
                         f"(more than {MAX_BROKEN_FRACTION:.0%}); examples: {examples}")
     array = np.memmap(report.path / m.shard, dtype=np.uint8, mode="c", shape=m.record_shape)
     file = RecordFile(report.path / m.shard, m.count, m.record_shape[1:])
-    stored = m.stored()
+    stored = m.record_files()  # each record's file (an image cache: one record per stored file)
     f = m.files
     labels = torch.tensor([f["label"][i] for i in stored], dtype=torch.long) if m.labelled else None
     aspect = torch.tensor([f["aspect"][i] for i in stored], dtype=torch.float32)
@@ -211,7 +219,7 @@ class _State:
         return not (self.missing or self.problem or self.changes)
 
 
-def _validate(target: Path, folder: str, settings: dict, check: str) -> _State:
+def _validate(target: Path, folder: str, settings: dict, check: str, source: RecordSource = IMAGES) -> _State:
     try:
         m = Manifest.read(target)
     except FileNotFoundError:
@@ -231,7 +239,7 @@ def _validate(target: Path, folder: str, settings: dict, check: str) -> _State:
     retried = len(m.retryable())
     if check == "fast" and not retried and not directory_changes(Path(folder), m.dirs):
         return _State(manifest=m)
-    listing = list_folder(folder)
+    listing = source.lister(folder)
     changes = file_changes(m.listing(), listing)
     changes.retried = retried
     if changes:

@@ -50,8 +50,9 @@ class FolderListing:
         return [index[p[0]] for p in parts], classes
 
 
-def list_folder(root: str | Path) -> FolderListing:
-    """Every image file under ``root`` with its size and mtime; see the module docstring for the rules."""
+def list_folder(root: str | Path, suffixes: frozenset[str] | set[str] = IMAGE_SUFFIXES) -> FolderListing:
+    """Every image file (``suffixes``: other kinds of file, e.g. videos) under ``root`` with its size and mtime; see
+    the module docstring for the rules."""
     base = Path(root).absolute()
     listing = FolderListing(base)
     visited: set[tuple[int, int]] = set()
@@ -81,7 +82,7 @@ def list_folder(root: str | Path) -> FolderListing:
             try:
                 if entry.is_dir():  # follows symlinks; loops end at the visited check
                     stack.append(child)
-                elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+                elif Path(entry.name).suffix.lower() in suffixes:
                     if not entry.is_file():
                         listing.problems[child] = "broken link or not a regular file"
                         continue

@@ -17,6 +17,10 @@ header: a batch is one fancy index on a ``numpy.memmap`` and the OS page cache d
 
 Files are columns (one list per field, in sorted path order) so a million-file manifest stays a
 few lists that ``json`` parses quickly. Stored files fill records 0..N-1 in path order.
+
+A cache whose files give several records each (videos, :mod:`selfsup.data.video_folder`) has ``settings.frames``
+= L frames per record, so C is L × the frame's 1 or 3 channels, and a ``records`` column (how many records each
+file gave, from record ``index`` on) beside the columns its decoder adds.
 """
 from __future__ import annotations
 
@@ -86,6 +90,16 @@ class Manifest:
         """Positions (in ``files``) of the stored images, in record order."""
         return [i for i, k in enumerate(self.files["index"]) if k >= 0]
 
+    def records(self, i: int) -> int:
+        """How many records the file at position ``i`` gave (an image: 1, or 0 when skipped)."""
+        if "records" in self.files:
+            return int(self.files["records"][i] or 0)
+        return int(self.files["index"][i] >= 0)
+
+    def record_files(self) -> list[int]:
+        """For each record, in order, the position (in ``files``) of the file it came from."""
+        return [i for i in self.stored() for _ in range(self.records(i))]
+
     def mismatch(self, folder: str, settings: dict[str, Any]) -> str | None:
         """Why this manifest is not the cache of ``folder`` built with ``settings``, or None."""
         if self.format != FORMAT_VERSION:
@@ -97,7 +111,8 @@ class Manifest:
         missing = [c for c in COLUMNS if c not in self.files] if isinstance(self.files, dict) else COLUMNS
         if missing or len({len(v) for v in self.files.values()}) > 1:
             return "the manifest's file table is incomplete"
-        if self.count != sum(1 for k in self.files["index"] if k >= 0) or self.channels not in (1, 3):
+        frames = int(self.settings.get("frames", 1))
+        if self.count != sum(self.records(i) for i in self.stored()) or self.channels not in (frames, 3 * frames):
             return "the manifest's record count or channels are inconsistent"
         return None
 
