@@ -16,6 +16,7 @@ has the decoder write them to a file of its own in the build's temporary directo
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import multiprocessing
 import os
@@ -24,7 +25,7 @@ import shutil
 import time
 from collections import deque
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import islice
@@ -282,6 +283,35 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def staged_build(target: Path, what: str) -> Iterator[Path]:
+    """A fresh staging folder beside ``target`` for a cache being built; ``publish_staged`` puts it in place. On any
+    error the folder is removed, and an ``OSError`` (a full or read-only disk) becomes one :class:`DataError` naming
+    ``what`` and where to point the cache instead."""
+    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"could not write the {what} {target}: {exc}; point data.cache_dir (or "
+                        "$SELFSUP_CACHE) at a writable disk with room") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def publish_staged(tmp: Path, target: Path, manifest: dict[str, Any], started: float) -> None:
+    """Write ``manifest`` (with the build's seconds and time) durably into the staging folder, then publish it."""
+    manifest = {**manifest, "build": {"seconds": round(time.perf_counter() - started, 3),
+                                      "created": datetime.now(timezone.utc).isoformat(timespec="microseconds")}}
+    with open(tmp / "manifest.json", "w") as mf:
+        json.dump(manifest, mf, separators=(",", ":"))
+        mf.flush()
+        os.fsync(mf.fileno())
+    _publish(tmp, target)
 
 
 def _publish(tmp: Path, target: Path) -> None:

@@ -30,11 +30,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
-import shutil
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -43,7 +40,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from selfsup.data.build import _publish, remove_leftovers
+from selfsup.data.build import publish_staged, remove_leftovers, staged_build
 from selfsup.data.cache import CacheOptions, _build_lock, open_cache, prepare_folder
 from selfsup.data.decode import _ORIENTATION, content_box
 from selfsup.data.dense import IGNORE, DenseSet
@@ -269,9 +266,7 @@ def _build(target: Path, src: DenseSource, plan: Plan, manifests: list[Manifest]
     skipped = dict(plan.skipped)
     unreadable = [_cache_files(m) for m in manifests]
     declared = plan.classes if isinstance(plan.classes, list) else None
-    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir(parents=True)
-    try:
+    with staged_build(target, "annotation cache") as tmp:
         cols: dict[str, list] = {k: [] for k in ("boxes", "labels", "crowd", "count", "sizes", "rows", "split")}
         found: set[int] = set()
         entries = sorted(plan.entries, key=lambda e: (e.split, e.file))
@@ -325,21 +320,8 @@ def _build(target: Path, src: DenseSource, plan: Plan, manifests: list[Manifest]
             (tmp / MASKS).unlink()
         manifest = {"format": DENSE_FORMAT, "settings": settings, "files": stats, "images": identity,
                     "count": n, "size": size, "has_masks": plan.masks, "classes": list(classes),
-                    "boxes": int(start[-1]), "skipped": skipped, "info": plan.info,
-                    "build": {"seconds": round(time.perf_counter() - t0, 3),
-                              "created": datetime.now(timezone.utc).isoformat(timespec="microseconds")}}
-        with open(tmp / MANIFEST, "w") as mf:
-            json.dump(manifest, mf, separators=(",", ":"))
-            mf.flush()
-            os.fsync(mf.fileno())
-        _publish(tmp, target)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise DataError(f"could not write the annotation cache {target}: {exc}; point data.cache_dir (or "
-                        "$SELFSUP_CACHE) at a writable disk with room") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                    "boxes": int(start[-1]), "skipped": skipped, "info": plan.info,}
+        publish_staged(tmp, target, manifest, t0)
 
 
 def _first(skipped: dict[str, str]) -> str:

@@ -53,11 +53,8 @@ import json
 import logging
 import math
 import os
-import secrets
-import shutil
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from selfsup.config import ConfigError, DataConfig
-from selfsup.data.build import _publish, remove_leftovers
+from selfsup.data.build import publish_staged, remove_leftovers, staged_build
 from selfsup.data.cache import _build_lock, cache_root
 from selfsup.data.clips import ClipSet
 from selfsup.data.fashion_mnist import CLASSES, DEFAULT_ROOT, HOW_TO_GET, _find, load_fashion_mnist
@@ -358,9 +355,7 @@ def _valid(target: Path, settings: MovingSettings, stats: dict) -> str | None:
 def _build(target: Path, settings: MovingSettings, root: str | None, stats: dict) -> None:
     t0 = time.perf_counter()
     sources = load_fashion_mnist(root)
-    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir(parents=True)
-    try:
+    with staged_build(target, f"{NAME} cache") as tmp:
         shape = (settings.frames, settings.size, settings.size)
         for s, (split, src, n) in enumerate(zip(SPLITS, sources, (settings.train_size, settings.test_size))):
             path = tmp / f"{split}.u8"
@@ -373,21 +368,8 @@ def _build(target: Path, settings: MovingSettings, root: str | None, stats: dict
             np.savez(tmp / f"{split}.npz", labels=got.labels, direction=got.direction, family=got.family,
                      source=got.source, position=got.position)
         manifest = {"format": FORMAT, "settings": asdict(settings), "files": stats,
-                    "counts": {"train": settings.train_size, "test": settings.test_size},
-                    "build": {"seconds": round(time.perf_counter() - t0, 3),
-                              "created": datetime.now(timezone.utc).isoformat(timespec="microseconds")}}
-        with open(tmp / MANIFEST, "w") as mf:
-            json.dump(manifest, mf, separators=(",", ":"))
-            mf.flush()
-            os.fsync(mf.fileno())
-        _publish(tmp, target)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise DataError(f"could not write the {NAME} cache {target}: {exc}; point data.cache_dir (or "
-                        "$SELFSUP_CACHE) at a writable disk with room") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                    "counts": {"train": settings.train_size, "test": settings.test_size},}
+        publish_staged(tmp, target, manifest, t0)
     log.info("%s: generated %d + %d sequences of %d frames in %.1f s into %s", NAME, settings.train_size,
              settings.test_size, settings.frames, time.perf_counter() - t0, target)
 
