@@ -25,10 +25,10 @@ from torch import Tensor, nn
 
 from selfsup.methods.base import MethodSpec, Progress
 from selfsup.methods.registry import register
-from selfsup.methods.temporal_order import (PairwiseOrderHead, apply_order, check_frames, frame_embeddings,
+from selfsup.methods.temporal_order import (frame_window_views,
+                                            PairwiseOrderHead, apply_order, check_frames, frame_embeddings,
                                             gather_frames, kept_cross_entropy, order_permutations, reversal_classes,
                                             sample_motion_windows)
-from selfsup.views import Augment
 from selfsup.views.clips import ClipRecipe
 
 
@@ -63,9 +63,7 @@ def split_channels(frames: Tensor) -> Tensor:
 class OPN(nn.Module):
     spec = MethodSpec(
         inputs="clips",
-        views=ClipRecipe(clip_len=16, stride=1, clips=1,
-                         augment=Augment(scale=(0.5, 1.0), flip_p=0.5, jitter_p=0.0, hue=0.0, saturation=0.0,
-                                         gray_p=0.0, blur_p=0.0)),
+        views=frame_window_views(),
         default_backbone="per_frame",
         test_params={"frame_gap": 1, "frame_dim": 16, "pair_dim": 16},
         # no micro-batches: the loss is a mean over the clips the motion filter kept, which chunks would weigh unequally

@@ -24,11 +24,11 @@ from torch import Tensor, nn
 
 from selfsup.methods.base import MethodSpec, Progress
 from selfsup.methods.registry import register
-from selfsup.methods.temporal_order import (balanced_labels, check_frames, frame_embeddings, gather_frames,
+from selfsup.methods.temporal_order import (frame_window_views,
+                                            balanced_labels, check_frames, frame_embeddings, gather_frames,
                                             kept_cross_entropy, sample_motion_windows)
-from selfsup.nn.heads import mlp
-from selfsup.views import Augment
 from selfsup.views.clips import ClipRecipe
+from selfsup.nn.heads import mlp
 
 
 def five_frames(starts: Tensor, window: int) -> Tensor:
@@ -55,9 +55,7 @@ def make_triplets(five: Tensor, positive: Tensor, backwards: Tensor, use_first: 
 class ShuffleAndLearn(nn.Module):
     spec = MethodSpec(
         inputs="clips",
-        views=ClipRecipe(clip_len=16, stride=1, clips=1,
-                         augment=Augment(scale=(0.5, 1.0), flip_p=0.5, jitter_p=0.0, hue=0.0, saturation=0.0,
-                                         gray_p=0.0, blur_p=0.0)),
+        views=frame_window_views(),
         default_backbone="per_frame",
         test_params={"window": 6, "frame_dim": 16},
         # no micro-batches: the loss is a mean over the clips the motion filter kept, which chunks would weigh unequally

@@ -30,6 +30,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.nn.heads import mlp
+from selfsup.views import Augment
+from selfsup.views.clips import ClipRecipe
+
+
+def frame_window_views() -> ClipRecipe:
+    """The views of the frame-order tasks (OPN, Shuffle and Learn): one 16-frame window at the records' own rate,
+    from which the method picks its frames, with crop and flip only (colour carries no order)."""
+    return ClipRecipe(clip_len=16, stride=1, clips=1,
+                      augment=Augment(scale=(0.5, 1.0), flip_p=0.5, jitter_p=0.0, hue=0.0, saturation=0.0, gray_p=0.0,
+                                      blur_p=0.0))
 
 # ------------------------------------------------------------------------------------- orders and labels
 
