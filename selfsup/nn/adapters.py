@@ -290,13 +290,15 @@ def _patch_problem(name: str, image_size: int, patch: int) -> str:
             + (" (timm ViTs: backbone.params.patch_size)" if name.startswith("timm:") else ""))
 
 
-def _forward_error(net: nn.Module, in_chans: int, size: int, num_features: int) -> str | None:
-    """Why one (1, C, S, S) forward fails or gives other than (1, num_features); None when it works."""
+def _forward_error(net: nn.Module, in_chans: int, size: int, num_features: int, frames: int | None = None) -> str | None:
+    """Why one (1, C, S, S) forward — with ``frames``, one (1, C, frames, S, S) clip — fails or gives other than
+    (1, num_features); None when it works."""
     was_training = net.training
     net.eval()  # no batch-norm statistics change, no dropout randomness
+    shape = (1, in_chans, size, size) if frames is None else (1, in_chans, frames, size, size)
     try:
         with torch.no_grad():
-            out = net(torch.zeros(1, in_chans, size, size, device=next(net.parameters()).device))
+            out = net(torch.zeros(shape, device=next(net.parameters()).device))
     except (RuntimeError, ValueError, AssertionError, IndexError) as exc:
         return _first_line(exc)
     finally:

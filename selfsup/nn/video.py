@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from selfsup.nn.adapters import LibraryBackbone, _first_line, _remove_torchvision_head, _set, split_name
+from selfsup.nn.adapters import LibraryBackbone, _first_line, _forward_error, _remove_torchvision_head, _set, split_name
 from selfsup.nn.backbones import BackboneError, build_backbone, register_backbone
 
 CLIPS = "clips"  # the value of ``input_kind`` on every video backbone
@@ -108,20 +108,8 @@ class VideoLibraryBackbone(LibraryBackbone):
 
 def _clip_error(net: nn.Module, in_chans: int, frames: int, size: int, num_features: int) -> str | None:
     """Why one (1, C, frames, size, size) zero clip fails or gives other than (1, num_features); None when it
-    works. Eval mode and no grad, so no batch-norm statistics, random state or train mode change."""
-    was_training = net.training
-    net.eval()
-    try:
-        with torch.no_grad():
-            out = net(torch.zeros(1, in_chans, frames, size, size, device=next(net.parameters()).device))
-    except (RuntimeError, ValueError, AssertionError, IndexError) as exc:
-        return _first_line(exc)
-    finally:
-        net.train(was_training)
-    if not isinstance(out, Tensor) or out.shape != (1, num_features):
-        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        return f"its forward gives {shape}, not (1, {num_features}) pooled features"
-    return None
+    works (the image adapters' dry run, given frames)."""
+    return _forward_error(net, in_chans, size, num_features, frames=frames)
 
 
 def _smallest(works, start: int, limit: int) -> int | None:
