@@ -55,21 +55,18 @@ def _build(name: str, gather: bool):
 
 
 def _views(name: str, n: int):
-    method = _build(name, False)
-    from selfsup.views import make_views, resolve_sizes
+    """The views of n random images (clip records of them for a clip method) and the extra ``training_step``
+    arguments (``boxes=``), made as the registry tests make them."""
+    from test_methods import IMAGE_SIZE, fixed_views
 
-    recipe = resolve_sizes(method.spec.views, 16)
     g = torch.Generator().manual_seed(1)
-    images = torch.randint(0, 256, (n, METHODS[name].spec.test_in_chans, 16, 16), generator=g,
+    images = torch.randint(0, 256, (n, METHODS[name].spec.test_in_chans, IMAGE_SIZE, IMAGE_SIZE), generator=g,
                            dtype=torch.uint8)
-    torch.manual_seed(2)
-    c = images.shape[1]
-    return make_views(images, recipe, [0.5] * c, [0.25] * c, with_boxes=True)  # (views, boxes)
+    return fixed_views(_build(name, False), images)
 
 
-def _step(method, views, boxes):
+def _step(method, views, extra):
     torch.manual_seed(3)
-    extra = {"boxes": boxes} if method.spec.needs_view_boxes else {}  # where each view lies (VICRegL)
     loss, _ = method.training_step(views, make_progress(method, 5, 100, 0, 10), **extra)
     method.zero_grad()
     loss.backward()
@@ -79,8 +76,11 @@ def _step(method, views, boxes):
 
 def _worker(rank: int, name: str, port: int, out_dir: str, b: int) -> None:
     with gloo_group(rank, WORLD, port):
-        views, boxes = ([t[rank * b : (rank + 1) * b] for t in ts] for ts in _views(name, WORLD * b))
-        loss, grads = _step(_build(name, gather=True), views, boxes)
+        views, extra = _views(name, WORLD * b)
+        half = slice(rank * b, (rank + 1) * b)
+        views = [v[half] for v in views]
+        extra = {k: [t[half] for t in ts] for k, ts in extra.items()}  # boxes: one tensor per view
+        loss, grads = _step(_build(name, gather=True), views, extra)
         dist.all_reduce(loss)
         for g in grads.values():  # DDP: average the gradients over processes
             dist.all_reduce(g)
