@@ -183,7 +183,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_neighbors(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from selfsup.eval.embed import embed_folder, encode, load_query_image
+    import torch
+
+    from selfsup.eval.embed import embed_folder, encode, load_query_clip, load_query_image, takes_clips
     from selfsup.train.rundir import load_run
     from selfsup.eval.neighbors import cosine_topk
     from selfsup.eval.run_warnings import run_warning
@@ -203,25 +205,34 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
         from selfsup.eval.duplicates import find_duplicates, parse_threshold, result_json, result_text
         from selfsup.eval.pixel_check import PixelCheck
 
-        check = None if args.no_pixel_check else PixelCheck(args.pixel_threshold)
+        # the pixel check compares still images; clips are grouped on their embeddings alone
+        check = None if args.no_pixel_check or takes_clips(run) else PixelCheck(args.pixel_threshold)
         res = find_duplicates(emb.vectors, parse_threshold(args.threshold), emb.images, check)
         if args.json:
             print(json.dumps(result_json(res, emb.paths, emb.skipped, warning), indent=2))
         else:
             print(result_text(res, emb.paths, note), end="")
         return 0
-    query = load_query_image(run, args.query)
+    clips = takes_clips(run)  # a video query: its clips' mean embedding; each hit is a clip of a folder's video
+    query = load_query_clip(run, args.query) if clips else load_query_image(run, args.query)
+    vector = encode(run, query, args.device)
+    vector = torch.nn.functional.normalize(vector, dim=1).mean(0, keepdim=True) if clips else vector
     # the query file itself, when it lies in the folder, is not its own neighbour
     same = {i for i, p in enumerate(emb.paths) if Path(p).resolve() == Path(args.query).resolve()}
-    sims, idx = cosine_topk(encode(run, query, args.device), emb.vectors, args.k + len(same))
-    hits = [(emb.paths[i], s) for s, i in zip(sims[0].tolist(), idx[0].tolist()) if i not in same][: args.k]
+    sims, idx = cosine_topk(vector, emb.vectors, args.k + len(same))
+    hits = [i for i in idx[0].tolist() if i not in same][: args.k]
+    similarity = dict(zip(idx[0].tolist(), sims[0].tolist()))
+    start = (lambda i: None) if emb.starts is None else (lambda i: round(float(emb.starts[i]), 3))
     if args.json:
         print(json.dumps({"query": args.query, "skipped": emb.skipped, "warning": warning,
-                          "neighbors": [{"path": p, "similarity": s} for p, s in hits]}, indent=2))
+                          "neighbors": [{"path": emb.paths[i], "similarity": similarity[i],
+                                         **({"start_s": start(i)} if clips else {})} for i in hits]}, indent=2))
         return 0
-    print(f"{len(hits)} nearest neighbours of {args.query} among {len(emb.paths)} images{note}:")
-    for rank, (path, sim) in enumerate(hits, 1):
-        print(f"{rank:>3}  {sim:.4f}  {path}")
+    print(f"{len(hits)} nearest neighbours of {args.query} among {len(emb.paths)} {'clips' if clips else 'images'}"
+          f"{note}:")
+    for rank, i in enumerate(hits, 1):
+        at = f"  (from {start(i):g} s)" if clips else ""
+        print(f"{rank:>3}  {similarity[i]:.4f}  {emb.paths[i]}{at}")
     return 0
 
 
@@ -368,9 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "four concatenated, DINOv2's multi-scale variant)")
     e.set_defaults(func=cmd_evaluate)
 
-    em = sub.add_parser("embed", help="embeddings of a folder of images, with their paths (.npz or .parquet)")
+    em = sub.add_parser("embed", help="embeddings of a folder of images (or videos, for a clip encoder), with their "
+                        "paths (.npz or .parquet)")
     em.add_argument("run_dir")
-    em.add_argument("--data", required=True, help="image folder (class subfolders optional)")
+    em.add_argument("--data", required=True, help="image folder (class subfolders optional); for a clip encoder a "
+                    "folder of videos and frame folders: one row per clip, with its start time")
     em.add_argument("--out", required=True, help="output file: .npz (default) or .parquet (needs pyarrow)")
     em.add_argument("--device", default="cpu")
     em.add_argument("--threads", type=int, help="CPU threads for torch")
@@ -378,8 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     nb = sub.add_parser("neighbors", help="nearest neighbours of an image, or near-duplicate groups, in a folder")
     nb.add_argument("run_dir")
-    nb.add_argument("--data", required=True, help="image folder to search")
-    nb.add_argument("--query", help="image file whose neighbours to list")
+    nb.add_argument("--data", required=True, help="image folder to search (a video folder for a clip encoder)")
+    nb.add_argument("--query", help="image file whose neighbours to list (a video file or frame folder for a clip "
+                    "encoder: the nearest clips of the folder's videos)")
     nb.add_argument("--duplicates", action="store_true", help="list groups of near-duplicate images")
     nb.add_argument("--threshold", default="auto",
                     help="--duplicates: the cosine similarity every pair in a group reaches, on embeddings centred by "

@@ -27,6 +27,9 @@ the decision."""
 GENERATED = ("moving-fashion-mnist",)
 """The datasets whose generator ``data.generator`` sets (each checks its keys when it loads)."""
 
+VIDEO_KEYS = ("frames", "fps", "short", "frame_fps")
+"""The settings ``data.video`` takes (a video folder's records)."""
+
 LOGGERS = ("tensorboard", "mlflow", "wandb")
 """The experiment trackers ``train.loggers`` may name (``selfsup.train.trackers``)."""
 
@@ -79,6 +82,15 @@ class DataConfig:
     """Settings of a procedural dataset's generator, read by ``moving-fashion-mnist`` (``frames``, ``train_size``,
     ``test_size``, ``objects``, ``object_scale``, ``texture``, ``seed``: :mod:`selfsup.data.moving_fashion_mnist`,
     which checks them); empty keeps its defaults."""
+
+    kind: str = AUTO
+    """What a folder holds: ``videos`` (video files and/or folders of frame images, read as clips), ``images``, or
+    ``auto``: videos when the folder holds a video file (mp4, m4v, mov, avi, webm, mkv), images otherwise. A
+    folder of frame folders only looks like an image folder with class sub-folders: give it ``videos``."""
+    video: dict[str, Any] = field(default_factory=dict)
+    """How a video folder becomes clip records (:func:`~selfsup.data.video_folder.load_video_folder`): ``frames``
+    per record (16), ``fps`` they are resampled to (8), ``short`` (``pad`` a video shorter than a record by
+    repeating its last frame, or ``skip`` it), ``frame_fps`` (the rate frame folders were taken at; ``fps``)."""
 
     def labelled(self) -> "DataConfig":
         """The same dataset with every labelled training image: what evaluation fits on (no ``limit``,
@@ -404,6 +416,12 @@ def check_values(cfg: RunConfig) -> list[str]:
         p.append(f"data.cache_check must be fast or full, got {d.cache_check!r}")
     if isinstance(d.memory_budget_gb, float) and d.memory_budget_gb < 0:
         p.append(f"data.memory_budget_gb must be ≥ 0, got {d.memory_budget_gb}")
+    if d.kind not in (AUTO, "images", "videos"):
+        p.append(f"data.kind must be auto, images or videos, got {d.kind!r}")
+    if isinstance(d.video, dict):
+        unknown = sorted(set(d.video) - set(VIDEO_KEYS))
+        if unknown:
+            p.append(f"data.video has no setting {', '.join(map(repr, unknown))}; it takes {', '.join(VIDEO_KEYS)}")
     if isinstance(d.generator, dict) and d.generator and d.name not in GENERATED:
         p.append(f"data.generator is read only by the generated datasets ({', '.join(GENERATED)}), not by "
                  f"{d.name}: remove it")

@@ -38,7 +38,8 @@ class ClipSet:
 
     def __init__(self, records: ImageSet, frames: int, *, video: Tensor | None = None,
                  extra_labels: Mapping[str, Tensor] | None = None,
-                 extra_classes: Mapping[str, Sequence[str]] | None = None, fps: float | None = None):
+                 extra_classes: Mapping[str, Sequence[str]] | None = None, fps: float | None = None,
+                 start: Tensor | None = None):
         if frames < 1 or records.channels % frames:
             raise DataError(f"{records.name}: records of {records.channels} channels cannot hold {frames} frames each")
         self.records = records
@@ -48,6 +49,8 @@ class ClipSet:
         self.extra_classes = {k: list(v) for k, v in (extra_classes or {}).items()}
         self.fps = fps
         """Frames per second of the records (decoded videos), ``None`` where time has no unit (a generator)."""
+        self.start = start
+        """(N,) float64: seconds from its video's first frame to each record's (decoded videos); ``None``: unknown."""
         self.eval_clip = (self.frames, 1)
         """(T, stride) of the evaluation view (:func:`~selfsup.views.clips.center_clip`): the run's training clip
         once :meth:`with_eval` sets it; the whole record until then."""
@@ -55,7 +58,9 @@ class ClipSet:
         """What the evaluation view does to time: ``"as_is"``; ``"shuffled"`` (frames permuted, the same fixed
         permutation for every clip: what order adds); ``"centre"`` (the centre frame alone: appearance alone)."""
         n = len(records)
-        for what, value in (("video ids", video), *((f"{k!r} labels", v) for k, v in self.extra_labels.items())):
+        labels = ((f"{k!r} labels", v) for k, v in self.extra_labels.items())
+        checked = (("video ids", video), ("start times", start), *labels)
+        for what, value in checked:
             if value is not None and len(value) != n:
                 raise DataError(f"{records.name}: {n} clips but {len(value)} {what}")
 
@@ -119,7 +124,8 @@ class ClipSet:
         pick = (lambda t: t) if index is None else (lambda t: t[index])
         out = ClipSet(records, self.frames, video=None if self.video is None else pick(self.video),
                       extra_labels={k: pick(v) for k, v in self.extra_labels.items()},
-                      extra_classes=self.extra_classes, fps=self.fps)
+                      extra_classes=self.extra_classes, fps=self.fps,
+                      start=None if self.start is None else pick(self.start))
         out.eval_clip, out.eval_frames = self.eval_clip, self.eval_frames
         return out
 
@@ -150,10 +156,10 @@ class ClipSet:
         return self._like(self.records.to_memory(), None)
 
     def with_channels(self, channels: int) -> "ClipSet":
+        """The same clips with ``channels`` channels per frame (grey frames repeated to RGB, RGB to luma)."""
         if channels == self.channels:
             return self
-        raise DataError(f"the encoder takes {channels}-channel frames, {self.name} has {self.channels}; converting "
-                        "clip channels is not supported: pretrain on clips of the encoder's channels")
+        return self._like(self.records.with_channels(channels, self.frames), None)
 
     def with_labels(self, name: str) -> "ClipSet":
         """The same clips labelled by ``extra_labels[name]`` (e.g. ``"direction"``) instead of the class."""

@@ -32,8 +32,13 @@ STATS_MIN_IMAGES = 1000
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, the weights PIL's convert("L") uses
 
 
-def convert_channels(x: Tensor, channels: int) -> Tensor:
-    """uint8 (B, C, H, W) → (B, ``channels``, H, W): grayscale repeated to RGB, RGB to its luma."""
+def convert_channels(x: Tensor, channels: int, frames: int = 1) -> Tensor:
+    """uint8 (B, C, H, W) → (B, ``channels``, H, W): grayscale repeated to RGB, RGB to its luma. With ``frames``
+    L > 1 the records are clips (B, L·C, H, W), frame-major, converted frame by frame to (B, L·channels, H, W)."""
+    if frames > 1:
+        b = x.shape[0]
+        per_frame = convert_channels(x.unflatten(1, (frames, -1)).flatten(0, 1), channels)
+        return per_frame.unflatten(0, (b, frames)).flatten(1, 2)
     c = x.shape[1]
     if c == channels:
         return x
@@ -60,7 +65,7 @@ class ImageSet:
     def __init__(self, images: Tensor, labels: Tensor | None = None, classes: Sequence[str] | None = None,
                  name: str = "images", paths: list[str] | None = None, skipped: int = 0, *,
                  aspect: Tensor | None = None, image_size: int | None = None, mapped: bool = False,
-                 rows: Tensor | None = None, convert: tuple[int, ...] = (), source: str | None = None,
+                 rows: Tensor | None = None, convert: tuple[tuple[int, int], ...] = (), source: str | None = None,
                  file: "RecordFile | None" = None):
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise DataError(f"{name}: images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
@@ -68,7 +73,8 @@ class ImageSet:
         """The backing records (M, C, S, S): this set's rows, or (``rows`` given) a shared file's."""
         self._rows = rows
         self._convert = convert
-        """Channel conversions applied to each batch, in order (file-backed sets convert lazily)."""
+        """Channel conversions applied to each batch, in order, as (channels per frame, frames per record) (file-backed
+        sets convert lazily)."""
         self.mapped = mapped
         """True when the records are a memory-mapped cache file (read on demand, never all in RAM)."""
         self._file = file
@@ -102,7 +108,10 @@ class ImageSet:
 
     @property
     def channels(self) -> int:
-        return self._convert[-1] if self._convert else int(self._pixels.shape[1])
+        if self._convert:
+            per_frame, frames = self._convert[-1]
+            return per_frame * frames
+        return int(self._pixels.shape[1])
 
     @property
     def stored_size(self) -> int:
@@ -161,12 +170,12 @@ class ImageSet:
             else:
                 out = torch.empty_like(gathered)
                 out[order] = gathered
-        for channels in self._convert:
-            out = convert_channels(out, channels)
+        for channels, frames in self._convert:
+            out = convert_channels(out, channels, frames)
         return out
 
     def _view(self, idx: Tensor | None, labels: Tensor | None, aspect: Tensor | None, paths: list[str] | None,
-              convert: tuple[int, ...]) -> "ImageSet":
+              convert: tuple[tuple[int, int], ...]) -> "ImageSet":
         rows = self._rows if idx is None else idx if self._rows is None else self._rows[idx]
         return ImageSet(self._pixels, labels, self.classes, self.name, paths, self.skipped, aspect=aspect,
                         image_size=self._image_size, mapped=True, rows=rows, convert=convert, source=self.source,
@@ -194,17 +203,19 @@ class ImageSet:
                         aspect=None if self.aspect is None else self.aspect[:n], image_size=self._image_size,
                         source=self.source)
 
-    def with_channels(self, channels: int) -> "ImageSet":
+    def with_channels(self, channels: int, frames: int = 1) -> "ImageSet":
         """The same images as ``channels``-channel records (gray repeated to RGB, RGB to luma), so an
-        encoder can be used on any folder; file-backed sets convert per batch."""
-        if channels == self.channels:
+        encoder can be used on any folder; file-backed sets convert per batch. ``frames``: records are clips of
+        that many frames (:class:`~selfsup.data.clips.ClipSet`), ``channels`` is per frame, each converted."""
+        have = self.channels // frames
+        if channels == have:
             return self
-        if self.channels not in (1, 3) or channels not in (1, 3):
-            raise DataError(f"the encoder takes {channels}-channel images, {self.name} has {self.channels}")
+        if have * frames != self.channels or have not in (1, 3) or channels not in (1, 3):
+            raise DataError(f"the encoder takes {channels}-channel images, {self.name} has {have}")
         if self.mapped:
-            return self._view(None, self.labels, self.aspect, self.paths, self._convert + (channels,))
-        return ImageSet(convert_channels(self.images, channels), self.labels, self.classes, self.name, self.paths,
-                        self.skipped, aspect=self.aspect, image_size=self._image_size, source=self.source)
+            return self._view(None, self.labels, self.aspect, self.paths, self._convert + ((channels, frames),))
+        return ImageSet(convert_channels(self.images, channels, frames), self.labels, self.classes, self.name,
+                        self.paths, self.skipped, aspect=self.aspect, image_size=self._image_size, source=self.source)
 
     def to_memory(self) -> "ImageSet":
         """The same set with its records copied into RAM (``self`` when they already are)."""

@@ -12,6 +12,7 @@ from selfsup.config import DataConfig
 from selfsup.data.cifar import is_cifar_dir, load_cifar
 from selfsup.data.fashion_mnist import load_fashion_mnist
 from selfsup.data.cache import load_image_folder
+from selfsup.data.clips import ClipSet
 from selfsup.data.imageset import DataError, ImageSet
 from selfsup.data.imbalance import long_tail_subset
 from selfsup.data.sample_photos import sample_photo_crops
@@ -48,13 +49,43 @@ def split_labelled(full: ImageSet, test_fraction: float = 0.2, seed: int = 0) ->
     return train, test_set
 
 
+def split_by_video(clips: ClipSet, test_fraction: float = 0.2, seed: int = 0) -> tuple[ClipSet, ClipSet]:
+    """A deterministic train/test split of a video folder's clips that never splits a video: a fraction of its
+    videos (stratified by class when labelled) gives the test clips."""
+    video = clips.video
+    first = torch.unique(video, return_inverse=True)[1]
+    n_videos = int(first.max()) + 1 if len(first) else 0
+    record_of = torch.full((n_videos,), -1, dtype=torch.long)
+    record_of.scatter_reduce_(0, first, torch.arange(len(first)), reduce="amin", include_self=False)
+    if clips.labels is not None:
+        labels = clips.labels[record_of]
+        test = stratified_subset(labels, test_fraction, seed, held_out=True) if n_videos >= 10 else torch.arange(0)
+    else:
+        g = torch.Generator().manual_seed(seed)
+        test = torch.randperm(n_videos, generator=g)[: int(n_videos * test_fraction)]
+    in_test = torch.zeros(n_videos, dtype=torch.bool)
+    in_test[test] = True
+    train, test_set = clips.subset((~in_test[first]).nonzero().flatten()), clips.subset(in_test[first].nonzero().flatten())
+    train.name, test_set.name = f"{clips.name}/train", f"{clips.name}/test"
+    return train, test_set
+
+
+def _folder_kind(path: Path, cfg: DataConfig) -> str:
+    """``videos`` or ``images``: ``data.kind``, or (``auto``) whether the folder holds a video file."""
+    if cfg.kind != "auto":
+        return cfg.kind
+    from selfsup.data.video_folder import holds_videos
+
+    return "videos" if path.is_dir() and holds_videos(path) else "images"
+
+
 def load_dataset(cfg: DataConfig, place: bool = True) -> tuple[ImageSet, ImageSet]:
     """(train, test). ``cfg.long_tail`` makes the training images class-imbalanced, then ``cfg.limit``
     keeps the first N of them. An image folder's sets are then held in RAM or left on disk by :func:`resident`;
     ``place=False`` leaves them on disk (views of the cache file) for a caller that first takes the part it
     needs — a subset of a file-backed set costs no memory — and then calls :func:`resident` on that part.
-    ``moving-fashion-mnist`` gives :class:`~selfsup.data.clips.ClipSet` s (clips, memory-mapped from their generated
-    cache), which every step here takes as it takes image sets."""
+    ``moving-fashion-mnist`` and video folders (``data.kind``) give :class:`~selfsup.data.clips.ClipSet` s (clips,
+    memory-mapped from their cache), which every step here takes as it takes image sets."""
     name = cfg.name
     if name == "fashion-mnist":
         train, test = load_fashion_mnist(cfg.root)
@@ -93,6 +124,12 @@ def load_dataset(cfg: DataConfig, place: bool = True) -> tuple[ImageSet, ImageSe
                 part.labels, part.classes = None, []
         elif path.is_dir() and is_cifar_dir(path):
             train, test = load_cifar(path)
+        elif _folder_kind(path, cfg) == "videos":  # video files and frame folders: clips (ClipSet), one cache
+            from selfsup.data.video_folder import load_video_clips
+
+            full = load_video_clips(path, cfg.image_size or DEFAULT_FOLDER_SIZE, cfg.video, cache_dir=cfg.cache_dir,
+                                    cache_size=cfg.cache_size, check=cfg.cache_check)
+            train, test = split_by_video(full) if full.labels is not None else (full, full.subset([]))
         else:
             full = load_image_folder(path, cfg.image_size or DEFAULT_FOLDER_SIZE, cache_dir=cfg.cache_dir,
                                      cache_size=cfg.cache_size, check=cfg.cache_check)

@@ -117,3 +117,36 @@ def clip_metadata(m: Manifest, folder: str | Path) -> dict:
     paths = [str(Path(folder) / m.files["path"][i]) for i in stored]
     return {"video": video, "start": chunk.double() * length / fps, "valid": (real - chunk * length).clamp(max=length),
             "paths": paths, "records": counts, "frames": length, "fps": fps, "channels": m.channels // length}
+
+
+def holds_videos(root: str | Path) -> bool:
+    """Whether a video file lies anywhere under ``root`` (stops at the first; hidden entries are skipped, as
+    listing skips them)."""
+    pending = [Path(root)]
+    while pending:
+        try:
+            entries = list(os.scandir(pending.pop()))
+        except OSError:
+            continue
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if e.is_dir(follow_symlinks=True):
+                pending.append(Path(e.path))
+            elif Path(e.name).suffix.lower() in VIDEO_SUFFIXES:
+                return True
+    return False
+
+
+def load_video_clips(folder: str | Path, image_size: int, settings: dict, *, cache_dir: str | None = None,
+                     cache_size: int | None = None, check: str = "fast") -> "ClipSet":
+    """A video folder as a :class:`~selfsup.data.clips.ClipSet`: its records (:func:`load_video_folder`, with
+    ``settings`` = ``data.video``: ``frames``, ``fps``, ``short``, ``frame_fps``), which video each is, and the
+    frame rate."""
+    from selfsup.data.clips import ClipSet
+
+    records, meta = load_video_folder(folder, image_size, frames_per_record=settings.get("frames", 16),
+                                      fps=settings.get("fps", 8.0), short=settings.get("short", "pad"),
+                                      frame_fps=settings.get("frame_fps"), cache_dir=cache_dir,
+                                      cache_size=cache_size, check=check)
+    return ClipSet(records, meta["frames"], video=meta["video"], fps=meta["fps"], start=meta["start"])

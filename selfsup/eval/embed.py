@@ -1,9 +1,13 @@
-"""Embeddings of a folder of images with a run's encoder (``selfsup embed``), as NumPy or Parquet.
+"""Embeddings of a folder of images — or of videos, for a clip encoder — with a run's encoder (``selfsup embed``),
+as NumPy or Parquet.
 
 The folder is read through its on-disk cache (:func:`selfsup.data.cache.load_image_folder`: built on
 first use, reused after; unreadable files skipped and counted), seen at the encoder's image size as
 its evaluation view (the centre square of each image), brought to the encoder's number of channels,
-normalised with the pretraining statistics and encoded in batches.
+normalised with the pretraining statistics and encoded in batches. A clip encoder reads a video folder
+(:func:`selfsup.data.video_folder.load_video_clips`: records of the frames it trained on, at the run's
+``data.video`` frame rate) and gives one row per record, its video's path and start time beside it; its
+evaluation view is the training clip's length and stride from the centre of each record.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import torch
 from torch import Tensor
 
 from selfsup.data.cache import CacheOptions, load_image_folder
+from selfsup.data.clips import ClipSet, for_encoder
 from selfsup.data.decode import Unreadable, decode_image
 from selfsup.data.imageset import DataError, ImageSet
 from selfsup.train.rundir import LoadedRun
@@ -34,6 +39,8 @@ class Embeddings:
     skipped: int = 0
     """Files in the folder that could not be read."""
     meta: dict[str, Any] = field(default_factory=dict)
+    starts: Tensor | None = None
+    """(N,) seconds from its video's first frame to each row's clip (a video folder); ``None`` for images."""
     images: ImageSet | None = field(default=None, repr=False)
     """The images the vectors were computed from (the folder's cache records), for pixel checks; not written."""
 
@@ -44,13 +51,66 @@ def match_channels(images: ImageSet, in_chans: int) -> ImageSet:
     return images.with_channels(in_chans)
 
 
-def load_folder_for(run: LoadedRun, folder: str | Path) -> ImageSet:
-    """The folder's readable images, at the encoder's size and channels (through the folder's cache,
-    with the pretraining run's cache settings)."""
+def takes_clips(run: LoadedRun) -> bool:
+    return run.meta.get("inputs", "images") == "clips"
+
+
+def video_settings(run: LoadedRun) -> dict[str, Any]:
+    """How a folder's videos become records for this run's clip encoder: the run's ``data.video`` settings,
+    records as long as the ones it trained on."""
+    return {**run.cfg.data.video, "frames": int(run.meta["clip"]["record_frames"])}
+
+
+def load_folder_for(run: LoadedRun, folder: str | Path) -> ImageSet | ClipSet:
+    """The folder's readable images (clips, for a clip encoder), at the encoder's size and channels (through the
+    folder's cache, with the pretraining run's cache settings)."""
     d = run.cfg.data
+    if takes_clips(run):
+        from selfsup.data.video_folder import load_video_clips
+
+        clips = load_video_clips(folder, run.meta["image_size"], video_settings(run), cache_dir=d.cache_dir,
+                                 cache_size=d.cache_size, check=d.cache_check)
+        return for_encoder(clips.with_channels(run.meta["in_chans"]), run.meta)
+    from selfsup.data.video_folder import holds_videos
+
+    if Path(folder).is_dir() and d.kind != "images" and holds_videos(folder):
+        raise DataError(f"{folder} holds videos and this encoder was trained on still images ({run.cfg.method.name}); "
+                        "embed it with a clip encoder, or point it at a folder of images")
     images = load_image_folder(folder, run.meta["image_size"], cache_dir=d.cache_dir, cache_size=d.cache_size,
                                check=d.cache_check)
     return match_channels(images, run.meta["in_chans"])
+
+
+def load_query_clip(run: LoadedRun, path: str | Path) -> ClipSet:
+    """One video file (or frame folder), decoded directly (no cache) as a folder's videos are cached: its records,
+    each a clip the encoder embeds; raises :class:`DataError` when it cannot be read."""
+    import tempfile
+
+    import numpy as np
+
+    from selfsup.data.video_decode import decode_clip
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"query video not found: {path}")
+    settings = {"frames": 16, "fps": 8.0, "short": "pad", **video_settings(run)}
+    size = CacheOptions(run.meta["image_size"], run.cfg.data.cache_size).size
+    with tempfile.TemporaryDirectory() as work:
+        try:
+            spilled = decode_clip(str(path), size, work, frames=settings["frames"], fps=float(settings["fps"]),
+                                  short=settings["short"], frame_fps=settings.get("frame_fps"))
+        except Unreadable as exc:
+            raise DataError(f"query video {path} could not be read ({exc})") from None
+        frames = settings["frames"]
+        staged = np.fromfile(spilled.path, np.uint8).reshape(spilled.count, frames, 3, size, size)
+    if spilled.columns["gray"]:
+        staged = staged[:, :, :1]
+    records = ImageSet(torch.from_numpy(np.ascontiguousarray(staged)).flatten(1, 2), name=str(path),
+                       paths=[str(path)] * spilled.count, aspect=torch.full((spilled.count,), spilled.columns["aspect"]),
+                       image_size=run.meta["image_size"])
+    clips = ClipSet(records, frames, video=torch.zeros(spilled.count, dtype=torch.long),
+                    start=torch.arange(spilled.count, dtype=torch.float64) * frames / float(settings["fps"]))
+    return for_encoder(clips.with_channels(run.meta["in_chans"]), run.meta)
 
 
 def load_query_image(run: LoadedRun, path: str | Path) -> ImageSet:
@@ -80,8 +140,9 @@ def embed_folder(run: LoadedRun, folder: str | Path, device: str = "cpu", batch_
     images = load_folder_for(run, folder)
     meta = {"method": run.cfg.method.name, "backbone": run.cfg.backbone.name, "image_size": run.meta["image_size"],
             "in_chans": run.meta["in_chans"], "folder": str(folder)}
+    starts = getattr(images, "start", None)
     return Embeddings(encode(run, images, device, batch_size), list(images.paths or []), images.labels,
-                      images.classes, images.skipped, meta, images)
+                      images.classes, images.skipped, meta, starts, images)
 
 
 def write_embeddings(emb: Embeddings, out: str | Path) -> Path:
@@ -105,6 +166,8 @@ def write_embeddings(emb: Embeddings, out: str | Path) -> Path:
         }
         if emb.labels is not None:
             columns["label"] = pa.array(emb.labels.numpy())
+        if emb.starts is not None:
+            columns["start"] = pa.array(emb.starts.numpy())
         table = pa.table(columns).replace_schema_metadata({"selfsup": json.dumps(meta)})
         pq.write_table(table, str(out))
         return out
@@ -115,6 +178,8 @@ def write_embeddings(emb: Embeddings, out: str | Path) -> Path:
     if emb.labels is not None:
         arrays["labels"] = emb.labels.numpy()
         arrays["classes"] = np.array(emb.classes, dtype=str)
+    if emb.starts is not None:
+        arrays["starts"] = emb.starts.numpy()
     with out.open("wb") as f:
         np.savez(f, **arrays)
     return out
@@ -125,5 +190,6 @@ def read_embeddings(path: str | Path) -> Embeddings:
     with np.load(Path(path), allow_pickle=False) as z:
         meta = json.loads(str(z["meta"]))
         labels = torch.from_numpy(z["labels"]) if "labels" in z else None
+        starts = torch.from_numpy(z["starts"]) if "starts" in z else None
         return Embeddings(torch.from_numpy(z["embeddings"]), z["paths"].tolist(), labels, meta.get("classes", []),
-                          int(meta.get("skipped", 0)), meta)
+                          int(meta.get("skipped", 0)), meta, starts)
