@@ -25,6 +25,7 @@ import torch
 
 from selfsup.data.build import RecordSource
 from selfsup.data.cache import CacheOptions, open_cache, prepare_folder
+from selfsup.data.clips import ClipSet
 from selfsup.data.folder import IMAGE_SUFFIXES, FolderListing, list_folder
 from selfsup.data.imageset import DataError, ImageSet
 from selfsup.data.manifest import Manifest
@@ -139,12 +140,10 @@ def holds_videos(root: str | Path) -> bool:
 
 
 def load_video_clips(folder: str | Path, image_size: int, settings: dict, *, cache_dir: str | None = None,
-                     cache_size: int | None = None, check: str = "fast") -> "ClipSet":
+                     cache_size: int | None = None, check: str = "fast") -> ClipSet:
     """A video folder as a :class:`~selfsup.data.clips.ClipSet`: its records (:func:`load_video_folder`, with
     ``settings`` = ``data.video``: ``frames``, ``fps``, ``short``, ``frame_fps``), which video each is, and the
     frame rate."""
-    from selfsup.data.clips import ClipSet
-
     records, meta = load_video_folder(folder, image_size, frames_per_record=settings.get("frames", 16),
                                       fps=settings.get("fps", 8.0), short=settings.get("short", "pad"),
                                       frame_fps=settings.get("frame_fps"), cache_dir=cache_dir,
