@@ -13,8 +13,8 @@ wd 0.05). The decoder (blocks, checks) is MAE's (:mod:`selfsup.methods.mae`) and
 of t·p·p·C values. Positions are separable 3-D sin-cos, not the paper's 1-D table (see :mod:`selfsup.nn.video_vit`).
 CPU adaptation: the decoder is 2 blocks of width 128 (paper, ViT-B: 4 × 384).
 
-No reconstruction picture (``spec.pictures`` is empty): ``selfsup report`` gives ``reconstruct`` still images
-(N, C, H, W), which a tubelet encoder cannot take.
+``selfsup report`` draws :meth:`VideoMAE.reconstruct` on test clips as frame strips (input, tube-masked input,
+reconstruction with the visible tubes pasted back), as the paper's figures do.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from selfsup.methods.base import MethodSpec, Progress
 from selfsup.methods.mae import check_decoder, decoder_blocks
 from selfsup.methods.registry import register
 from selfsup.nn.masking import check_mask_ratio
-from selfsup.nn.video_vit import TubeMask, require_video_vit, tube_masking, tubelet_patchify
+from selfsup.nn.video_vit import TubeMask, require_video_vit, tube_masking, tubelet_patchify, tubelet_unpatchify
 from selfsup.views import Augment
 from selfsup.views.clips import ClipRecipe
 
@@ -49,6 +49,7 @@ class VideoMAE(nn.Module):
         test_params={"mask_ratio": 0.75, "decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2},
         min_steps=600,  # as MAE (benchmarks/masked); not yet measured for clips
         micro_batches="per_sample",  # every sample hides the same number of tubes: a mean of per-sample terms
+        pictures=("reconstructions",),
     )
 
     def __init__(self, backbone: nn.Module, *, mask_ratio: float = 0.9, decoder_dim: int = 128,
@@ -91,6 +92,20 @@ class VideoMAE(nn.Module):
         tube's own mean and (unbiased) standard deviation when ``norm_pix_loss``."""
         target = tubelet_patchify(x, self.backbone.tubelet, self.backbone.patch_size)
         return normalize_patches(target) if self.norm_pix_loss else target
+
+    def reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Normalised clips (B, C, T, H, W) → (the clips with their hidden tubes at 0, the reconstruction with the
+        visible tubes pasted back). Normalised-pixel predictions are mapped back with each true tube's mean and
+        spread, as MAE's figures do."""
+        vit = self.backbone
+        pred, m, _ = self.predict(x)
+        target = tubelet_patchify(x, vit.tubelet, vit.patch_size)
+        if self.norm_pix_loss:
+            pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6).sqrt() + target.mean(dim=-1, keepdim=True)
+        w = m.mask.unsqueeze(-1).to(x.dtype)
+        grid = vit.token_grid(x)
+        return (tubelet_unpatchify(target * (1 - w), vit.tubelet, vit.patch_size, grid),
+                tubelet_unpatchify(target * (1 - w) + pred * w, vit.tubelet, vit.patch_size, grid))
 
     def training_step(self, views: list[Tensor], progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
         (x,) = views

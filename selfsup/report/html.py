@@ -183,15 +183,24 @@ def _model_pictures(run, test, run_dir: Path, out: Path, opts: ReportOptions) ->
     from selfsup.report.attention import save_attention_maps
     from selfsup.report.colorization import FILENAME as COLORIZATION_PNG, save_colorization_grid
     from selfsup.report.reconstructions import save_method_pictures
+    from selfsup.views.clips import center_clip
 
-    if is_clips(test):  # attention maps, reconstructions and colorization are drawn for still images
-        return [], "The model's own pictures (attention, reconstructions) are drawn for image runs only so far."
-    images = eval_images(test, embeddings.pick_queries(test, 8, opts.seed))
     mean, std = run.meta["mean"], run.meta["std"]
+    pictures = get_method(run.cfg.method.name).spec.pictures
+    if is_clips(test):  # clips: reconstructions as frame strips; attention and colorization are for still images
+        if "reconstructions" not in pictures:
+            return [], ""
+        idx = embeddings.pick_queries(test, 4, opts.seed)
+        clips = center_clip(test.batch(idx), test.aspect_at(idx), test.image_size, *test.eval_clip, test.channels)
+        try:
+            method = load_method(run, run_dir, opts.device)
+        except CheckpointError as exc:
+            return [], f"the method's own pictures skipped: {str(exc).splitlines()[0]}"
+        return [save_method_pictures(method, clips, out, mean, std, opts.seed)], ""
+    images = eval_images(test, embeddings.pick_queries(test, 8, opts.seed))
     paths, note = [], ""
     if is_vit(run.encoder):
         paths.append(save_attention_maps(run.encoder, images, out / "attention.png", mean, std))
-    pictures = get_method(run.cfg.method.name).spec.pictures
     if pictures:
         try:
             method = load_method(run, run_dir, opts.device)

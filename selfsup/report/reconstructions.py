@@ -3,6 +3,8 @@
 A method that defines ``reconstruct(x) -> (masked_input, reconstruction)`` on normalised images
 (B, C, H, W) (MAE, SimMIM) gets a PNG grid in its run directory, in the style of MAE's figures
 (He et al. 2021, arXiv:2111.06377, fig. 2): one column per image, rows input / masked / reconstruction.
+A method that reconstructs clips (B, C, T, H, W) (VideoMAE) gets frame strips instead: each clip's T frames side by
+side, three rows per clip.
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ FILENAME = "reconstructions.png"
 def unnormalize(x: Tensor, mean: Sequence[float] | None, std: Sequence[float] | None) -> Tensor:
     """Normalised images back to pixels in [0, 1] (clamped); without ``mean``/``std`` only clamped."""
     if mean is not None and std is not None:
-        m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        shape = (1, -1) + (1,) * (x.ndim - 2)  # images (B, C, H, W) or clips (B, C, T, H, W)
+        m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(shape)
+        s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(shape)
         x = x * s + m
     return x.clamp(0, 1)
 
@@ -39,9 +42,11 @@ def model_inputs(model: nn.Module, images: Tensor, mean: Sequence[float] | None,
 
 def save_reconstruction_grid(rows: Sequence[Tensor], labels: Sequence[str], path: str | Path,
                              title: str | None = None) -> Path:
-    """Save rows of (N, C, H, W) images in [0, 1] (C = 1 or 3) as one PNG grid, a label per row."""
+    """Save rows of (N, C, H, W) images in [0, 1] (C = 1 or 3) as one PNG grid, a label per row (a column as wide
+    as its images are: frame strips get room)."""
     n = rows[0].shape[0]
-    fig = Figure(figsize=(1.2 * n, 1.3 * len(rows)))
+    wide = rows[0].shape[-1] / rows[0].shape[-2]
+    fig = Figure(figsize=(1.2 * n * wide, 1.3 * len(rows)))
     axes = fig.subplots(len(rows), n, squeeze=False)
     for r, (images, label) in enumerate(zip(rows, labels)):
         for i in range(n):
@@ -65,7 +70,7 @@ def save_method_pictures(model: nn.Module, images: Tensor, run_dir: str | Path, 
     """``run_dir/reconstructions.png`` for a method with ``reconstruct``; ``None`` (nothing written) otherwise.
     A method's optional ``reconstruction_note`` (str) is added to the title.
 
-    ``images``: a few (N, C, H, W) images, uint8 or floats in [0, 1], normalised here with the
+    ``images``: a few (N, C, H, W) images (or (N, C, T, H, W) clips), uint8 or floats in [0, 1], normalised here with the
     dataset's ``mean``/``std`` (as training views are). The masks are drawn under ``seed`` so the
     picture is reproducible; the model's train/eval mode and the global RNG state are restored.
     """
@@ -76,8 +81,18 @@ def save_method_pictures(model: nn.Module, images: Tensor, run_dir: str | Path, 
         torch.manual_seed(seed)
         masked, recon = model.reconstruct(x_in)
     rows = [x.cpu(), unnormalize(masked.float().cpu(), mean, std), unnormalize(recon.float().cpu(), mean, std)]
+    labels = ["input", "masked", "reconstruction"]
     name = getattr(model, "method_name", type(model).__name__)
     title = f"{name}: hidden patches reconstructed, visible patches pasted back"
+    if x.ndim == 5:  # clips: three strips per clip, its frames side by side
+        rows = [frame_strip(r[i : i + 1]) for i in range(x.shape[0]) for r in rows]
+        labels = [f"clip {i + 1}: {label}" if j == 0 else label for i in range(x.shape[0]) for j, label in enumerate(labels)]
+        title = f"{name}: hidden tubes reconstructed\n(visible tubes pasted back; frames left to right)"
     if getattr(model, "reconstruction_note", None):
         title += f"\n({model.reconstruction_note})"
-    return save_reconstruction_grid(rows, ["input", "masked", "reconstruction"], Path(run_dir) / FILENAME, title=title)
+    return save_reconstruction_grid(rows, labels, Path(run_dir) / FILENAME, title=title)
+
+
+def frame_strip(clips: Tensor) -> Tensor:
+    """(B, C, T, H, W) → (B, C, H, T·W): a clip's frames side by side."""
+    return clips.permute(0, 1, 3, 2, 4).flatten(3)

@@ -152,17 +152,36 @@ def test_runs_on_other_clip_lengths_than_built_for():
 
 def test_spec_and_refusals():
     spec = VIDEOMAE.spec
-    assert spec.inputs == "clips" and spec.default_backbone == "video_vit" and spec.pictures == ()
+    assert spec.inputs == "clips" and spec.default_backbone == "video_vit" and spec.pictures == ("reconstructions",)
     assert isinstance(spec.views, ClipRecipe)
     assert (spec.views.clip_len, spec.views.stride, spec.views.clips) == (8, 2, 1)
     a = spec.views.augment
     assert (a.jitter_p, a.gray_p, a.blur_p, a.solarize_p) == (0, 0, 0, 0) and a.flip_p == 0.5
     assert spec.micro_batches == "per_sample" and spec.stochastic_step
     assert VIDEOMAE(build_backbone("video_vit", 1, 64, depth=1)).mask_ratio == 0.9  # the paper's default
-    assert not hasattr(VIDEOMAE, "reconstruct")  # the report's reconstruct takes still images
     with pytest.raises(ValueError, match="video_vit"):
         VIDEOMAE(build_backbone("small_resnet", 1, 16, widths=[8, 16]))
     with pytest.raises(ValueError, match="mask ratio"):
         tiny(mask_ratio=1.0)
     with pytest.raises(ValueError, match="decoder needs"):
         tiny(decoder_dim=30)
+
+
+# ---------------------------------------------------------------- the report's picture
+
+
+def test_reconstruct_pastes_visible_tubes_and_the_report_draws_strips(tmp_path):
+    from selfsup.report.reconstructions import save_method_pictures
+
+    method = tiny().eval()
+    x = torch.randn(3, 1, 4, 16, 16)
+    masked, recon = method.reconstruct(x)
+    assert masked.shape == recon.shape == x.shape
+    tubes = lambda v: tubelet_patchify(v, 2, 4)
+    hidden = (tubes(masked) == 0).all(dim=-1)
+    assert hidden.any() and (~hidden).any()
+    torch.testing.assert_close(tubes(recon)[~hidden], tubes(x)[~hidden])
+    # one spatial pattern over time: a hidden tube is hidden in both of its temporal positions
+    assert torch.equal(hidden.view(3, 2, 16)[:, 0], hidden.view(3, 2, 16)[:, 1])
+    path = save_method_pictures(method, torch.rand(2, 1, 4, 16, 16), tmp_path, [0.5], [0.25])
+    assert path.name == "reconstructions.png" and path.stat().st_size > 0

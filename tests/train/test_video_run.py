@@ -79,3 +79,15 @@ def test_mismatched_methods_backbones_and_data_say_what_to_use(tmp_path):
     with pytest.raises(ConfigError, match="takes still images and .* learns from clips: use a video backbone"):
         selfsup.pretrain(tiny_config("cvrl", **{"backbone.name": "small_resnet"}), tmp_path / "c")
     assert not (tmp_path / "c" / "checkpoints").exists()
+
+
+def test_the_report_draws_videomae_reconstructions_as_frame_strips(tmp_path):
+    from selfsup.report.html import write_report
+
+    cfg = tiny_config("videomae", **{"backbone.params": {"patch_size": 8, "width": 24, "depth": 1, "heads": 2,
+                                                         "frames": 4},
+                                     "method.params": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2}})
+    selfsup.pretrain(cfg, tmp_path / "videomae")
+    page = write_report(tmp_path / "videomae")
+    assert (Path(page).parent / "reconstructions.png").is_file()
+    assert "reconstructions.png" in Path(page).read_text()
