@@ -33,7 +33,7 @@ at 64 or 224 px and ViT-S/16 at 224 px, 0.9 s for torchvision's ViT-B/16 at 224 
 from __future__ import annotations
 
 import difflib
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -309,19 +309,27 @@ def _forward_error(net: nn.Module, in_chans: int, size: int, num_features: int, 
     return None
 
 
-def _smallest_size(net: nn.Module, in_chans: int, size: int, num_features: int, limit: int = 512) -> int | None:
-    """The smallest image size above ``size`` whose forward works (doubling, then bisection), or None."""
-    lo = hi = size
-    while True:  # lo fails; double hi until it works
+def smallest_working(works: Callable[[int], bool], start: int, limit: int) -> int | None:
+    """The smallest n ≥ ``start`` with ``works(n)`` (doubling, then bisection; assumes larger always works),
+    or None up to ``limit``."""
+    if works(start):
+        return start
+    lo = hi = start  # lo fails
+    while True:
         if hi >= limit:
             return None
         lo, hi = hi, min(2 * hi, limit)
-        if _forward_error(net, in_chans, hi, num_features) is None:
+        if works(hi):
             break
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if _forward_error(net, in_chans, mid, num_features) is None else (mid, hi)
+        lo, hi = (lo, mid) if works(mid) else (mid, hi)
     return hi
+
+
+def _smallest_size(net: nn.Module, in_chans: int, size: int, num_features: int, limit: int = 512) -> int | None:
+    """The smallest image size above ``size`` whose forward works, or None."""
+    return smallest_working(lambda s: _forward_error(net, in_chans, s, num_features) is None, size + 1, limit)
 
 
 def build_library_backbone(name: str, in_chans: int, image_size: int, /, small_images: bool | None = None,

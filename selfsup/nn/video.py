@@ -25,7 +25,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from selfsup.nn.adapters import LibraryBackbone, _first_line, _forward_error, _remove_torchvision_head, _set, split_name
+from selfsup.nn.adapters import (LibraryBackbone, _first_line, _forward_error, _remove_torchvision_head, _set,
+                                  smallest_working, split_name)
 from selfsup.nn.backbones import BackboneError, build_backbone, register_backbone
 
 CLIPS = "clips"  # the value of ``input_kind`` on every video backbone
@@ -110,24 +111,6 @@ def _clip_error(net: nn.Module, in_chans: int, frames: int, size: int, num_featu
     """Why one (1, C, frames, size, size) zero clip fails or gives other than (1, num_features); None when it
     works (the image adapters' dry run, given frames)."""
     return _forward_error(net, in_chans, size, num_features, frames=frames)
-
-
-def _smallest(works, start: int, limit: int) -> int | None:
-    """The smallest n ≥ ``start`` with ``works(n)`` (doubling, then bisection; assumes more always works),
-    or None up to ``limit``."""
-    if works(start):
-        return start
-    lo = hi = start  # lo fails
-    while True:
-        if hi >= limit:
-            return None
-        lo, hi = hi, min(2 * hi, limit)
-        if works(hi):
-            break
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if works(mid) else (mid, hi)
-    return hi
 
 
 def _conv3d_like(conv: nn.Conv3d, in_chans: int) -> nn.Conv3d:
@@ -223,14 +206,14 @@ def build_torchvision_video(name: str, in_chans: int, image_size: int, /, **para
             raise ValueError(f"{name} does not run on {in_chans}-channel {fixed[0]}-frame {image_size}×{image_size} clips: {error}")
         min_frames = fixed[0]
     else:
-        min_frames = _smallest(lambda t: runs(t, image_size), 1, MAX_FRAMES)
+        min_frames = smallest_working(lambda t: runs(t, image_size), 1, MAX_FRAMES)
         if min_frames is None:  # no clip length helps: the frames are too small (or something else is wrong)
             error = _clip_error(net, in_chans, MAX_FRAMES, image_size, num_features)
-            smallest = _smallest(lambda s: runs(MAX_FRAMES, s), image_size + 1, MAX_SIZE)
+            smallest = smallest_working(lambda s: runs(MAX_FRAMES, s), image_size + 1, MAX_SIZE)
             if smallest is None:
                 raise ValueError(f"{name} does not run on {in_chans}-channel clips of {image_size}×{image_size} "
                                  f"frames: {error}")
-            frames = _smallest(lambda t: runs(t, smallest), 1, MAX_FRAMES)
+            frames = smallest_working(lambda t: runs(t, smallest), 1, MAX_FRAMES)
             raise ValueError(f"{name}: {image_size}×{image_size} frames are too small for this network (its "
                              f"downsampling leaves nothing: {error}); it needs at least {smallest}×{smallest} frames "
                              f"(and {frames} frames per clip at that size): set data.image_size, or use a backbone for "

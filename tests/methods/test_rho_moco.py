@@ -12,7 +12,6 @@ from clip_standin import BATCH, TinyClipNet, clips, losses_on, step, student_and
 from selfsup.losses.contrastive import info_nce
 from selfsup.methods import METHODS
 from selfsup.methods.base import make_progress, run_after_step, teacher_pairs
-from selfsup.nn.ema import update_teachers
 from selfsup.views.clips import ClipRecipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -122,23 +121,12 @@ def test_gradients_reach_the_query_encoder_only(rho):
     assert method.queue.rows.grad is None
 
 
-def test_key_encoder_follows_the_ema_formula():
+def test_key_networks_are_the_ema_teachers():
+    """The EMA update itself is checked for every method by tests/methods/test_methods.py; here: which networks
+    are the teachers, and the momentum near MoCo's 0.99."""
     method = tiny("rho_moco")
-    opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.1)
-    progress = make_progress(method, 40, 100, 0, 10)
-    loss, logs = method.training_step(clips(), progress)
-    loss.backward()
-    opt.step()
-    pairs = teacher_pairs(method)
-    assert pairs == [(method.key_backbone, method.backbone), (method.key_projector, method.projector)]
-    before = [[p.detach().clone() for p in t.parameters()] for t, _ in pairs]
-    m = progress.value("teacher_momentum")
-    assert 0.994 < m < 1
-    run_after_step(method, progress, logs)
-    update_teachers(pairs, m)
-    for (teacher, student), old in zip(pairs, before):
-        for t_new, t_old, s in zip(teacher.parameters(), old, student.parameters()):
-            torch.testing.assert_close(t_new, m * t_old + (1 - m) * s.detach())
+    assert teacher_pairs(method) == [(method.key_backbone, method.backbone), (method.key_projector, method.projector)]
+    assert 0.994 < make_progress(method, 40, 100, 0, 10).value("teacher_momentum") < 1
 
 
 def test_a_few_steps_lower_the_loss():
