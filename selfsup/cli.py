@@ -304,12 +304,19 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         raise ConfigError([f"--workers must be ≥ 1, got {args.workers}"])
     opts = CacheOptions(args.image_size, args.cache_size, args.cache_dir, "full" if args.verify else "fast",
                         args.workers, not args.no_progress)
-    report = prepare_folder(args.folder, opts)
+    from selfsup.data.video_folder import holds_videos, video_source
+
+    videos = args.kind == "videos" or (args.kind == "auto" and holds_videos(args.folder))
+    if videos:  # the cache `--data FOLDER` reads with data.video.frames / fps set alike
+        report = prepare_folder(args.folder, opts, video_source(args.frames, args.fps))
+    else:
+        report = prepare_folder(args.folder, opts)
     m = report.manifest
     skipped = report.skip_reasons()
     n, c, size, _ = m.record_shape
+    what = f"clip records of {args.frames} frames at {args.fps:g} fps from {len(m.stored())} videos" if videos else "images"
     print(f"{report.action}: {report.path}")
-    print(f"  {n} images ({'labelled, ' + str(len(m.classes)) + ' classes' if m.labelled else 'unlabelled'}), "
+    print(f"  {n} {what} ({'labelled, ' + str(len(m.classes)) + ' classes' if m.labelled else 'unlabelled'}), "
           f"stored as {c}×{size}×{size} uint8 for {args.image_size} px views; shard {m.shard_bytes / 2**20:,.1f} MiB")
     print(f"  skipped {sum(skipped.values())}" + (": " + ", ".join(f"{k} ×{v}" for k, v in skipped.most_common())
                                                   if skipped else ""))
@@ -467,8 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="any config key for every method, e.g. --set data.long_tail=10")
     bn.set_defaults(func=cmd_bench)
 
-    pr = sub.add_parser("prepare", help="decode an image folder into its on-disk cache (or check the cache)")
-    pr.add_argument("folder", help="image folder (class subfolders optional)")
+    pr = sub.add_parser("prepare", help="decode an image or video folder into its on-disk cache (or check the cache)")
+    pr.add_argument("folder", help="image or video folder (class subfolders optional)")
     pr.add_argument("--image-size", type=int, default=64, help="side of the views trained on (default 64)")
     pr.add_argument("--cache-size", type=int, help="stored side (default image size × 4/3)")
     pr.add_argument("--cache-dir", help="cache root (default $SELFSUP_CACHE, else ~/.cache/selfsup)")
@@ -476,6 +483,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "(default: directory times only); update it if stale")
     pr.add_argument("--workers", type=int, help="decoding processes (default: every core)")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pr.add_argument("--kind", choices=("auto", "images", "videos"), default="auto",
+                    help="what the folder holds (auto: videos when it holds a video file), as data.kind")
+    pr.add_argument("--frames", type=int, default=16, help="videos: frames per clip record (data.video.frames)")
+    pr.add_argument("--fps", type=float, default=8.0, help="videos: frame rate records are resampled to (data.video.fps)")
     pr.set_defaults(func=cmd_prepare)
 
     m = sub.add_parser("methods", help="list the registered methods")

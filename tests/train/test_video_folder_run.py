@@ -158,3 +158,17 @@ def test_bad_video_settings_are_one_line_each():
         load_config(None, {"data.kind": "films"})
     with pytest.raises(ConfigError, match="data.video has no setting 'rate'"):
         load_config(None, {"data.video": {"rate": 8}})
+
+
+def test_prepare_builds_the_cache_pretraining_reads(video_folder, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    args = ["prepare", str(video_folder), "--image-size", "32", "--cache-dir", str(cache), "--frames", "8",
+            "--no-progress"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("built: ") and "28 clip records of 8 frames at 8 fps from 14 videos" in out
+    assert "skipped 2" in out
+    cfg = load_config(None, _settings(video_folder, cache)).data
+    assert main(args) == 0 and capsys.readouterr().out.startswith("reused: ")
+    train, test = load_dataset(cfg)  # the same cache, not a second one
+    assert len(train) + len(test) == 28 and len([p for p in cache.iterdir() if p.is_dir()]) == 1
