@@ -85,7 +85,7 @@ def link_first(src: Path, dst: Path, n: int) -> None:
 def throughput(folder: Path, cache_dir: Path, repeats: int) -> dict:
     import torch
 
-    from selfsup.data.video_decode import decode_clip
+    from selfsup.data.video_decode import decode_clip, read_spilled
     from selfsup.data.video_folder import load_video_clips
     from selfsup.views.clips import center_clip
 
@@ -107,11 +107,7 @@ def throughput(folder: Path, cache_dir: Path, repeats: int) -> dict:
         out = []
         for p in paths:
             spilled = decode_clip(p, size, work, frames=FRAMES, fps=float(FPS))
-            staged = np.fromfile(spilled.path, np.uint8).reshape(spilled.count, FRAMES, 3, size, size)
-            os.unlink(spilled.path)
-            if channels == 1:
-                staged = staged[:, :, :1]
-            records = torch.from_numpy(np.ascontiguousarray(staged)).flatten(1, 2)
+            records = torch.from_numpy(read_spilled(spilled, FRAMES, size))
             aspect = torch.full((spilled.count,), spilled.columns["aspect"])
             out.append(center_clip(records, aspect, IMAGE_SIZE, CLIP_LEN, STRIDE, channels))
         return torch.cat(out)

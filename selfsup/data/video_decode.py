@@ -162,6 +162,16 @@ def decode_clip(path: str, size: int, workdir: str, *, frames: int, fps: float, 
         raise _classify(exc, out.frames) from None
 
 
+def read_spilled(spilled: Spilled, frames: int, size: int) -> np.ndarray:
+    """A video's records from its spill file, uint8 (count, L·C, S, S), C = 1 when every frame was grey (as the
+    cache stores a grey folder); the spill file is removed."""
+    staged = np.fromfile(spilled.path, np.uint8).reshape(spilled.count, frames, 3, size, size)
+    os.unlink(spilled.path)
+    if spilled.columns["gray"]:
+        staged = staged[:, :, :1]
+    return np.ascontiguousarray(staged).reshape(spilled.count, -1, size, size)
+
+
 def _classify(exc: BaseException, decoded: int) -> Unreadable:
     import av
 

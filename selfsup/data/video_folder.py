@@ -142,13 +142,22 @@ def holds_videos(root: str | Path) -> bool:
     return False
 
 
+VIDEO_DEFAULTS = {"frames": 16, "fps": 8.0, "short": "pad", "frame_fps": None}
+"""What ``data.video`` leaves unset (the defaults of :func:`load_video_folder`)."""
+
+
+def complete_video_settings(settings: dict) -> dict:
+    """``data.video`` with every setting filled in: :data:`VIDEO_DEFAULTS` under the ones given."""
+    return {**VIDEO_DEFAULTS, **settings}
+
+
 def load_video_clips(folder: str | Path, image_size: int, settings: dict, *, cache_dir: str | None = None,
                      cache_size: int | None = None, check: str = "fast") -> ClipSet:
     """A video folder as a :class:`~selfsup.data.clips.ClipSet`: its records (:func:`load_video_folder`, with
     ``settings`` = ``data.video``: ``frames``, ``fps``, ``short``, ``frame_fps``), which video each is, and the
     frame rate."""
-    records, meta = load_video_folder(folder, image_size, frames_per_record=settings.get("frames", 16),
-                                      fps=settings.get("fps", 8.0), short=settings.get("short", "pad"),
-                                      frame_fps=settings.get("frame_fps"), cache_dir=cache_dir,
+    v = complete_video_settings(settings)
+    records, meta = load_video_folder(folder, image_size, frames_per_record=v["frames"], fps=v["fps"],
+                                      short=v["short"], frame_fps=v["frame_fps"], cache_dir=cache_dir,
                                       cache_size=cache_size, check=check)
     return ClipSet(records, meta["frames"], video=meta["video"], fps=meta["fps"], start=meta["start"])

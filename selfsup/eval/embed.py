@@ -56,9 +56,11 @@ def takes_clips(run: LoadedRun) -> bool:
 
 
 def video_settings(run: LoadedRun) -> dict[str, Any]:
-    """How a folder's videos become records for this run's clip encoder: the run's ``data.video`` settings,
-    records as long as the ones it trained on."""
-    return {**run.cfg.data.video, "frames": int(run.meta["clip"]["record_frames"])}
+    """How a folder's videos become records for this run's clip encoder: the run's ``data.video`` settings (every
+    one filled in), records as long as the ones it trained on."""
+    from selfsup.data.video_folder import complete_video_settings
+
+    return complete_video_settings({**run.cfg.data.video, "frames": int(run.meta["clip"]["record_frames"])})
 
 
 def load_folder_for(run: LoadedRun, folder: str | Path) -> ImageSet | ClipSet:
@@ -86,27 +88,22 @@ def load_query_clip(run: LoadedRun, path: str | Path) -> ClipSet:
     each a clip the encoder embeds; raises :class:`DataError` when it cannot be read."""
     import tempfile
 
-    import numpy as np
-
-    from selfsup.data.video_decode import decode_clip
+    from selfsup.data.video_decode import decode_clip, read_spilled
 
     path = Path(path)
     if not path.exists():
         raise DataError(f"query video not found: {path}")
-    settings = {"frames": 16, "fps": 8.0, "short": "pad", **video_settings(run)}
-    size = CacheOptions(run.meta["image_size"], run.cfg.data.cache_size).size
+    settings = video_settings(run)
+    frames, size = settings["frames"], CacheOptions(run.meta["image_size"], run.cfg.data.cache_size).size
     with tempfile.TemporaryDirectory() as work:
         try:
-            spilled = decode_clip(str(path), size, work, frames=settings["frames"], fps=float(settings["fps"]),
-                                  short=settings["short"], frame_fps=settings.get("frame_fps"))
+            spilled = decode_clip(str(path), size, work, frames=frames, fps=float(settings["fps"]),
+                                  short=settings["short"], frame_fps=settings["frame_fps"])
         except Unreadable as exc:
             raise DataError(f"query video {path} could not be read ({exc})") from None
-        frames = settings["frames"]
-        staged = np.fromfile(spilled.path, np.uint8).reshape(spilled.count, frames, 3, size, size)
-    if spilled.columns["gray"]:
-        staged = staged[:, :, :1]
-    records = ImageSet(torch.from_numpy(np.ascontiguousarray(staged)).flatten(1, 2), name=str(path),
-                       paths=[str(path)] * spilled.count, aspect=torch.full((spilled.count,), spilled.columns["aspect"]),
+        pixels = read_spilled(spilled, frames, size)
+    records = ImageSet(torch.from_numpy(pixels), name=str(path), paths=[str(path)] * spilled.count,
+                       aspect=torch.full((spilled.count,), spilled.columns["aspect"]),
                        image_size=run.meta["image_size"])
     clips = ClipSet(records, frames, video=torch.zeros(spilled.count, dtype=torch.long),
                     start=torch.arange(spilled.count, dtype=torch.float64) * frames / float(settings["fps"]))
